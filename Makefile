@@ -1,0 +1,45 @@
+# ouro-train developer commands. `make demo` and `make test` work from a fresh clone.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+# DeepSpeed picks its accelerator at import; on machines without CUDA we say so explicitly.
+export DS_ACCELERATOR ?= cpu
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test demo check lint format dry-run clean
+
+setup: $(STAMP)
+
+# Re-installs only when the dependency files change. torch==2.13.0 resolves to the CPU
+# wheel on these machines (pip's find-links); on a CUDA box pip takes the CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -c "import torch, deepspeed, megatron.core, hydra, webdataset, wandb, triton, tokenizers, safetensors; print('setup ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'megatron-core', megatron.core.__version__)"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -n 2 tests
+
+demo: setup
+	$(VENV)/bin/ouro-train demo=true
+
+dry-run: setup
+	$(VENV)/bin/ouro-train model=ouro_1p4b dry_run=true
+	$(VENV)/bin/ouro-train model=ouro_2p6b dry_run=true
+
+lint: setup
+	$(VENV)/bin/ruff check ouro_train data_tools tests benchmarks
+	$(VENV)/bin/ruff format --check ouro_train data_tools tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff format ouro_train data_tools tests benchmarks
+	$(VENV)/bin/ruff check --fix ouro_train data_tools tests benchmarks
+
+check: lint test
+
+clean:
+	rm -rf $(VENV) runs outputs .pytest_cache

@@ -1,0 +1,23 @@
+from ouro_train.config.schema import (
+    Config,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+]

@@ -1,0 +1,228 @@
+"""Typed configuration: one dataclass per component, each validating its own fields.
+
+Hydra loads YAML from `recipes/` on top of these schemas (registered in `store.py`), so a
+key that is not a field here is rejected by OmegaConf with the key named. Value checks live
+in each class's `validate()`, which `OmegaConf.to_object` runs through `__post_init__`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what to do."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _one_of(value: Any, choices: tuple, key: str) -> None:
+    _require(value in choices, key, f"got {value!r}, expected one of {list(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    """The LoopLM's shape. Field names follow the paper; `to_hf_config` maps them to HF names."""
+
+    name: str = "tiny"
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    # None means hidden_size // num_heads (what the released models use: 2048 / 16 = 128).
+    head_dim: int | None = None
+    intermediate_size: int = 352
+    # R, the number of times the whole layer stack is applied (4 in the released models).
+    recurrent_steps: int = 4
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    max_position_embeddings: int = 65536
+    # Attention backend: `sdpa` (torch scaled_dot_product_attention; CPU and GPU).
+    attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def validate(self, section: str = "model") -> None:
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                    "intermediate_size", "max_position_embeddings"):
+            _require(getattr(self, key) >= 1, f"{section}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _require(self.recurrent_steps >= 1, f"{section}.recurrent_steps",
+                 f"must be >= 1 (the number of loops), got {self.recurrent_steps}")
+        if self.head_dim is None:
+            _require(self.hidden_size % self.num_heads == 0, f"{section}.num_heads",
+                     f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size} "
+                     f"(or set {section}.head_dim explicitly)")
+        else:
+            _require(self.head_dim >= 2, f"{section}.head_dim", f"must be >= 2, got {self.head_dim}")
+        _require(self.resolved_head_dim % 2 == 0, f"{section}.head_dim",
+                 f"RoPE needs an even head dimension, got {self.resolved_head_dim}")
+        _require(self.num_heads % self.num_kv_heads == 0, f"{section}.num_kv_heads",
+                 f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+        _require(self.rope_theta > 0, f"{section}.rope_theta", f"must be > 0, got {self.rope_theta}")
+        _require(self.norm_eps > 0, f"{section}.norm_eps", f"must be > 0, got {self.norm_eps}")
+        _require(self.init_std > 0, f"{section}.init_std", f"must be > 0, got {self.init_std}")
+        _one_of(self.attention, ("sdpa",), f"{section}.attention")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Stage I: sum_t p(t) CE_t - beta H(p). Stage II (`gate`): LM frozen, only the exit gate trains."""
+
+    kind: str = "stage1"
+    # Entropy coefficient beta: 0.1 in stage 1a, 0.05 afterwards (OURO_SPEC).
+    beta: float = 0.1
+    # Tokens per chunk of the step-wise cross-entropy: bounds logits memory to chunk x vocab.
+    ce_chunk_size: int = 4096
+    # Stage II target w_t = sigmoid(k (I_t - gamma)), I_t = max(0, CE_{t-1} - CE_t).
+    gate_k: float = 50.0
+    gate_gamma: float = 0.005
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, section: str = "objective") -> None:
+        _one_of(self.kind, ("stage1", "gate"), f"{section}.kind")
+        _require(self.beta >= 0, f"{section}.beta", f"must be >= 0, got {self.beta}")
+        _require(self.ce_chunk_size >= 1, f"{section}.ce_chunk_size", f"must be >= 1, got {self.ce_chunk_size}")
+        _require(self.gate_k > 0, f"{section}.gate_k", f"must be > 0, got {self.gate_k}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW as in the paper: betas (0.9, 0.95), weight decay 0.1, clipping 1.0."""
+
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8  # OPEN in the paper; our choice (the torch default).
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, section: str = "optim") -> None:
+        _require(self.lr > 0, f"{section}.lr", f"must be > 0, got {self.lr}")
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(self, key) < 1, f"{section}.{key}", f"must be in [0, 1), got {getattr(self, key)}")
+        _require(self.eps > 0, f"{section}.eps", f"must be > 0, got {self.eps}")
+        _require(self.weight_decay >= 0, f"{section}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip >= 0, f"{section}.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then `constant`, `cosine` or `wsd`.
+
+    `wsd` (warmup-stable-decay) holds the peak and decays over the last `decay_steps`
+    (or `decay_fraction` of the run) with `decay_shape` linear | cosine | sqrt (1 - sqrt).
+    `cosine` decays from the end of warmup to the last step. Both end at `final_lr`.
+    """
+
+    kind: str = "constant"
+    warmup_steps: int = 0
+    final_lr: float = 0.0
+    decay_steps: int | None = None
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, section: str = "schedule") -> None:
+        _one_of(self.kind, ("constant", "cosine", "wsd"), f"{section}.kind")
+        _one_of(self.decay_shape, ("linear", "cosine", "sqrt"), f"{section}.decay_shape")
+        _require(self.warmup_steps >= 0, f"{section}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.final_lr >= 0, f"{section}.final_lr", f"must be >= 0, got {self.final_lr}")
+        _require(self.decay_steps is None or self.decay_steps >= 0, f"{section}.decay_steps",
+                 f"must be >= 0, got {self.decay_steps}")
+        _require(0 <= self.decay_fraction <= 1, f"{section}.decay_fraction",
+                 f"must be in [0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from. `demo`: the embedded corpus (Python docs), tokenized in memory."""
+
+    source: str = "demo"
+    # Tokenizer of the demo corpus (trained once with `tokenizers`, cached).
+    tokenizer_vocab_size: int = 4096
+    # None: $OURO_CACHE_DIR or ~/.cache/ouro-train.
+    cache_dir: str | None = None
+    val_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, section: str = "data") -> None:
+        _one_of(self.source, ("demo",), f"{section}.source")
+        _require(self.tokenizer_vocab_size >= 256 + 5, f"{section}.tokenizer_vocab_size",
+                 f"a byte-level BPE needs at least 261 ids (256 bytes + 5 specials), got {self.tokenizer_vocab_size}")
+        _require(0 < self.val_fraction < 1, f"{section}.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    seq_len: int = 128
+    # Autocast dtype for the forward pass; parameters and optimizer state stay fp32.
+    precision: str = "fp32"
+    device: str = "cpu"
+    seed: int = 1234
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 4
+    log_every: int = 10
+    # Stop after this many steps of this run (the schedule still spans `steps`); None: run to `steps`.
+    max_steps_this_run: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, section: str = "train") -> None:
+        for key in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "eval_batches", "log_every"):
+            _require(getattr(self, key) >= 1, f"{section}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _require(self.eval_every >= 0, f"{section}.eval_every", f"must be >= 0, got {self.eval_every}")
+        _one_of(self.precision, ("fp32", "bf16"), f"{section}.precision")
+
+
+@dataclass
+class LoggingConfig:
+    console: bool = True
+    progress_bar: bool = True
+    jsonl: bool = True
+    # Write loss_per_step.png into the run directory at the end of training.
+    plot: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = "runs/default"
+    # Resolve the config, build the model on the meta device, print counts and FLOPs, exit.
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _require(self.schedule.warmup_steps <= self.train.steps, "schedule.warmup_steps",
+                 f"warmup ({self.schedule.warmup_steps}) must not exceed train.steps ({self.train.steps})")

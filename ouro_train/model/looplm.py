@@ -1,0 +1,107 @@
+"""The Ouro looped language model (LoopLM), plain single-device PyTorch.
+
+    embed once
+    for t in 1..R:                       # the same layers, R times
+        h = layers(h); h = norm(h)       # the shared final norm runs inside the loop
+        logits_t = lm_head(h)            # read out at every step (by the objective, chunked)
+        lambda_t = sigmoid(gate(h))      # per-token exit probability
+
+Parallelism (tensor parallel, ZeRO, activation checkpointing) is applied from outside by
+`ouro_train.parallel`; nothing here knows about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ouro_train.config.schema import ModelConfig
+from ouro_train.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+
+
+@dataclass
+class LoopOutput:
+    # One (B, S, H) tensor per recurrent step: the normalised state h_t that feeds step t+1
+    # and the LM head. Logits are not materialised here (R x vocab x tokens is too large).
+    hidden_states: list[torch.Tensor]
+    # (R, B, S) exit-gate logits, fp32; lambda_t = sigmoid(gate_logits[t]).
+    gate_logits: torch.Tensor
+
+
+class LoopTrunk(nn.Module):
+    """Everything but the LM head. Named `model` inside LoopLM so that keys read
+    `model.layers.0...` exactly as in the released checkpoints."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.early_exit_gate = nn.Linear(cfg.hidden_size, 1, bias=True)
+        self.rotary_emb = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
+
+
+class LoopLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LoopTrunk(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, zero gate bias, unit norms: the reference's init."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        recurrent_steps: int | None = None,
+    ) -> LoopOutput:
+        """input_ids: (B, S). position_ids: (B, S), default 0..S-1 (restart them per document for
+        packed data). doc_ids: (B, S), restricts attention to the same document.
+        recurrent_steps: override R (evaluation at fewer or more loops)."""
+        steps = self.config.recurrent_steps if recurrent_steps is None else recurrent_steps
+        if steps < 1:
+            raise ValueError(f"recurrent_steps must be >= 1, got {steps}")
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        trunk = self.model
+        h = trunk.embed_tokens(input_ids)  # (B, S, H)
+        cos, sin = trunk.rotary_emb(position_ids)  # (B, S, D) fp32, shared by every step
+        hidden_states: list[torch.Tensor] = []
+        gate_logits: list[torch.Tensor] = []
+        for _ in range(steps):
+            for layer in trunk.layers:
+                h = layer(h, cos, sin, doc_ids)
+            h = trunk.norm(h)
+            hidden_states.append(h)
+            gate_logits.append(self.gate_logits(h))
+        return LoopOutput(hidden_states=hidden_states, gate_logits=torch.stack(gate_logits))
+
+    def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, S, H) -> (B, S) fp32. The exit distribution multiplies R-1 survival terms and
+        the entropy needs log p: bf16 would quantise lambda to ~3 significant digits."""
+        gate = self.model.early_exit_gate
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return F.linear(h.float(), gate.weight.float(), gate.bias.float()).squeeze(-1)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM-head logits for one step's hidden state (B, S, H) -> (B, S, V). For inference and
+        tests; training computes cross-entropy without materialising these."""
+        return self.lm_head(h)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,141 @@
+"""Training objectives of the LoopLM (OURO_SPEC "Objective").
+
+Exit distribution per token, from gate probabilities lambda_t = sigmoid(g_t):
+    S_0 = 1, S_t = prod_{j<=t} (1 - lambda_j)
+    p(t) = lambda_t S_{t-1} for t < R,  p(R) = S_{R-1}   (lambda_R unused)
+Stage I:  loss = mean over loss tokens of [ sum_t p(t) CE_t - beta H(p) ]
+Stage II: LM frozen; I_t = max(0, CE_{t-1} - CE_t) (detached), w_t = sigmoid(k (I_t - gamma)),
+          loss = (1/R) sum_{t=2..R} BCE(1 - lambda_t, w_t), averaged over loss tokens.
+
+Cross-entropy is computed one recurrent step at a time and in token chunks
+(`linear_cross_entropy`), so at most one chunk of one step's logits exists at once.
+Both losses return the *sum* over loss tokens plus the token count, so a trainer can divide
+by the token count of the whole (accumulated, data-parallel) batch rather than average
+per micro-batch averages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from ouro_train.model.looplm import LoopOutput
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # scalar, differentiable: sum over loss tokens
+    num_tokens: int  # loss tokens in this batch
+    ce_per_step: torch.Tensor  # (R,) summed CE per step over loss tokens (detached)
+    exit_prob_per_step: torch.Tensor  # (R,) summed p(t) over loss tokens (detached)
+    entropy: torch.Tensor  # scalar, summed H(p) over loss tokens (detached)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Mean over this batch's loss tokens."""
+        return self.loss_sum / max(self.num_tokens, 1)
+
+
+def exit_log_distribution(gate_logits: torch.Tensor) -> torch.Tensor:
+    """(R, ...) gate logits -> (R, ...) log p(t), computed in log space.
+
+    log p(t) = log lambda_t + sum_{j<t} log(1 - lambda_j), with log lambda = logsigmoid(g) and
+    log(1 - lambda) = logsigmoid(-g): exact for any gate value, so the entropy needs no clamp and
+    p never underflows to a 0 whose log would be -inf.
+    """
+    g = gate_logits.float()
+    log_continue = F.logsigmoid(-g)  # (R, ...)
+    # log S_{t-1}: 0 for the first step, then the running sum of log(1 - lambda_j), j < t.
+    log_survival_before = torch.cat([torch.zeros_like(g[:1]), log_continue[:-1].cumsum(0)], dim=0)
+    log_exit_here = F.logsigmoid(g)
+    # The last step takes all remaining mass: p(R) = S_{R-1}.
+    log_exit_here = torch.cat([log_exit_here[:-1], torch.zeros_like(g[-1:])], dim=0)
+    return log_exit_here + log_survival_before
+
+
+def _select_loss_tokens(
+    labels: torch.Tensor, loss_mask: torch.Tensor | None, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (flat indices of loss tokens, their labels). Tokens outside the loss cost nothing."""
+    valid = labels != ignore_index
+    if loss_mask is not None:
+        valid = valid & loss_mask.bool()
+    index = valid.flatten().nonzero().squeeze(1)
+    return index, labels.flatten()[index]
+
+
+def per_step_cross_entropy(
+    output: LoopOutput, head_weight: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """(R, n) CE of every step on the selected tokens, one step at a time."""
+    losses = []
+    for h in output.hidden_states:  # (B, S, H) each
+        h_selected = h.flatten(0, 1).index_select(0, index)  # (n, H)
+        losses.append(linear_cross_entropy(h_selected, head_weight, targets, chunk_size=chunk_size))
+    return torch.stack(losses)
+
+
+def looplm_loss(
+    output: LoopOutput,
+    head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float,
+    loss_mask: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 4096,
+) -> LossOutput:
+    """Stage I: sum_t p(t) CE_t - beta H(p). labels (B, S) are already shifted (label of
+    position i is token i+1); `ignore_index` and `loss_mask` (B, S) exclude tokens."""
+    index, targets = _select_loss_tokens(labels, loss_mask, ignore_index)
+    ce = per_step_cross_entropy(output, head_weight, index, targets, chunk_size)  # (R, n)
+    log_p = exit_log_distribution(output.gate_logits.flatten(1).index_select(1, index))  # (R, n)
+    p = log_p.exp()
+    expected_ce = (p * ce).sum(0)  # (n,)
+    entropy = -(p * log_p).sum(0)  # (n,)
+    loss_sum = (expected_ce - beta * entropy).sum()
+    return LossOutput(
+        loss_sum=loss_sum,
+        num_tokens=int(index.numel()),
+        ce_per_step=ce.detach().sum(1),
+        exit_prob_per_step=p.detach().sum(1),
+        entropy=entropy.detach().sum(),
+    )
+
+
+def gate_loss(
+    output: LoopOutput,
+    head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    k: float = 50.0,
+    gamma: float = 0.005,
+    loss_mask: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 4096,
+) -> LossOutput:
+    """Stage II (adaptive gate training). The CE targets carry no gradient; the trainer freezes
+    every parameter but the gate (`objective.kind=gate`), so only the gate learns."""
+    steps = len(output.hidden_states)
+    if steps < 2:
+        raise ValueError("the gate loss compares consecutive steps: it needs recurrent_steps >= 2")
+    index, targets = _select_loss_tokens(labels, loss_mask, ignore_index)
+    with torch.no_grad():
+        ce = per_step_cross_entropy(output, head_weight.detach(), index, targets, chunk_size)  # (R, n)
+        improvement = (ce[:-1] - ce[1:]).clamp_min(0)  # I_t for t = 2..R: (R-1, n)
+        continue_target = torch.sigmoid(k * (improvement - gamma))
+    g = output.gate_logits.flatten(1).index_select(1, index)[1:]  # steps 2..R: (R-1, n)
+    # BCE on the continuation probability 1 - lambda_t = sigmoid(-g_t), from logits for stability.
+    bce = F.binary_cross_entropy_with_logits(-g, continue_target, reduction="none")  # (R-1, n)
+    loss_sum = bce.sum(0).sum() / steps
+    with torch.no_grad():
+        log_p = exit_log_distribution(output.gate_logits.flatten(1).index_select(1, index))
+        p = log_p.exp()
+    return LossOutput(
+        loss_sum=loss_sum,
+        num_tokens=int(index.numel()),
+        ce_per_step=ce.sum(1),
+        exit_prob_per_step=p.sum(1),
+        entropy=-(p * log_p).sum(),
+    )

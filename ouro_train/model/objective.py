@@ -46,7 +46,7 @@ def exit_log_distribution(gate_logits: torch.Tensor) -> torch.Tensor:
     log(1 - lambda) = logsigmoid(-g): exact for any gate value, so the entropy needs no clamp and
     p never underflows to a 0 whose log would be -inf.
     """
-    g = gate_logits.float()
+    g = gate_logits.to(torch.promote_types(gate_logits.dtype, torch.float32))  # fp32 at least; fp64 stays
     log_continue = F.logsigmoid(-g)  # (R, ...)
     # log S_{t-1}: 0 for the first step, then the running sum of log(1 - lambda_j), j < t.
     log_survival_before = torch.cat([torch.zeros_like(g[:1]), log_continue[:-1].cumsum(0)], dim=0)

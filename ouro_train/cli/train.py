@@ -1,0 +1,95 @@
+"""`ouro-train`: the hydra entry point. `ouro-train model=ouro_1p4b dry_run=true`, `ouro-train --config-name demo`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from ouro_train.config.schema import Config, ConfigError
+from ouro_train.config.store import RECIPES_DIR, register_configs, to_config
+from ouro_train.model.flops import count_model
+from ouro_train.model.looplm import LoopLM
+
+
+def dry_run(cfg: Config) -> dict:
+    """Build the model on the meta device (no memory), print its exact size and cost, return them."""
+    with torch.device("meta"):
+        model = LoopLM(cfg.model)
+    counts = count_model(cfg.model, cfg.train.seq_len)
+    built = model.num_parameters()
+    if built != counts.total_params:  # the formula and the module tree must agree
+        raise AssertionError(f"parameter count mismatch: built {built:,}, formula {counts.total_params:,}")
+    m = cfg.model
+    print(f"model {m.name}: {m.num_layers} layers x {m.recurrent_steps} recurrent steps, hidden {m.hidden_size}, "
+          f"heads {m.num_heads}/{m.num_kv_heads} (kv), head dim {m.resolved_head_dim}, "
+          f"intermediate {m.intermediate_size}, vocab {m.vocab_size}, rope theta {m.rope_theta:g}")
+    print(f"parameters: {built:,} (layers {counts.layer_params:,}, embedding {counts.embedding_params:,}, "
+          f"head {counts.head_params:,})")
+    print(f"FLOPs per token at seq len {cfg.train.seq_len}, all {m.recurrent_steps} steps: "
+          f"forward {counts.forward_flops_per_token / 1e9:.3f} GFLOP, "
+          f"train (3x forward) {counts.train_flops_per_token / 1e9:.3f} GFLOP")
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.train.seq_len
+    print(f"batch: {tokens_per_step:,} tokens per optimizer step; {cfg.train.steps:,} steps "
+          f"= {tokens_per_step * cfg.train.steps:,} tokens")
+    return {"parameters": built, **asdict(counts)}
+
+
+def train(cfg: Config) -> dict:
+    from ouro_train.data.demo import build_demo_data
+    from ouro_train.train.callbacks import ConsoleLogger, JsonlLogger
+    from ouro_train.train.report import plot_loss_per_step
+    from ouro_train.train.trainer import Trainer
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():
+        # Until checkpoint resume lands, a new run in an old directory starts a fresh log.
+        metrics_path.unlink()
+    torch.manual_seed(cfg.train.seed)
+    train_batches, eval_batches, vocab = build_demo_data(cfg)
+    model = LoopLM(cfg.model)
+    print(f"model {cfg.model.name}: {model.num_parameters():,} parameters; tokenizer vocab {vocab}; "
+          f"run dir {run_dir}")
+    callbacks = []
+    if cfg.logging.console:
+        callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
+    if cfg.logging.jsonl:
+        callbacks.append(JsonlLogger(metrics_path))
+    trainer = Trainer(cfg, model, train_batches, lambda: eval_batches, callbacks)
+    final = trainer.fit()
+    (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+    if cfg.logging.plot and cfg.logging.jsonl:
+        print(f"plot: {plot_loss_per_step(metrics_path, run_dir / 'loss_per_step.png')}")
+    return final
+
+
+@hydra.main(config_path=str(RECIPES_DIR), config_name="config", version_base="1.3")
+def _hydra_main(raw: DictConfig) -> None:
+    try:
+        cfg = to_config(raw)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.dry_run:
+        dry_run(cfg)
+        return
+    train(cfg)
+
+
+def main() -> None:
+    if not RECIPES_DIR.is_dir():
+        sys.exit(f"error: recipes directory {RECIPES_DIR} not found; install ouro-train from a checkout "
+                 "with `make setup` (pip install -e .)")
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Batches from the embedded demo corpus (the Python docs in `pydoc_data`), all in memory.
+
+This feeds the foundation's trainer and demo; the sharded, packed, resumable pipeline of
+`ouro_train.data` (webdataset) replaces it for real corpora. Documents are joined into one
+token stream separated by EOS; a training batch is `batch_size` random windows whose
+positions are a pure function of (seed, batch index), so the stream's position is one number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from data_tools.demo_corpus import demo_documents, split_documents
+from data_tools.tokenizer import encode_documents, load_or_train_demo_tokenizer
+from ouro_train.config.schema import Config, ConfigError
+
+
+class RandomWindowBatches(Iterator[dict[str, torch.Tensor]]):
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, start: int = 0) -> None:
+        if len(tokens) < seq_len + 2:
+            raise ValueError(f"token stream of {len(tokens)} tokens is shorter than one window of {seq_len + 1}")
+        self.tokens = torch.from_numpy(tokens.astype(np.int64))
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.index = start
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.index])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+        windows = torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts])  # (B, S+1)
+        self.index += 1
+        return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+
+def contiguous_windows(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
+    """Fixed evaluation batches: consecutive non-overlapping windows from the start of the stream."""
+    stream = torch.from_numpy(tokens.astype(np.int64))
+    count = min(batch_size * num_batches, (len(stream) - 1) // seq_len)
+    if count == 0:
+        raise ValueError(f"validation stream of {len(stream)} tokens is shorter than one window of {seq_len + 1}")
+    windows = torch.stack([stream[i * seq_len : i * seq_len + seq_len + 1] for i in range(count)])
+    return [
+        {"input_ids": chunk[:, :-1].contiguous(), "labels": chunk[:, 1:].contiguous()}
+        for chunk in windows.split(batch_size)
+    ]
+
+
+def build_demo_data(cfg: Config) -> tuple[RandomWindowBatches, list[dict], int]:
+    """-> (training batches, evaluation batches, tokenizer vocabulary size)."""
+    tokenizer = load_or_train_demo_tokenizer(cfg.data.tokenizer_vocab_size, cache_dir=cfg.data.cache_dir)
+    vocab = tokenizer.get_vocab_size()
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"config key 'model.vocab_size': the demo tokenizer has {vocab} ids but the model only "
+            f"{cfg.model.vocab_size}; raise model.vocab_size or lower data.tokenizer_vocab_size"
+        )
+    train_docs, val_docs = split_documents(demo_documents(), val_fraction=cfg.data.val_fraction)
+    join = lambda docs: np.concatenate(encode_documents(tokenizer, docs, append_eos=True))  # noqa: E731
+    train_tokens, val_tokens = join(train_docs), join(val_docs)
+    train = RandomWindowBatches(train_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.seed)
+    evaluation = contiguous_windows(val_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches)
+    return train, evaluation, vocab

@@ -1,0 +1,90 @@
+"""The single-process training engine.
+
+It has the surface of a DeepSpeed engine (`engine(batch)`, `backward`, `step` with gradient
+accumulation boundaries, `get_global_grad_norm`), so the trainer drives a DeepSpeed ZeRO
+engine the same way once `ouro_train.parallel` builds one. Losses reaching `backward` are
+already normalised by the loss tokens of the whole step, so nothing here rescales them
+(with DeepSpeed that means `scale_wrt_gas=False`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ouro_train.config.schema import OptimConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linears, embedding, head); none on norms and biases.
+    The paper states decay 0.1 but not its scope: this split is the common one (our choice)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
+
+
+class LocalEngine:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, grad_accum_steps: int
+    ) -> None:
+        self.module = model
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.grad_accum_steps = grad_accum_steps
+        self.micro_steps = 0
+        self.global_steps = 0
+        self._grad_norm: float | None = None
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.grad_accum_steps == 0
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        """Called after every micro-batch; updates the weights on accumulation boundaries."""
+        if self.is_gradient_accumulation_boundary():
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            # clip_grad_norm_ with an infinite max returns the norm without scaling anything.
+            max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_steps += 1
+        self.micro_steps += 1
+
+    def get_global_grad_norm(self) -> float | None:
+        """Norm of the gradient before clipping at the last optimizer step."""
+        return self._grad_norm
+
+    def state_dict(self) -> dict:
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "micro_steps": self.micro_steps,
+            "global_steps": self.global_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.micro_steps = state["micro_steps"]
+        self.global_steps = state["global_steps"]

@@ -1,0 +1,49 @@
+"""Plots of a run's metrics.jsonl: cross-entropy per recurrent step and the exit distribution."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """-> (training records, evaluation records) of a metrics.jsonl file."""
+    train, evaluation = [], []
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        (evaluation if any(key.startswith("eval/") for key in record) else train).append(record)
+    return train, evaluation
+
+
+def plot_loss_per_step(metrics_path: str | Path, out_path: str | Path, smooth: int = 10) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    train, _ = read_metrics(metrics_path)
+    if not train:
+        raise ValueError(f"{metrics_path} holds no training records to plot")
+    steps = [r["step"] for r in train]
+    recurrent = sorted(int(k[len("ce_step"):]) for k in train[0] if k.startswith("ce_step"))
+
+    def smoothed(values: list[float]) -> list[float]:
+        out, window = [], []
+        for value in values:
+            window = (window + [value])[-smooth:]
+            out.append(sum(window) / len(window))
+        return out
+
+    fig, (ax_ce, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
+    for t in recurrent:
+        ax_ce.plot(steps, smoothed([r[f"ce_step{t}"] for r in train]), label=f"step {t}")
+        ax_p.plot(steps, smoothed([r[f"p_step{t}"] for r in train]), label=f"p({t})")
+    ax_ce.set(xlabel="optimizer step", ylabel="cross-entropy (nats)", title="CE per recurrent step")
+    ax_p.set(xlabel="optimizer step", ylabel="mean exit probability", title="exit distribution", ylim=(0, 1))
+    ax_ce.legend()
+    ax_p.legend()
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

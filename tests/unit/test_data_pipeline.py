@@ -1,0 +1,237 @@
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.tokenize import TokenizeOptions, tokenize
+from ouro_train.data.loader import LoaderState, ShardedLoader
+from ouro_train.data.manifest import DataError, load_manifest
+from ouro_train.data.mixture import Mixture
+from ouro_train.data.source import ShardReader, TokenSource
+
+WORDS = "alpha beta gamma delta loop model token step exit gate layer norm héllo wörld 数据".split()
+
+
+def make_docs(seed: int, count: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"doc{seed}-{i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(make_docs(0, 200), trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def build_source(tmp_path: Path, tokenizer_file: Path, name: str, docs_per_file=(30, 25, 20),
+                 tokens_per_shard: int = 300) -> tuple[Path, list[str]]:
+    raw = tmp_path / f"raw-{name}"
+    raw.mkdir()
+    all_docs = []
+    for index, count in enumerate(docs_per_file):
+        docs = make_docs(hash((name, index)) % 1000, count)
+        write_jsonl(raw / f"part{index}.jsonl", docs)
+        all_docs += docs
+    out = tmp_path / name
+    tokenize([str(raw / "*.jsonl")], TokenizeOptions(source=name, tokenizer_path=str(tokenizer_file), out_dir=str(out),
+                                                     tokens_per_shard=tokens_per_shard), progress=False)
+    return out, all_docs
+
+
+@pytest.fixture()
+def source_dir(tmp_path, tokenizer_file):
+    return build_source(tmp_path, tokenizer_file, "web")
+
+
+def test_text_to_shards_round_trip(source_dir, tokenizer_file):
+    from tokenizers import Tokenizer
+
+    out, docs = source_dir
+    manifest = load_manifest(out)
+    assert manifest.documents == len(docs) and len(manifest.shards) > 3  # several shards per file
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    decoded = []
+    for shard in manifest.shards:
+        reader = ShardReader(out / shard.name, shard.documents, manifest.dtype, manifest.tokenizer.vocab_size, False)
+        assert reader.lengths().sum() == shard.tokens
+        for i in range(shard.documents):
+            tokens, _ = reader.read(i)
+            assert tokens[-1] == manifest.tokenizer.eos_id
+            decoded.append(tok.decode(tokens[:-1].tolist()))
+    assert decoded == docs  # file order, then document order within each shard
+
+
+def test_windows_cover_every_token_exactly_once_per_epoch(source_dir):
+    out, _ = source_dir
+    seq = 16
+    src = TokenSource("web", out, seq_len=seq, seed=7, model_vocab_size=320)
+    total = src.epoch_tokens
+    seen = {}
+    for j in range(total // seq + 1):
+        w = src.window(j)
+        for d, p in zip(w.doc_index[:-1], w.position[:-1]):
+            if d < src.epoch_documents:  # epoch 0 only
+                seen[(d, p)] = seen.get((d, p), 0) + 1
+    assert sum(seen.values()) == total and set(seen.values()) == {1}
+    # Same (seed, sample) -> same window in a fresh instance; the next epoch has another order.
+    again = TokenSource("web", out, seq_len=seq, seed=7, model_vocab_size=320)
+    np.testing.assert_array_equal(again.window(5).tokens, src.window(5).tokens)
+    epoch1 = [src.window(j).tokens for j in range(total // seq + 1, 2 * (total // seq))]
+    epoch0 = [src.window(j).tokens for j in range(0, total // seq - 1)]
+    assert not all(np.array_equal(a, b) for a, b in zip(epoch0, epoch1))
+
+
+def test_mixture_meets_weights_over_every_prefix():
+    mixture = Mixture(["a", "b", "c"], [0.6, 0.3, 0.1])
+    counts = [0, 0, 0]
+    for n in range(1, 501):
+        mixture.assign(counts, 1)
+        for c, w in zip(counts, mixture.weights):
+            assert abs(c - w * n) <= 1
+    with pytest.raises(DataError, match="do not sum to a positive"):
+        Mixture(["a", "b"], [0.0, 0.0])
+    with pytest.raises(DataError, match="weight -1"):
+        Mixture(["a", "b"], [1.0, -1.0])
+
+
+def loader(sources, dp_rank=0, dp_size=1, state=None, workers=0, global_batch=8, micro=2):
+    return ShardedLoader(sources, [0.75, 0.25], global_batch_size=global_batch, micro_batch_size=micro,
+                         dp_rank=dp_rank, dp_size=dp_size, num_workers=workers, state=state)
+
+
+def global_batches(sources, dp_size, steps, state=None, workers=0):
+    """The global batches as seen by all ranks together: rank 0's rows first, then rank 1's..."""
+    ranks = [loader(sources, r, dp_size, state=state, workers=workers) for r in range(dp_size)]
+    per_rank_micro = 8 // dp_size // 2
+    out = []
+    for _ in range(steps):
+        rows = [torch.cat([next(ld)["input_ids"] for _ in range(per_rank_micro)]) for ld in ranks]
+        out.append(torch.cat(rows))
+    return out, ranks[0]
+
+
+@pytest.fixture()
+def two_sources(tmp_path, tokenizer_file):
+    web, _ = build_source(tmp_path, tokenizer_file, "web")
+    code, _ = build_source(tmp_path, tokenizer_file, "code", docs_per_file=(15,))
+    return [TokenSource("web", web, 16, 3, 320), TokenSource("code", code, 16, 3, 320)]
+
+
+def test_same_global_batches_for_world_sizes_1_2_4_and_after_restart(two_sources):
+    reference, _ = global_batches(two_sources, 1, 6)
+    for dp in (2, 4):
+        batches, _ = global_batches(two_sources, dp, 6)
+        for a, b in zip(reference, batches):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Interrupt after 3 steps on 2 ranks, resume on 4 ranks from the saved position.
+    first, rank0 = global_batches(two_sources, 2, 3)
+    state = rank0.state_dict()
+    assert state["next_batch"] == 3 and sum(state["samples"].values()) == 24
+    resumed, _ = global_batches(two_sources, 4, 3, state=LoaderState(state["next_batch"], state["samples"]))
+    for a, b in zip(reference, first + resumed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # 0.75 / 0.25 of 48 rows
+    assert rank0.report()["web"]["samples"] + rank0.report()["code"]["samples"] == 24
+
+
+def test_multiworker_loader_matches_single_process(two_sources):
+    single, _ = global_batches(two_sources, 1, 5)
+    multi, _ = global_batches(two_sources, 1, 5, workers=2)
+    for a, b in zip(single, multi):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_packed_batch_boundaries(two_sources):
+    batch = next(loader(two_sources))
+    ids, labels, docs, pos = batch["input_ids"], batch["labels"], batch["doc_ids"], batch["position_ids"]
+    assert ids.shape == labels.shape == docs.shape == pos.shape == (2, 16)
+    new_doc = docs[:, 1:] != docs[:, :-1]
+    assert (pos[:, 1:][new_doc] == 0).all()  # positions restart at every document start
+    assert (pos[:, 1:][~new_doc] == pos[:, :-1][~new_doc] + 1).all()
+    assert (labels[:, :-1][new_doc] == -100).all()  # no label across a document boundary
+    assert (labels[:, :-1][~new_doc] == ids[:, 1:][~new_doc]).all()
+
+
+def test_missing_truncated_and_foreign_shards_fail_clearly(source_dir):
+    out, _ = source_dir
+    manifest = load_manifest(out)
+    victim = out / manifest.shards[1].name
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    src = TokenSource("web", out, 16, 0, 320)
+    with pytest.raises(DataError, match=victim.name):
+        for j in range(src.epoch_tokens // 16):
+            src.window(j)
+    victim.unlink()
+    with pytest.raises(DataError, match=f"{victim.name}: shard listed in the manifest is missing"):
+        TokenSource("web", out, 16, 0, 320)
+
+
+def test_vocabulary_checks_and_empty_source(source_dir, tmp_path):
+    out, _ = source_dir
+    with pytest.raises(DataError, match="raise model.vocab_size"):
+        TokenSource("web", out, 16, 0, model_vocab_size=100)
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["shards"] = []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="has no tokens"):
+        TokenSource("empty", empty, 16, 0, 320)
+    with pytest.raises(DataError, match="no manifest"):
+        TokenSource("none", tmp_path / "nowhere", 16, 0, 320)
+
+
+def test_token_id_beyond_vocab_in_a_shard_is_caught(source_dir):
+    out, _ = source_dir
+    manifest = load_manifest(out)
+    shard = manifest.shards[0]
+    reader = ShardReader(out / shard.name, shard.documents, manifest.dtype, vocab_size=5, with_mask=False)
+    with pytest.raises(DataError, match="token id .* >= vocabulary size 5"):
+        reader.read(0)
+
+
+def test_tokenize_skips_finished_files_and_recovers_from_interruption(tmp_path, tokenizer_file):
+    out, _ = build_source(tmp_path, tokenizer_file, "web")
+    manifest = load_manifest(out)
+    first = out / manifest.shards[0].name
+    mtime = first.stat().st_mtime_ns
+    # Simulate a crash while file 2 was being written: its record is gone, a temp file is left.
+    os.remove(out / ".done" / "00002.json")
+    (out / ".web-00002-0000.tar.tmp-999").write_bytes(b"partial")
+    options = TokenizeOptions(source="web", tokenizer_path=str(tokenizer_file), out_dir=str(out), tokens_per_shard=300)
+    again = tokenize([str(tmp_path / "raw-web" / "*.jsonl")], options, progress=False)
+    assert first.stat().st_mtime_ns == mtime  # file 0 was not redone
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
+
+
+def test_tokenize_bad_inputs(tmp_path, tokenizer_file):
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["fine"])
+    with bad.open("a") as f:
+        f.write(json.dumps({"content": "oops"}) + "\n")
+    options = TokenizeOptions(source="s", tokenizer_path=str(tokenizer_file), out_dir=str(tmp_path / "o"))
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no field 'text'"):
+        tokenize([str(bad)], options, progress=False)
+    with pytest.raises(DataError, match="matches no file"):
+        tokenize([str(tmp_path / "none*.jsonl")], options, progress=False)
+    missing_tok = TokenizeOptions(source="s", tokenizer_path=str(tmp_path / "nope.json"), out_dir=str(tmp_path / "o"))
+    with pytest.raises(DataError, match="nope.json: tokenizer file not found"):
+        tokenize([str(bad)], missing_tok, progress=False)

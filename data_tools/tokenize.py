@@ -94,6 +94,9 @@ def tokenizer_info(tokenizer_path: str, options: TokenizeOptions):
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:
         raise DataError(f"{path}: not a readable tokenizer.json ({error})") from error
+    # Text is text: a document containing the string "<|endoftext|>" must not become an EOS id
+    # (special tokens are inserted by id, by this tool, where the format says so).
+    tokenizer.encode_special_tokens = True
     eos_id = tokenizer.token_to_id(options.eos_token)
     if eos_id is None:
         raise DataError(f"{path}: has no EOS token {options.eos_token!r}; pass --eos-token")
@@ -141,6 +144,7 @@ def _write_shard(out_dir: Path, name: str, docs: list[np.ndarray], dtype: str, m
         tokens=int(sum(len(d) for d in docs)),
         max_token_id=int(max((int(d.max()) for d in docs if d.size), default=-1)),
         sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
     )
 
 

@@ -41,7 +41,7 @@ def dry_run(cfg: Config) -> dict:
 
 
 def train(cfg: Config) -> dict:
-    from ouro_train.data.demo import build_demo_data
+    from ouro_train.data.build import build_data
     from ouro_train.train.callbacks import ConsoleLogger, JsonlLogger
     from ouro_train.train.report import plot_loss_per_step
     from ouro_train.train.trainer import Trainer
@@ -53,16 +53,15 @@ def train(cfg: Config) -> dict:
         # Until checkpoint resume lands, a new run in an old directory starts a fresh log.
         metrics_path.unlink()
     torch.manual_seed(cfg.train.seed)
-    train_batches, eval_batches, vocab = build_demo_data(cfg)
+    train_batches, eval_batches = build_data(cfg)
     model = LoopLM(cfg.model)
-    print(f"model {cfg.model.name}: {model.num_parameters():,} parameters; tokenizer vocab {vocab}; "
-          f"run dir {run_dir}")
+    print(f"model {cfg.model.name}: {model.num_parameters():,} parameters; data {cfg.data.source}; run dir {run_dir}")
     callbacks = []
     if cfg.logging.console:
         callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
     if cfg.logging.jsonl:
         callbacks.append(JsonlLogger(metrics_path))
-    trainer = Trainer(cfg, model, train_batches, lambda: eval_batches, callbacks)
+    trainer = Trainer(cfg, model, train_batches, eval_batches, callbacks)
     final = trainer.fit()
     (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
     if cfg.logging.plot and cfg.logging.jsonl:
@@ -72,15 +71,18 @@ def train(cfg: Config) -> dict:
 
 @hydra.main(config_path=str(RECIPES_DIR), config_name="config", version_base="1.3")
 def _hydra_main(raw: DictConfig) -> None:
+    from ouro_train.data.manifest import DataError
+
     try:
         cfg = to_config(raw)
-    except ConfigError as error:
+        if cfg.dry_run:
+            dry_run(cfg)
+        else:
+            train(cfg)
+    except (ConfigError, DataError) as error:
+        # Bad input is the user's to fix: the message names the key or file; no traceback.
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    if cfg.dry_run:
-        dry_run(cfg)
-        return
-    train(cfg)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from ouro_train.config.schema import (
     ObjectiveConfig,
     OptimConfig,
     ScheduleConfig,
+    SourceConfig,
     TrainConfig,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "ObjectiveConfig",
     "OptimConfig",
     "ScheduleConfig",
+    "SourceConfig",
     "TrainConfig",
 ]

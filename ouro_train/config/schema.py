@@ -152,11 +152,34 @@ class ScheduleConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One tokenized source (a directory written by `ouro-data tokenize` or `ouro-data sft`)."""
+
+    name: str = "???"
+    path: str = "???"
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    """Where batches come from. `demo`: the embedded corpus (Python docs), tokenized in memory."""
+    """Where batches come from.
+
+    `demo`: the embedded corpus (Python docs), tokenized in memory; no files needed.
+    `shards`: a weighted mixture of tokenized sources, read by global sample index
+    (deterministic, resumable at any data-parallel size; see ouro_train/data/loader.py).
+    """
 
     source: str = "demo"
-    # Tokenizer of the demo corpus (trained once with `tokenizers`, cached).
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Held-out sources for evaluation (shards only); empty: no evaluation.
+    eval_sources: list[SourceConfig] = field(default_factory=list)
+    # Loader worker processes per rank (0: read in the training process).
+    num_workers: int = 0
+    # Attention stays inside each packed document and no label crosses a document boundary.
+    document_masking: bool = True
+    # Position ids restart at 0 at every document (else 0..S-1 along the packed row).
+    document_positions: bool = True
+    # Demo only: tokenizer trained once on the embedded corpus with `tokenizers`, cached.
     tokenizer_vocab_size: int = 4096
     # None: $OURO_CACHE_DIR or ~/.cache/ouro-train.
     cache_dir: str | None = None
@@ -166,7 +189,19 @@ class DataConfig:
         self.validate()
 
     def validate(self, section: str = "data") -> None:
-        _one_of(self.source, ("demo",), f"{section}.source")
+        _one_of(self.source, ("demo", "shards"), f"{section}.source")
+        if self.source == "shards":
+            _require(len(self.sources) > 0, f"{section}.sources",
+                     "data.source=shards needs at least one source {name, path, weight}")
+        for kind in ("sources", "eval_sources"):
+            names = [s.name for s in getattr(self, kind)]
+            _require(len(set(names)) == len(names), f"{section}.{kind}", f"duplicate source names in {names}")
+            for i, src in enumerate(getattr(self, kind)):
+                _require(src.weight >= 0, f"{section}.{kind}[{i}].weight", f"must be >= 0, got {src.weight}")
+        if self.sources:
+            _require(sum(s.weight for s in self.sources) > 0, f"{section}.sources",
+                     "weights must sum to a positive number")
+        _require(self.num_workers >= 0, f"{section}.num_workers", f"must be >= 0, got {self.num_workers}")
         _require(self.tokenizer_vocab_size >= 256 + 5, f"{section}.tokenizer_vocab_size",
                  f"a byte-level BPE needs at least 261 ids (256 bytes + 5 specials), got {self.tokenizer_vocab_size}")
         _require(0 < self.val_fraction < 1, f"{section}.val_fraction", f"must be in (0, 1), got {self.val_fraction}")

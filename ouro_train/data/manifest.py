@@ -45,6 +45,7 @@ class ShardInfo:
     tokens: int
     max_token_id: int
     sha256: str
+    bytes: int  # file size: a truncated shard is caught by a stat, before any read
 
 
 @dataclass

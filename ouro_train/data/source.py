@@ -38,10 +38,14 @@ class Window:
 class ShardReader:
     """Random access to the documents of one tar shard (wids: mmap plus a tar index)."""
 
-    def __init__(self, path: Path, documents: int, dtype: str, vocab_size: int, with_mask: bool) -> None:
+    def __init__(self, path: Path, documents: int, dtype: str, vocab_size: int, with_mask: bool,
+                 expected_bytes: int | None = None) -> None:
         from wids.wids import IndexedTarSamples
 
         self.path = path
+        if expected_bytes is not None and path.is_file() and path.stat().st_size != expected_bytes:
+            raise DataError(f"{path}: {path.stat().st_size} bytes but the manifest says {expected_bytes}; the shard "
+                            "is truncated or corrupt, delete it and re-run `ouro-data tokenize`")
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.extension = "." + token_extension(dtype)  # wids keys members by ".ext"
         self.vocab_size = vocab_size
@@ -139,7 +143,7 @@ class TokenSource:
     def _open(self, shard: int) -> ShardReader:
         info = self.manifest.shards[shard]
         return ShardReader(self.directory / info.name, info.documents, self.manifest.dtype,
-                           self.manifest.tokenizer.vocab_size, self.with_mask)
+                           self.manifest.tokenizer.vocab_size, self.with_mask, expected_bytes=info.bytes)
 
     # --- reading ----------------------------------------------------------------------------
     def _locate(self, offset: int) -> tuple[int, int, int, int, int]:

@@ -35,26 +35,29 @@ def _softmax_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int):  # noqa: D401
+    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int):
         num_tokens = hidden.shape[0]
-        losses = torch.empty(num_tokens, dtype=_softmax_dtype(hidden), device=hidden.device)
+        compute = _softmax_dtype(hidden)
+        losses = torch.empty(num_tokens, dtype=compute, device=hidden.device)
+        # Per-token log-sum-exp, kept for backward: softmax there is exp(logits - lse), one pass.
+        lse = torch.empty(num_tokens, dtype=compute, device=hidden.device)
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
         for start in range(0, num_tokens, chunk_size):
             end = min(start + chunk_size, num_tokens)
-            logits = (hidden[start:end] @ weight.t()).to(losses.dtype)  # (C, V)
-            target_logit = logits.gather(1, safe_targets[start:end, None]).squeeze(1)
-            losses[start:end] = torch.logsumexp(logits, dim=-1) - target_logit
+            logits = (hidden[start:end] @ weight.t()).to(compute)  # (C, V)
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            losses[start:end] = lse[start:end] - logits.gather(1, safe_targets[start:end, None]).squeeze(1)
         losses = losses * valid
-        ctx.save_for_backward(hidden, weight, safe_targets, valid)
+        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
         ctx.chunk_size = chunk_size
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        hidden, weight, targets, valid = ctx.saved_tensors
+        hidden, weight, targets, valid, lse = ctx.saved_tensors
         chunk_size = ctx.chunk_size
-        grad_scale = (grad_losses * valid).to(_softmax_dtype(hidden))  # (T,)
+        grad_scale = (grad_losses * valid).to(lse.dtype)  # (T,)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # Accumulate the weight gradient in fp32 across chunks: summing many bf16 partial
         # products would lose the small ones.
@@ -66,11 +69,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:end]
-            logits = (h @ weight.t()).to(grad_scale.dtype)  # (C, V)
-            # d CE / d logits = softmax - one_hot(target), scaled by the upstream gradient.
-            dlogits = torch.softmax(logits, dim=-1)
-            dlogits[torch.arange(end - start, device=h.device), targets[start:end]] -= 1.0
-            dlogits = (dlogits * grad_scale[start:end, None]).to(hidden.dtype)
+            rows = torch.arange(end - start, device=h.device)
+            scale = grad_scale[start:end, None]
+            # d CE / d logits = softmax - one_hot(target), times the upstream gradient; in place.
+            dlogits = (h @ weight.t()).to(lse.dtype).sub_(lse[start:end, None]).exp_().mul_(scale)
+            dlogits[rows, targets[start:end]] -= scale.squeeze(1)
+            dlogits = dlogits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = dlogits @ weight
             if grad_weight is not None:

@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def build_source(tmp_path: Path, tokenizer_file: Path, name: str, docs_per_file=
     raw.mkdir()
     all_docs = []
     for index, count in enumerate(docs_per_file):
-        docs = make_docs(hash((name, index)) % 1000, count)
+        docs = make_docs(zlib.crc32(f"{name}-{index}".encode()) % 1000, count)
         write_jsonl(raw / f"part{index}.jsonl", docs)
         all_docs += docs
     out = tmp_path / name
@@ -175,11 +176,15 @@ def test_missing_truncated_and_foreign_shards_fail_clearly(source_dir):
     manifest = load_manifest(out)
     victim = out / manifest.shards[1].name
     data = victim.read_bytes()
-    victim.write_bytes(data[: len(data) // 2])
+    # Cut inside the last member's data: the tar still indexes, with the right member count.
+    victim.write_bytes(data[: len(data) - 1024 - 100])
     src = TokenSource("web", out, 16, 0, 320)
-    with pytest.raises(DataError, match=victim.name):
-        for j in range(src.epoch_tokens // 16):
+    with pytest.raises(DataError, match=f"{victim.name}: .* truncated or corrupt"):
+        for j in range(src.epoch_tokens // 16 + 1):
             src.window(j)
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=victim.name):
+        ShardReader(victim, manifest.shards[1].documents, manifest.dtype, 320, False)  # no size known: index check
     victim.unlink()
     with pytest.raises(DataError, match=f"{victim.name}: shard listed in the manifest is missing"):
         TokenSource("web", out, 16, 0, 320)

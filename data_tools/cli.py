@@ -1,0 +1,165 @@
+"""`ouro-data`: offline corpus tools.
+
+  ouro-data tokenize --source web --tokenizer tokenizer.json --out shards/web 'raw/*.jsonl'
+  ouro-data sft --source chat --tokenizer tokenizer.json --out shards/chat chat.jsonl
+  ouro-data inspect shards/web [--tokenizer tokenizer.json] [--verify]
+  ouro-data train-tokenizer --out tok.json [--vocab-size N] [--input FILES...]
+  ouro-data demo-tokenizer [--vocab-size N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ouro_train.data.manifest import DataError
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    from data_tools.demo_corpus import demo_documents
+    from data_tools.tokenize import expand_inputs, read_documents
+    from data_tools.tokenizer import save_tokenizer, train_bpe_tokenizer
+
+    if args.input:
+        docs = [doc for path in expand_inputs(args.input) for doc in read_documents(path, args.text_field)]
+    else:
+        docs = demo_documents()
+    tokenizer = train_bpe_tokenizer(docs, args.vocab_size)
+    path = save_tokenizer(tokenizer, args.out)
+    print(f"trained a {tokenizer.get_vocab_size()}-id BPE tokenizer on {len(docs)} documents -> {path}")
+    return 0
+
+
+def _demo_tokenizer(args: argparse.Namespace) -> int:
+    from data_tools.tokenizer import demo_tokenizer_path, load_or_train_demo_tokenizer
+
+    load_or_train_demo_tokenizer(args.vocab_size, args.cache_dir)
+    print(demo_tokenizer_path(args.vocab_size, args.cache_dir))
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from data_tools.tokenize import TokenizeOptions, tokenize
+
+    options = TokenizeOptions(
+        source=args.source, tokenizer_path=args.tokenizer, out_dir=args.out, text_field=args.text_field,
+        tokens_per_shard=args.tokens_per_shard, append_eos=not args.no_eos, eos_token=args.eos_token,
+        bos_token=args.bos_token,
+    )
+    manifest = tokenize(args.inputs, options, workers=args.workers)
+    print(f"{manifest.source}: {manifest.documents:,} documents, {manifest.tokens:,} tokens in "
+          f"{len(manifest.shards)} shards -> {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from data_tools.sft import build_sft_shards
+
+    manifest = build_sft_shards(args.inputs, args.tokenizer, args.out, args.source, thinking=args.thinking)
+    print(f"{manifest.source}: {manifest.documents:,} conversations, {manifest.tokens:,} tokens in "
+          f"{len(manifest.shards)} shards -> {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ouro_train.data.manifest import load_manifest
+    from ouro_train.data.source import ShardReader
+
+    directory = Path(args.directory)
+    manifest = load_manifest(directory)
+    tok = manifest.tokenizer
+    print(f"source {manifest.source} ({manifest.kind}): {manifest.documents:,} documents, {manifest.tokens:,} tokens, "
+          f"{len(manifest.shards)} shards, {manifest.dtype}")
+    print(f"tokenizer {tok.name} sha256 {tok.sha256[:12]}… vocab {tok.vocab_size}, eos {tok.eos_id} "
+          f"(appended: {tok.append_eos}), bos {tok.bos_id}, max token id {manifest.max_token_id}")
+    lengths = []
+    for shard in manifest.shards:
+        path = directory / shard.name
+        if args.verify:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest != shard.sha256:
+                raise DataError(f"{path}: sha256 {digest[:12]}… differs from the manifest's {shard.sha256[:12]}…; "
+                                "the shard is corrupt, delete it and re-run `ouro-data tokenize`")
+        lengths.append(ShardReader(path, shard.documents, manifest.dtype, tok.vocab_size, False, shard.bytes).lengths())
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    if args.verify:
+        print(f"verified sha256 of {len(manifest.shards)} shards")
+    if lengths.size:
+        print(f"document length: mean {lengths.mean():.1f}, median {int(np.median(lengths))}, max {lengths.max()}")
+        edges = [0, 16, 64, 256, 1024, 4096, 16384, 65536, np.inf]
+        counts, _ = np.histogram(lengths, bins=edges)
+        for low, high, count in zip(edges[:-1], edges[1:], counts):
+            print(f"  [{low:>6}, {str(high) if high != np.inf else 'inf':>6}) {count:>9,} {'#' * int(40 * count / max(counts.max(), 1))}")
+    if args.tokenizer and manifest.documents:
+        from data_tools.tokenizer import load_tokenizer
+
+        shard = manifest.shards[0]
+        reader = ShardReader(directory / shard.name, shard.documents, manifest.dtype, tok.vocab_size,
+                             manifest.kind == "sft")
+        tokens, _ = reader.read(0)
+        print("first document:", repr(load_tokenizer(args.tokenizer).decode(tokens[:200].tolist())[:500]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ouro-data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tokenize", help="corpus files -> webdataset token shards + manifest")
+    p.add_argument("inputs", nargs="+", help=".jsonl/.jsonl.gz/.parquet/.txt files or globs")
+    p.add_argument("--source", required=True, help="source name (used in shard names and mixtures)")
+    p.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer.json")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--tokens-per-shard", type=int, default=50_000_000)
+    p.add_argument("--workers", type=int, default=1, help="processes (one input file each)")
+    p.add_argument("--eos-token", default="<|endoftext|>")
+    p.add_argument("--no-eos", action="store_true", help="do not append EOS to documents")
+    p.add_argument("--bos-token", default=None, help="prepend this token to every document")
+    p.set_defaults(run=_tokenize)
+
+    p = sub.add_parser("sft", help="chat jsonl -> ChatML token shards with assistant loss masks")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--source", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--thinking", choices=("keep", "drop"), default="keep",
+                   help="render assistant 'reasoning' inside <think></think> (keep) or omit it (drop)")
+    p.set_defaults(run=_sft)
+
+    p = sub.add_parser("inspect", help="counts, length histogram, sample, integrity")
+    p.add_argument("directory")
+    p.add_argument("--tokenizer", help="decode the first document with this tokenizer.json")
+    p.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest")
+    p.set_defaults(run=_inspect)
+
+    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--input", nargs="*", help=".txt/.jsonl/.parquet files (default: the embedded demo corpus)")
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(run=_train_tokenizer)
+
+    p = sub.add_parser("demo-tokenizer", help="print the cached demo tokenizer's path (training it if needed)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(run=_demo_tokenizer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (DataError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

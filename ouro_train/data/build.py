@@ -1,0 +1,40 @@
+"""Build the trainer's data from `cfg.data`: the demo corpus or a mixture of shard sources."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from ouro_train.config.schema import Config, SourceConfig
+from ouro_train.data.loader import ShardedLoader
+from ouro_train.data.source import TokenSource
+
+
+def _sources(cfg: Config, specs: list[SourceConfig], seed: int) -> list[TokenSource]:
+    return [TokenSource(s.name, s.path, cfg.train.seq_len, seed, cfg.model.vocab_size) for s in specs]
+
+
+def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> tuple[Iterator[dict], Callable[[], Iterable[dict]] | None]:
+    """-> (training micro-batches for this rank, evaluation batches or None)."""
+    if cfg.data.source == "demo":
+        from ouro_train.data.demo import build_demo_data
+
+        train, evaluation, _ = build_demo_data(cfg)
+        return train, lambda: evaluation
+    data, train_cfg = cfg.data, cfg.train
+    global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum_steps * dp_size
+    common = dict(micro_batch_size=train_cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                  document_masking=data.document_masking, document_positions=data.document_positions)
+    train = ShardedLoader(_sources(cfg, data.sources, train_cfg.seed), [s.weight for s in data.sources],
+                          global_batch_size=global_batch, num_workers=data.num_workers, **common)
+    if not data.eval_sources:
+        return train, None
+    eval_sources = _sources(cfg, data.eval_sources, train_cfg.seed)
+    eval_weights = [s.weight for s in data.eval_sources]
+
+    def evaluation() -> Iterable[dict]:
+        # The same fixed batches every time: a fresh loader from position 0.
+        loader = ShardedLoader(eval_sources, eval_weights, global_batch_size=train_cfg.micro_batch_size * dp_size,
+                               **common)
+        return [next(loader) for _ in range(train_cfg.eval_batches)]
+
+    return train, evaluation

@@ -40,8 +40,9 @@ def make_shards(directory: Path, total_tokens: int, vocab: int = 49152, seed: in
             docs = []
     if docs:
         shards.append(_write_shard(directory, f"synth-{len(shards):05d}.tar", docs, "uint16", None))
-    Manifest(source="synth", tokenizer=TokenizerInfo("synthetic", "-", vocab, 0), dtype="uint16",
-             shards=shards).save(directory)
+    Manifest(source="synth", tokenizer=TokenizerInfo("synthetic", "-", vocab, 0), dtype="uint16", shards=shards).save(
+        directory
+    )
 
 
 def bench_loader(directory: Path, batches: int, seq_len: int, micro: int) -> float:
@@ -82,8 +83,12 @@ def tokenize_worker(mode: str, corpus: Path, tokenizer: Path, out: Path) -> dict
         manifest = tokenize([str(corpus)], TokenizeOptions("bench", str(tokenizer), str(out)), progress=False)
         count = manifest.tokens
     seconds = time.perf_counter() - start
-    return {"mode": mode, "mb_per_s": size / seconds / 1e6, "tokens_per_s": count / seconds,
-            "import_s": import_seconds}
+    return {
+        "mode": mode,
+        "mb_per_s": size / seconds / 1e6,
+        "tokens_per_s": count / seconds,
+        "import_s": import_seconds,
+    }
 
 
 def main() -> None:
@@ -107,9 +112,11 @@ def main() -> None:
         shards.mkdir()
         make_shards(shards, args.tokens)
         rates = [bench_loader(shards, args.batches, args.seq_len, args.micro_batch) for _ in range(args.repeats)]
-        print(f"loader: {args.tokens / 1e6:.0f}M synthetic tokens, seq {args.seq_len}, micro-batch {args.micro_batch}, "
-              f"1 process: median {statistics.median(rates) / 1e6:.2f}M packed tokens/s "
-              f"(runs: {', '.join(f'{r / 1e6:.2f}M' for r in rates)}; target >= 2M)")
+        print(
+            f"loader: {args.tokens / 1e6:.0f}M synthetic tokens, seq {args.seq_len}, micro-batch {args.micro_batch}, "
+            f"1 process: median {statistics.median(rates) / 1e6:.2f}M packed tokens/s "
+            f"(runs: {', '.join(f'{r / 1e6:.2f}M' for r in rates)}; target >= 2M)"
+        )
 
         from data_tools.demo_corpus import demo_documents
         from data_tools.tokenizer import save_tokenizer, train_bpe_tokenizer
@@ -122,7 +129,15 @@ def main() -> None:
         results: dict[str, list[dict]] = {"baseline": [], "ouro-data": []}
         for run in range(args.repeats):
             for mode in results:
-                cmd = [sys.executable, __file__, "--worker", mode, str(corpus), str(tokenizer), str(tmp / f"o{run}")]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    mode,
+                    str(corpus),
+                    str(tokenizer),
+                    str(tmp / f"o{run}"),
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
                 results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
         size_mb = corpus.stat().st_size / 1e6
@@ -132,10 +147,14 @@ def main() -> None:
             medians[mode] = statistics.median(r["tokens_per_s"] for r in runs)
             mb = statistics.median(r["mb_per_s"] for r in runs)
             startup = statistics.median(r["import_s"] for r in runs)
-            print(f"  {mode:10s} {mb:6.2f} MB/s  {medians[mode] / 1e6:5.2f}M tokens/s"
-                  + (f"  (+{startup:.1f} s one-time import)" if startup > 0.05 else ""))
-        print(f"  ouro-data / baseline: {medians['ouro-data'] / medians['baseline']:.2f}x "
-              "(ouro-data also writes shards, hashes them and commits the manifest)")
+            print(
+                f"  {mode:10s} {mb:6.2f} MB/s  {medians[mode] / 1e6:5.2f}M tokens/s"
+                + (f"  (+{startup:.1f} s one-time import)" if startup > 0.05 else "")
+            )
+        print(
+            f"  ouro-data / baseline: {medians['ouro-data'] / medians['baseline']:.2f}x "
+            "(ouro-data also writes shards, hashes them and commits the manifest)"
+        )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def main() -> None:
     shape = f"R={args.steps} x {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}"
     print(f"LoopLM loss, forward + backward, {shape}; chunk {args.chunk} tokens; median of {args.repeats} runs")
     one_step_logits_mb = args.tokens * args.vocab * 4 / 2**20
-    print(f"(one step's fp32 logits would be {one_step_logits_mb:.0f} MB; all steps {args.steps * one_step_logits_mb:.0f} MB)")
+    all_steps_mb = args.steps * one_step_logits_mb
+    print(f"(one step's fp32 logits would be {one_step_logits_mb:.0f} MB; all steps {all_steps_mb:.0f} MB)")
     results: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
         for variant in ("baseline", "chunked", "naive"):
@@ -78,11 +79,15 @@ def main() -> None:
     base = median([r["peak_rss_mb"] for r in results["baseline"]])
     rows = {}
     for variant in ("chunked", "naive"):
-        rows[variant] = (median([r["peak_rss_mb"] for r in results[variant]]) - base,
-                         median([r["seconds"] for r in results[variant]]))
+        rows[variant] = (
+            median([r["peak_rss_mb"] for r in results[variant]]) - base,
+            median([r["seconds"] for r in results[variant]]),
+        )
         print(f"{variant:8s} peak memory above inputs {rows[variant][0]:8.0f} MB   time {rows[variant][1]:6.2f} s")
-    print(f"memory ratio naive/chunked {rows['naive'][0] / max(rows['chunked'][0], 1):.1f}x, "
-          f"time ratio chunked/naive {rows['chunked'][1] / rows['naive'][1]:.2f}x")
+    print(
+        f"memory ratio naive/chunked {rows['naive'][0] / max(rows['chunked'][0], 1):.1f}x, "
+        f"time ratio chunked/naive {rows['chunked'][1] / rows['naive'][1]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

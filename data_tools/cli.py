@@ -1,10 +1,10 @@
 """`ouro-data`: offline corpus tools.
 
-  ouro-data tokenize --source web --tokenizer tokenizer.json --out shards/web 'raw/*.jsonl'
-  ouro-data sft --source chat --tokenizer tokenizer.json --out shards/chat chat.jsonl
-  ouro-data inspect shards/web [--tokenizer tokenizer.json] [--verify]
-  ouro-data train-tokenizer --out tok.json [--vocab-size N] [--input FILES...]
-  ouro-data demo-tokenizer [--vocab-size N]
+ouro-data tokenize --source web --tokenizer tokenizer.json --out shards/web 'raw/*.jsonl'
+ouro-data sft --source chat --tokenizer tokenizer.json --out shards/chat chat.jsonl
+ouro-data inspect shards/web [--tokenizer tokenizer.json] [--verify]
+ouro-data train-tokenizer --out tok.json [--vocab-size N] [--input FILES...]
+ouro-data demo-tokenizer [--vocab-size N]
 """
 
 from __future__ import annotations
@@ -46,13 +46,20 @@ def _tokenize(args: argparse.Namespace) -> int:
     from data_tools.tokenize import TokenizeOptions, tokenize
 
     options = TokenizeOptions(
-        source=args.source, tokenizer_path=args.tokenizer, out_dir=args.out, text_field=args.text_field,
-        tokens_per_shard=args.tokens_per_shard, append_eos=not args.no_eos, eos_token=args.eos_token,
+        source=args.source,
+        tokenizer_path=args.tokenizer,
+        out_dir=args.out,
+        text_field=args.text_field,
+        tokens_per_shard=args.tokens_per_shard,
+        append_eos=not args.no_eos,
+        eos_token=args.eos_token,
         bos_token=args.bos_token,
     )
     manifest = tokenize(args.inputs, options, workers=args.workers)
-    print(f"{manifest.source}: {manifest.documents:,} documents, {manifest.tokens:,} tokens in "
-          f"{len(manifest.shards)} shards -> {Path(args.out) / 'manifest.json'}")
+    print(
+        f"{manifest.source}: {manifest.documents:,} documents, {manifest.tokens:,} tokens in "
+        f"{len(manifest.shards)} shards -> {Path(args.out) / 'manifest.json'}"
+    )
     return 0
 
 
@@ -60,8 +67,10 @@ def _sft(args: argparse.Namespace) -> int:
     from data_tools.sft import build_sft_shards
 
     manifest = build_sft_shards(args.inputs, args.tokenizer, args.out, args.source, thinking=args.thinking)
-    print(f"{manifest.source}: {manifest.documents:,} conversations, {manifest.tokens:,} tokens in "
-          f"{len(manifest.shards)} shards -> {Path(args.out) / 'manifest.json'}")
+    print(
+        f"{manifest.source}: {manifest.documents:,} conversations, {manifest.tokens:,} tokens in "
+        f"{len(manifest.shards)} shards -> {Path(args.out) / 'manifest.json'}"
+    )
     return 0
 
 
@@ -72,18 +81,24 @@ def _inspect(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     manifest = load_manifest(directory)
     tok = manifest.tokenizer
-    print(f"source {manifest.source} ({manifest.kind}): {manifest.documents:,} documents, {manifest.tokens:,} tokens, "
-          f"{len(manifest.shards)} shards, {manifest.dtype}")
-    print(f"tokenizer {tok.name} sha256 {tok.sha256[:12]}… vocab {tok.vocab_size}, eos {tok.eos_id} "
-          f"(appended: {tok.append_eos}), bos {tok.bos_id}, max token id {manifest.max_token_id}")
+    print(
+        f"source {manifest.source} ({manifest.kind}): {manifest.documents:,} documents, {manifest.tokens:,} tokens, "
+        f"{len(manifest.shards)} shards, {manifest.dtype}"
+    )
+    print(
+        f"tokenizer {tok.name} sha256 {tok.sha256[:12]}… vocab {tok.vocab_size}, eos {tok.eos_id} "
+        f"(appended: {tok.append_eos}), bos {tok.bos_id}, max token id {manifest.max_token_id}"
+    )
     lengths = []
     for shard in manifest.shards:
         path = directory / shard.name
         if args.verify:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             if digest != shard.sha256:
-                raise DataError(f"{path}: sha256 {digest[:12]}… differs from the manifest's {shard.sha256[:12]}…; "
-                                "the shard is corrupt, delete it and re-run `ouro-data tokenize`")
+                raise DataError(
+                    f"{path}: sha256 {digest[:12]}… differs from the manifest's {shard.sha256[:12]}…; "
+                    "the shard is corrupt, delete it and re-run `ouro-data tokenize`"
+                )
         lengths.append(ShardReader(path, shard.documents, manifest.dtype, tok.vocab_size, False, shard.bytes).lengths())
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     if args.verify:
@@ -93,21 +108,25 @@ def _inspect(args: argparse.Namespace) -> int:
         edges = [0, 16, 64, 256, 1024, 4096, 16384, 65536, np.inf]
         counts, _ = np.histogram(lengths, bins=edges)
         for low, high, count in zip(edges[:-1], edges[1:], counts):
-            print(f"  [{low:>6}, {str(high) if high != np.inf else 'inf':>6}) {count:>9,} {'#' * int(40 * count / max(counts.max(), 1))}")
+            bar = "#" * int(40 * count / max(counts.max(), 1))
+            upper = str(high) if high != np.inf else "inf"
+            print(f"  [{low:>6}, {upper:>6}) {count:>9,} {bar}")
     if args.tokenizer and manifest.documents:
         from data_tools.tokenizer import load_tokenizer
 
         shard = manifest.shards[0]
-        reader = ShardReader(directory / shard.name, shard.documents, manifest.dtype, tok.vocab_size,
-                             manifest.kind == "sft")
+        reader = ShardReader(
+            directory / shard.name, shard.documents, manifest.dtype, tok.vocab_size, manifest.kind == "sft"
+        )
         tokens, _ = reader.read(0)
         print("first document:", repr(load_tokenizer(args.tokenizer).decode(tokens[:200].tolist())[:500]))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ouro-data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ouro-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tokenize", help="corpus files -> webdataset token shards + manifest")
@@ -128,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True)
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--thinking", choices=("keep", "drop"), default="keep",
-                   help="render assistant 'reasoning' inside <think></think> (keep) or omit it (drop)")
+    p.add_argument(
+        "--thinking",
+        choices=("keep", "drop"),
+        default="keep",
+        help="render assistant 'reasoning' inside <think></think> (keep) or omit it (drop)",
+    )
     p.set_defaults(run=_sft)
 
     p = sub.add_parser("inspect", help="counts, length histogram, sample, integrity")

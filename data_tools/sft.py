@@ -42,12 +42,18 @@ def special_ids(tokenizer, need_thinking: bool, where: str) -> ChatTokens:
             raise DataError(f"{where}: tokenizer has no {token!r} token, needed for ChatML SFT data")
         return token_id
 
-    return ChatTokens(get("<|im_start|>"), get("<|im_end|>"), get("<|endoftext|>"),
-                      get("<think>", need_thinking), get("</think>", need_thinking))
+    return ChatTokens(
+        get("<|im_start|>"),
+        get("<|im_end|>"),
+        get("<|endoftext|>"),
+        get("<think>", need_thinking),
+        get("</think>", need_thinking),
+    )
 
 
-def render_conversation(tokenizer, messages: list[dict], ids: ChatTokens, thinking: str = "keep",
-                        where: str = "conversation") -> tuple[np.ndarray, np.ndarray]:
+def render_conversation(
+    tokenizer, messages: list[dict], ids: ChatTokens, thinking: str = "keep", where: str = "conversation"
+) -> tuple[np.ndarray, np.ndarray]:
     """-> (token ids, loss mask) of one conversation."""
     if thinking not in ("keep", "drop"):
         raise DataError(f"thinking must be 'keep' or 'drop', got {thinking!r}")
@@ -112,16 +118,25 @@ def read_conversations(path: Path):
             yield f"{path}:{line_number}", record["messages"]
 
 
-def build_sft_shards(inputs: list[str], tokenizer_path: str, out_dir: str, source: str, thinking: str = "keep",
-                     documents_per_shard: int = 10_000):
+def build_sft_shards(
+    inputs: list[str],
+    tokenizer_path: str,
+    out_dir: str,
+    source: str,
+    thinking: str = "keep",
+    documents_per_shard: int = 10_000,
+):
     """Conversations -> SFT shards (tokens + mask members) and a manifest of kind "sft"."""
     from data_tools.tokenize import TokenizeOptions, _write_shard, expand_inputs, tokenizer_info
     from ouro_train.data.manifest import Manifest, dtype_for_vocab
 
     options = TokenizeOptions(source=source, tokenizer_path=tokenizer_path, out_dir=out_dir)
     tokenizer, info = tokenizer_info(tokenizer_path, options)
-    ids = special_ids(tokenizer, need_thinking=thinking == "keep" and tokenizer.token_to_id("<think>") is not None,
-                      where=tokenizer_path)
+    ids = special_ids(
+        tokenizer,
+        need_thinking=thinking == "keep" and tokenizer.token_to_id("<think>") is not None,
+        where=tokenizer_path,
+    )
     dtype = dtype_for_vocab(info.vocab_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -66,16 +66,18 @@ def read_documents(path: Path, text_field: str) -> Iterator[str]:
                 except json.JSONDecodeError as error:
                     raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
                 if text_field not in record:
-                    raise DataError(f"{path}:{line_number}: no field {text_field!r} (fields: {sorted(record)}); "
-                                    "pass --text-field")
+                    raise DataError(
+                        f"{path}:{line_number}: no field {text_field!r} (fields: {sorted(record)}); pass --text-field"
+                    )
                 yield str(record[text_field])
     elif name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         table = pq.ParquetFile(path)
         if text_field not in table.schema_arrow.names:
-            raise DataError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); "
-                            "pass --text-field")
+            raise DataError(
+                f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); pass --text-field"
+            )
         for batch in table.iter_batches(columns=[text_field], batch_size=4096):
             yield from (str(text) for text in batch.column(0).to_pylist() if text is not None)
     elif name.endswith(".txt"):
@@ -117,7 +119,9 @@ def tokenizer_info(tokenizer_path: str, options: TokenizeOptions):
     return tokenizer, info
 
 
-def _write_shard(out_dir: Path, name: str, docs: list[np.ndarray], dtype: str, masks: list[np.ndarray] | None) -> ShardInfo:
+def _write_shard(
+    out_dir: Path, name: str, docs: list[np.ndarray], dtype: str, masks: list[np.ndarray] | None
+) -> ShardInfo:
     """Write one tar atomically; returns its manifest entry."""
     import webdataset as wds
 
@@ -128,7 +132,10 @@ def _write_shard(out_dir: Path, name: str, docs: list[np.ndarray], dtype: str, m
     # A fixed mtime makes shards byte-reproducible: the same input gives the same sha256.
     with wds.TarWriter(buffer, mtime=0) as writer:
         for index, tokens in enumerate(docs):
-            sample = {"__key__": f"{index:09d}", extension: tokens.astype(np.dtype(dtype).newbyteorder("<")).tobytes()}
+            sample = {
+                "__key__": f"{index:09d}",
+                extension: tokens.astype(np.dtype(dtype).newbyteorder("<")).tobytes(),
+            }
             if masks is not None:
                 sample["mask.u8"] = masks[index].astype(np.uint8).tobytes()
             writer.write(sample)
@@ -228,8 +235,13 @@ def tokenize(inputs: list[str], options: TokenizeOptions, workers: int = 1, prog
                 records[index] = record["shards"]
                 continue
         todo.append((index, path))
-    bar = tqdm(total=len(files), initial=len(records), desc=f"tokenize {options.source}", unit="file",
-               disable=not progress)
+    bar = tqdm(
+        total=len(files),
+        initial=len(records),
+        desc=f"tokenize {options.source}",
+        unit="file",
+        disable=not progress,
+    )
     if workers <= 1:
         for index, path in todo:
             records[index] = tokenize_file(index, str(path), options)

@@ -86,4 +86,6 @@ def load_or_train_demo_tokenizer(vocab_size: int = 4096, cache_dir: str | Path |
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str], append_eos: bool = True) -> list[np.ndarray]:
     eos = [EOS_ID] if append_eos else []
-    return [np.asarray(e.ids + eos, dtype=np.uint32) for e in tokenizer.encode_batch(documents, add_special_tokens=False)]
+    return [
+        np.asarray(e.ids + eos, dtype=np.uint32) for e in tokenizer.encode_batch(documents, add_special_tokens=False)
+    ]

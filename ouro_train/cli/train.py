@@ -26,17 +26,25 @@ def dry_run(cfg: Config) -> dict:
     if built != counts.total_params:  # the formula and the module tree must agree
         raise AssertionError(f"parameter count mismatch: built {built:,}, formula {counts.total_params:,}")
     m = cfg.model
-    print(f"model {m.name}: {m.num_layers} layers x {m.recurrent_steps} recurrent steps, hidden {m.hidden_size}, "
-          f"heads {m.num_heads}/{m.num_kv_heads} (kv), head dim {m.resolved_head_dim}, "
-          f"intermediate {m.intermediate_size}, vocab {m.vocab_size}, rope theta {m.rope_theta:g}")
-    print(f"parameters: {built:,} (layers {counts.layer_params:,}, embedding {counts.embedding_params:,}, "
-          f"head {counts.head_params:,})")
-    print(f"FLOPs per token at seq len {cfg.train.seq_len}, all {m.recurrent_steps} steps: "
-          f"forward {counts.forward_flops_per_token / 1e9:.3f} GFLOP, "
-          f"train (3x forward) {counts.train_flops_per_token / 1e9:.3f} GFLOP")
+    print(
+        f"model {m.name}: {m.num_layers} layers x {m.recurrent_steps} recurrent steps, hidden {m.hidden_size}, "
+        f"heads {m.num_heads}/{m.num_kv_heads} (kv), head dim {m.resolved_head_dim}, "
+        f"intermediate {m.intermediate_size}, vocab {m.vocab_size}, rope theta {m.rope_theta:g}"
+    )
+    print(
+        f"parameters: {built:,} (layers {counts.layer_params:,}, embedding {counts.embedding_params:,}, "
+        f"head {counts.head_params:,})"
+    )
+    print(
+        f"FLOPs per token at seq len {cfg.train.seq_len}, all {m.recurrent_steps} steps: "
+        f"forward {counts.forward_flops_per_token / 1e9:.3f} GFLOP, "
+        f"train (3x forward) {counts.train_flops_per_token / 1e9:.3f} GFLOP"
+    )
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.train.seq_len
-    print(f"batch: {tokens_per_step:,} tokens per optimizer step; {cfg.train.steps:,} steps "
-          f"= {tokens_per_step * cfg.train.steps:,} tokens")
+    print(
+        f"batch: {tokens_per_step:,} tokens per optimizer step; {cfg.train.steps:,} steps "
+        f"= {tokens_per_step * cfg.train.steps:,} tokens"
+    )
     return {"parameters": built, **asdict(counts)}
 
 
@@ -87,8 +95,10 @@ def _hydra_main(raw: DictConfig) -> None:
 
 def main() -> None:
     if not RECIPES_DIR.is_dir():
-        sys.exit(f"error: recipes directory {RECIPES_DIR} not found; install ouro-train from a checkout "
-                 "with `make setup` (pip install -e .)")
+        sys.exit(
+            f"error: recipes directory {RECIPES_DIR} not found; install ouro-train from a checkout "
+            "with `make setup` (pip install -e .)"
+        )
     register_configs()
     _hydra_main()
 

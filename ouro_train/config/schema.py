@@ -54,21 +54,40 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
     def validate(self, section: str = "model") -> None:
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                    "intermediate_size", "max_position_embeddings"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             _require(getattr(self, key) >= 1, f"{section}.{key}", f"must be >= 1, got {getattr(self, key)}")
-        _require(self.recurrent_steps >= 1, f"{section}.recurrent_steps",
-                 f"must be >= 1 (the number of loops), got {self.recurrent_steps}")
+        _require(
+            self.recurrent_steps >= 1,
+            f"{section}.recurrent_steps",
+            f"must be >= 1 (the number of loops), got {self.recurrent_steps}",
+        )
         if self.head_dim is None:
-            _require(self.hidden_size % self.num_heads == 0, f"{section}.num_heads",
-                     f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size} "
-                     f"(or set {section}.head_dim explicitly)")
+            _require(
+                self.hidden_size % self.num_heads == 0,
+                f"{section}.num_heads",
+                f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size} "
+                f"(or set {section}.head_dim explicitly)",
+            )
         else:
             _require(self.head_dim >= 2, f"{section}.head_dim", f"must be >= 2, got {self.head_dim}")
-        _require(self.resolved_head_dim % 2 == 0, f"{section}.head_dim",
-                 f"RoPE needs an even head dimension, got {self.resolved_head_dim}")
-        _require(self.num_heads % self.num_kv_heads == 0, f"{section}.num_kv_heads",
-                 f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+        _require(
+            self.resolved_head_dim % 2 == 0,
+            f"{section}.head_dim",
+            f"RoPE needs an even head dimension, got {self.resolved_head_dim}",
+        )
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"{section}.num_kv_heads",
+            f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}",
+        )
         _require(self.rope_theta > 0, f"{section}.rope_theta", f"must be > 0, got {self.rope_theta}")
         _require(self.norm_eps > 0, f"{section}.norm_eps", f"must be > 0, got {self.norm_eps}")
         _require(self.init_std > 0, f"{section}.init_std", f"must be > 0, got {self.init_std}")
@@ -115,7 +134,11 @@ class OptimConfig:
     def validate(self, section: str = "optim") -> None:
         _require(self.lr > 0, f"{section}.lr", f"must be > 0, got {self.lr}")
         for key in ("beta1", "beta2"):
-            _require(0 <= getattr(self, key) < 1, f"{section}.{key}", f"must be in [0, 1), got {getattr(self, key)}")
+            _require(
+                0 <= getattr(self, key) < 1,
+                f"{section}.{key}",
+                f"must be in [0, 1), got {getattr(self, key)}",
+            )
         _require(self.eps > 0, f"{section}.eps", f"must be > 0, got {self.eps}")
         _require(self.weight_decay >= 0, f"{section}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.grad_clip >= 0, f"{section}.grad_clip", f"must be >= 0, got {self.grad_clip}")
@@ -145,10 +168,16 @@ class ScheduleConfig:
         _one_of(self.decay_shape, ("linear", "cosine", "sqrt"), f"{section}.decay_shape")
         _require(self.warmup_steps >= 0, f"{section}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(self.final_lr >= 0, f"{section}.final_lr", f"must be >= 0, got {self.final_lr}")
-        _require(self.decay_steps is None or self.decay_steps >= 0, f"{section}.decay_steps",
-                 f"must be >= 0, got {self.decay_steps}")
-        _require(0 <= self.decay_fraction <= 1, f"{section}.decay_fraction",
-                 f"must be in [0, 1], got {self.decay_fraction}")
+        _require(
+            self.decay_steps is None or self.decay_steps >= 0,
+            f"{section}.decay_steps",
+            f"must be >= 0, got {self.decay_steps}",
+        )
+        _require(
+            0 <= self.decay_fraction <= 1,
+            f"{section}.decay_fraction",
+            f"must be in [0, 1], got {self.decay_fraction}",
+        )
 
 
 @dataclass
@@ -191,20 +220,33 @@ class DataConfig:
     def validate(self, section: str = "data") -> None:
         _one_of(self.source, ("demo", "shards"), f"{section}.source")
         if self.source == "shards":
-            _require(len(self.sources) > 0, f"{section}.sources",
-                     "data.source=shards needs at least one source {name, path, weight}")
+            _require(
+                len(self.sources) > 0,
+                f"{section}.sources",
+                "data.source=shards needs at least one source {name, path, weight}",
+            )
         for kind in ("sources", "eval_sources"):
             names = [s.name for s in getattr(self, kind)]
             _require(len(set(names)) == len(names), f"{section}.{kind}", f"duplicate source names in {names}")
             for i, src in enumerate(getattr(self, kind)):
                 _require(src.weight >= 0, f"{section}.{kind}[{i}].weight", f"must be >= 0, got {src.weight}")
         if self.sources:
-            _require(sum(s.weight for s in self.sources) > 0, f"{section}.sources",
-                     "weights must sum to a positive number")
+            _require(
+                sum(s.weight for s in self.sources) > 0,
+                f"{section}.sources",
+                "weights must sum to a positive number",
+            )
         _require(self.num_workers >= 0, f"{section}.num_workers", f"must be >= 0, got {self.num_workers}")
-        _require(self.tokenizer_vocab_size >= 256 + 5, f"{section}.tokenizer_vocab_size",
-                 f"a byte-level BPE needs at least 261 ids (256 bytes + 5 specials), got {self.tokenizer_vocab_size}")
-        _require(0 < self.val_fraction < 1, f"{section}.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _require(
+            self.tokenizer_vocab_size >= 256 + 5,
+            f"{section}.tokenizer_vocab_size",
+            f"a byte-level BPE needs at least 261 ids (256 bytes + 5 specials), got {self.tokenizer_vocab_size}",
+        )
+        _require(
+            0 < self.val_fraction < 1,
+            f"{section}.val_fraction",
+            f"must be in (0, 1), got {self.val_fraction}",
+        )
 
 
 @dataclass
@@ -259,5 +301,8 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
-        _require(self.schedule.warmup_steps <= self.train.steps, "schedule.warmup_steps",
-                 f"warmup ({self.schedule.warmup_steps}) must not exceed train.steps ({self.train.steps})")
+        _require(
+            self.schedule.warmup_steps <= self.train.steps,
+            "schedule.warmup_steps",
+            f"warmup ({self.schedule.warmup_steps}) must not exceed train.steps ({self.train.steps})",
+        )

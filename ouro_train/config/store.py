@@ -38,8 +38,9 @@ def check_known_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
         if key not in fields:
             hint = get_close_matches(str(key), list(fields), n=1)
             suggestion = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
-            raise ConfigError(f"config key '{full_key}' is not a field of {schema.__name__}{suggestion} "
-                              f"(valid: {', '.join(fields)})")
+            raise ConfigError(
+                f"config key '{full_key}' is not a field of {schema.__name__}{suggestion} (valid: {', '.join(fields)})"
+            )
         # Nested sections are dataclass fields built by a default_factory that is the class.
         nested = fields[key].default_factory
         child = node[key]

@@ -13,7 +13,9 @@ def _sources(cfg: Config, specs: list[SourceConfig], seed: int) -> list[TokenSou
     return [TokenSource(s.name, s.path, cfg.train.seq_len, seed, cfg.model.vocab_size) for s in specs]
 
 
-def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> tuple[Iterator[dict], Callable[[], Iterable[dict]] | None]:
+def build_data(
+    cfg: Config, dp_rank: int = 0, dp_size: int = 1
+) -> tuple[Iterator[dict], Callable[[], Iterable[dict]] | None]:
     """-> (training micro-batches for this rank, evaluation batches or None)."""
     if cfg.data.source == "demo":
         from ouro_train.data.demo import build_demo_data
@@ -22,10 +24,20 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> tuple[Iterato
         return train, lambda: evaluation
     data, train_cfg = cfg.data, cfg.train
     global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum_steps * dp_size
-    common = dict(micro_batch_size=train_cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                  document_masking=data.document_masking, document_positions=data.document_positions)
-    train = ShardedLoader(_sources(cfg, data.sources, train_cfg.seed), [s.weight for s in data.sources],
-                          global_batch_size=global_batch, num_workers=data.num_workers, **common)
+    common = dict(
+        micro_batch_size=train_cfg.micro_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        document_masking=data.document_masking,
+        document_positions=data.document_positions,
+    )
+    train = ShardedLoader(
+        _sources(cfg, data.sources, train_cfg.seed),
+        [s.weight for s in data.sources],
+        global_batch_size=global_batch,
+        num_workers=data.num_workers,
+        **common,
+    )
     if not data.eval_sources:
         return train, None
     eval_sources = _sources(cfg, data.eval_sources, train_cfg.seed)
@@ -33,8 +45,9 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> tuple[Iterato
 
     def evaluation() -> Iterable[dict]:
         # The same fixed batches every time: a fresh loader from position 0.
-        loader = ShardedLoader(eval_sources, eval_weights, global_batch_size=train_cfg.micro_batch_size * dp_size,
-                               **common)
+        loader = ShardedLoader(
+            eval_sources, eval_weights, global_batch_size=train_cfg.micro_batch_size * dp_size, **common
+        )
         return [next(loader) for _ in range(train_cfg.eval_batches)]
 
     return train, evaluation

@@ -54,8 +54,9 @@ def collate_windows(windows: list[Window], document_masking: bool = True, docume
 class GlobalBatchPlan:
     """Which (source, sample) each row of each global batch holds, and this rank's share."""
 
-    def __init__(self, mixture: Mixture, global_batch_size: int, dp_rank: int, dp_size: int,
-                 micro_batch_size: int) -> None:
+    def __init__(
+        self, mixture: Mixture, global_batch_size: int, dp_rank: int, dp_size: int, micro_batch_size: int
+    ) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise DataError(f"data-parallel rank {dp_rank} of {dp_size} is invalid")
         if global_batch_size % (dp_size * micro_batch_size):
@@ -80,8 +81,14 @@ class _RankBatches(IterableDataset):
     With W workers, worker w builds batches g = w, w + W, ... and DataLoader interleaves them
     back in order; every worker replays the (cheap) mixture arithmetic for all batches."""
 
-    def __init__(self, sources: list[TokenSource], plan: GlobalBatchPlan, state: LoaderState,
-                 document_masking: bool, document_positions: bool) -> None:
+    def __init__(
+        self,
+        sources: list[TokenSource],
+        plan: GlobalBatchPlan,
+        state: LoaderState,
+        document_masking: bool,
+        document_positions: bool,
+    ) -> None:
         self.sources = sources
         self.plan = plan
         self.state = state
@@ -98,18 +105,29 @@ class _RankBatches(IterableDataset):
             if batch % workers == worker:
                 windows = [self.sources[s].window(j) for s, j in rows]
                 micro = self.plan.micro_batch_size
-                yield [collate_windows(windows[i : i + micro], self.document_masking, self.document_positions)
-                       for i in range(0, len(windows), micro)]
+                yield [
+                    collate_windows(windows[i : i + micro], self.document_masking, self.document_positions)
+                    for i in range(0, len(windows), micro)
+                ]
             batch += 1
 
 
 class ShardedLoader:
     """Iterator of micro-batches for one data-parallel rank, with a resumable position."""
 
-    def __init__(self, sources: list[TokenSource], weights: list[float], global_batch_size: int,
-                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0,
-                 document_masking: bool = True, document_positions: bool = True,
-                 state: LoaderState | None = None) -> None:
+    def __init__(
+        self,
+        sources: list[TokenSource],
+        weights: list[float],
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        num_workers: int = 0,
+        document_masking: bool = True,
+        document_positions: bool = True,
+        state: LoaderState | None = None,
+    ) -> None:
         self.sources = sources
         self.mixture = Mixture([s.name for s in sources], weights)
         self.plan = GlobalBatchPlan(self.mixture, global_batch_size, dp_rank, dp_size, micro_batch_size)
@@ -124,8 +142,15 @@ class ShardedLoader:
         dataset = _RankBatches(self.sources, self.plan, self.state, self.document_masking, self.document_positions)
         if self.num_workers == 0:
             return iter(dataset)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                               persistent_workers=False, prefetch_factor=4))
+        return iter(
+            DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                persistent_workers=False,
+                prefetch_factor=4,
+            )
+        )
 
     def __iter__(self) -> ShardedLoader:
         return self
@@ -150,13 +175,20 @@ class ShardedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if set(self.state.samples) != set(state["samples"]):
-            raise DataError(f"saved loader position is for sources {sorted(state['samples'])}, this mixture has "
-                            f"{sorted(self.state.samples)}; a stage that changes its mixture must reset the data position")
+            raise DataError(
+                f"saved loader position is for sources {sorted(state['samples'])}, this mixture has "
+                f"{sorted(self.state.samples)}; a stage that changes its mixture must reset the data position"
+            )
         self.state = LoaderState(state["next_batch"], {s.name: int(state["samples"][s.name]) for s in self.sources})
         self._micro, self._pending = None, []
 
     def report(self) -> dict[str, dict]:
         """Tokens seen per source (input tokens of consumed samples) and epochs."""
-        return {s.name: {"samples": self.state.samples[s.name],
-                         "tokens": self.state.samples[s.name] * s.seq_len,
-                         "epochs": s.epochs_seen(self.state.samples[s.name])} for s in self.sources}
+        return {
+            s.name: {
+                "samples": self.state.samples[s.name],
+                "tokens": self.state.samples[s.name] * s.seq_len,
+                "epochs": s.epochs_seen(self.state.samples[s.name]),
+            }
+            for s in self.sources
+        }

@@ -124,7 +124,9 @@ def check_fits_model(manifest: Manifest, directory: str | Path, model_vocab_size
         )
     for shard in manifest.shards:
         if not (Path(directory) / shard.name).is_file():
-            raise DataError(f"{Path(directory) / shard.name}: shard listed in the manifest is missing; "
-                            "restore it or re-run `ouro-data tokenize` (finished shards are skipped)")
+            raise DataError(
+                f"{Path(directory) / shard.name}: shard listed in the manifest is missing; "
+                "restore it or re-run `ouro-data tokenize` (finished shards are skipped)"
+            )
     if manifest.tokens == 0:
         raise DataError(f"{where}: source {manifest.source!r} has no tokens; remove it from the mixture")

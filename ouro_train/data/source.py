@@ -38,14 +38,23 @@ class Window:
 class ShardReader:
     """Random access to the documents of one tar shard (wids: mmap plus a tar index)."""
 
-    def __init__(self, path: Path, documents: int, dtype: str, vocab_size: int, with_mask: bool,
-                 expected_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        documents: int,
+        dtype: str,
+        vocab_size: int,
+        with_mask: bool,
+        expected_bytes: int | None = None,
+    ) -> None:
         from wids.wids import IndexedTarSamples
 
         self.path = path
         if expected_bytes is not None and path.is_file() and path.stat().st_size != expected_bytes:
-            raise DataError(f"{path}: {path.stat().st_size} bytes but the manifest says {expected_bytes}; the shard "
-                            "is truncated or corrupt, delete it and re-run `ouro-data tokenize`")
+            raise DataError(
+                f"{path}: {path.stat().st_size} bytes but the manifest says {expected_bytes}; the shard "
+                "is truncated or corrupt, delete it and re-run `ouro-data tokenize`"
+            )
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.extension = "." + token_extension(dtype)  # wids keys members by ".ext"
         self.vocab_size = vocab_size
@@ -55,11 +64,15 @@ class ShardReader:
         except FileNotFoundError as error:
             raise DataError(f"{path}: shard is missing; restore it or re-run `ouro-data tokenize`") from error
         except Exception as error:  # wids raises assorted errors (and asserts) on broken tars
-            raise DataError(f"{path}: cannot index the tar ({error!r}); the shard is corrupt or truncated, "
-                            "delete it and re-run `ouro-data tokenize`") from error
+            raise DataError(
+                f"{path}: cannot index the tar ({error!r}); the shard is corrupt or truncated, "
+                "delete it and re-run `ouro-data tokenize`"
+            ) from error
         if len(self.samples) != documents:
-            raise DataError(f"{path}: holds {len(self.samples)} documents but the manifest says {documents}; "
-                            "the shard is truncated or corrupt, delete it and re-run `ouro-data tokenize`")
+            raise DataError(
+                f"{path}: holds {len(self.samples)} documents but the manifest says {documents}; "
+                "the shard is truncated or corrupt, delete it and re-run `ouro-data tokenize`"
+            )
 
     def lengths(self) -> np.ndarray:
         """Tokens per document, from the tar headers alone (the wids index keeps each member's
@@ -73,8 +86,10 @@ class ShardReader:
                     lengths[doc] = size // self.dtype.itemsize
                     break
             else:
-                raise DataError(f"{self.path}: document {doc} has no {self.extension} member; "
-                                "the shard was not written by `ouro-data tokenize` with this manifest")
+                raise DataError(
+                    f"{self.path}: document {doc} has no {self.extension} member; "
+                    "the shard was not written by `ouro-data tokenize` with this manifest"
+                )
         return lengths
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -83,8 +98,10 @@ class ShardReader:
             raise DataError(f"{self.path}: document {sample.get('__key__')} has no {self.extension} member")
         tokens = np.frombuffer(sample[self.extension].getbuffer(), dtype=self.dtype)
         if tokens.size and int(tokens.max()) >= self.vocab_size:
-            raise DataError(f"{self.path}: document {sample['__key__']} has token id {int(tokens.max())} >= "
-                            f"vocabulary size {self.vocab_size}; the shard does not match its manifest")
+            raise DataError(
+                f"{self.path}: document {sample['__key__']} has token id {int(tokens.max())} >= "
+                f"vocabulary size {self.vocab_size}; the shard does not match its manifest"
+            )
         mask = None
         if self.with_mask:
             if ".mask.u8" not in sample:
@@ -99,8 +116,15 @@ def _seed_for(seed: int, source: str, epoch: int, shard: int = -1) -> list[int]:
 
 
 class TokenSource:
-    def __init__(self, name: str, directory: str | Path, seq_len: int, seed: int, model_vocab_size: int,
-                 max_open_shards: int = 16) -> None:
+    def __init__(
+        self,
+        name: str,
+        directory: str | Path,
+        seq_len: int,
+        seed: int,
+        model_vocab_size: int,
+        max_open_shards: int = 16,
+    ) -> None:
         self.name = name
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory)
@@ -113,11 +137,13 @@ class TokenSource:
         self.epoch_tokens = int(self.shard_tokens.sum())
         self.epoch_documents = self.manifest.documents
         self._lengths: dict[int, np.ndarray] = {}
+        # Per-instance caches (a class-level lru_cache would keep every instance alive).
         self._reader = lru_cache(maxsize=max_open_shards)(self._open)
+        self._shard_order = lru_cache(maxsize=4)(self._compute_shard_order)
+        self._document_order = lru_cache(maxsize=64)(self._compute_document_order)
 
     # --- the permuted order of one epoch -------------------------------------------------
-    @lru_cache(maxsize=4)
-    def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _compute_shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (shard ids in this epoch's order, token offset and document count before each)."""
         order = np.random.default_rng(_seed_for(self.seed, self.name, epoch)).permutation(len(self.manifest.shards))
         token_starts = np.concatenate([[0], np.cumsum(self.shard_tokens[order])[:-1]])
@@ -129,12 +155,13 @@ class TokenSource:
             reader = self._reader(shard)
             self._lengths[shard] = reader.lengths()
             if int(self._lengths[shard].sum()) != self.manifest.shards[shard].tokens:
-                raise DataError(f"{reader.path}: documents hold {int(self._lengths[shard].sum())} tokens but the "
-                                f"manifest says {self.manifest.shards[shard].tokens}; re-run `ouro-data tokenize`")
+                raise DataError(
+                    f"{reader.path}: documents hold {int(self._lengths[shard].sum())} tokens but the "
+                    f"manifest says {self.manifest.shards[shard].tokens}; re-run `ouro-data tokenize`"
+                )
         return self._lengths[shard]
 
-    @lru_cache(maxsize=64)
-    def _document_order(self, epoch: int, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    def _compute_document_order(self, epoch: int, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (document ids of `shard` in this epoch's order, token offset of each in the shard)."""
         lengths = self._document_lengths(shard)
         order = np.random.default_rng(_seed_for(self.seed, self.name, epoch, shard)).permutation(len(lengths))
@@ -142,8 +169,14 @@ class TokenSource:
 
     def _open(self, shard: int) -> ShardReader:
         info = self.manifest.shards[shard]
-        return ShardReader(self.directory / info.name, info.documents, self.manifest.dtype,
-                           self.manifest.tokenizer.vocab_size, self.with_mask, expected_bytes=info.bytes)
+        return ShardReader(
+            self.directory / info.name,
+            info.documents,
+            self.manifest.dtype,
+            self.manifest.tokenizer.vocab_size,
+            self.with_mask,
+            expected_bytes=info.bytes,
+        )
 
     # --- reading ----------------------------------------------------------------------------
     def _locate(self, offset: int) -> tuple[int, int, int, int, int]:
@@ -157,7 +190,13 @@ class TokenSource:
         doc_order, doc_starts = self._document_order(epoch, shard)
         within = in_epoch - int(starts[slot])
         rank = int(np.searchsorted(doc_starts, within, side="right")) - 1
-        return epoch, shard, int(doc_order[rank]), within - int(doc_starts[rank]), int(doc_counts_before[slot]) + rank
+        return (
+            epoch,
+            shard,
+            int(doc_order[rank]),
+            within - int(doc_starts[rank]),
+            int(doc_counts_before[slot]) + rank,
+        )
 
     def window(self, sample: int) -> Window:
         """Tokens [sample*S, sample*S + S + 1) of the endless stream, with their documents."""

@@ -21,7 +21,11 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa", doc_ids: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: str = "sdpa",
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: (B, N, S, D); k, v: (B, K, S, D) with K dividing N (GQA) -> (B, N, S, D)."""
     if backend != "sdpa":

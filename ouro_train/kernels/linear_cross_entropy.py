@@ -93,11 +93,15 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """hidden (T, H), weight (V, H), targets (T,) -> per-token CE (T,) in fp32 (0 where ignored)."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"expected hidden (T, H) and targets (T,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"expected hidden (T, H) and targets (T,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
     if torch.is_autocast_enabled(hidden.device.type):
         # Under autocast, run the matmuls in the autocast dtype explicitly: autocast does not
         # reach inside autograd.Function.backward, and both passes must agree.
         dtype = torch.get_autocast_dtype(hidden.device.type)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return _ChunkedLinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, chunk_size, ignore_index)
+            return _ChunkedLinearCrossEntropy.apply(
+                hidden.to(dtype), weight.to(dtype), targets, chunk_size, ignore_index
+            )
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)

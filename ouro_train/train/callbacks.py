@@ -15,7 +15,7 @@ def format_metrics(metrics: dict) -> str:
     """One console line: loss, CE and exit probability per recurrent step, entropy, grad norm, lr, speed."""
     prefix = "eval/" if any(key.startswith("eval/") for key in metrics) else ""
     get = lambda key: metrics.get(prefix + key)  # noqa: E731
-    steps = sorted(int(key[len(prefix) + 7:]) for key in metrics if key.startswith(prefix + "ce_step"))
+    steps = sorted(int(key[len(prefix) + 7 :]) for key in metrics if key.startswith(prefix + "ce_step"))
     parts = [f"{'eval ' if prefix else ''}step {metrics['step']}", f"loss {get('loss'):.4f}"]
     parts.append("ce/step " + " ".join(f"{get(f'ce_step{t}'):.3f}" for t in steps))
     parts.append("p(t) " + " ".join(f"{get(f'p_step{t}'):.2f}" for t in steps))

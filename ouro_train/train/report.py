@@ -25,7 +25,7 @@ def plot_loss_per_step(metrics_path: str | Path, out_path: str | Path, smooth: i
     if not train:
         raise ValueError(f"{metrics_path} holds no training records to plot")
     steps = [r["step"] for r in train]
-    recurrent = sorted(int(k[len("ce_step"):]) for k in train[0] if k.startswith("ce_step"))
+    recurrent = sorted(int(k[len("ce_step") :]) for k in train[0] if k.startswith("ce_step"))
 
     def smoothed(values: list[float]) -> list[float]:
         out, window = [], []

@@ -72,7 +72,10 @@ class Trainer:
         self.model = model.to(self.device)
         freeze_for_objective(self.model, cfg.objective.kind)
         self.engine = engine or LocalEngine(
-            self.model, build_optimizer(self.model, cfg.optim), cfg.optim.grad_clip, cfg.train.grad_accum_steps
+            self.model,
+            build_optimizer(self.model, cfg.optim),
+            cfg.optim.grad_clip,
+            cfg.train.grad_accum_steps,
         )
         self.train_batches = train_batches
         self.eval_batches = eval_batches
@@ -93,8 +96,14 @@ class Trainer:
             )
             common = dict(loss_mask=batch.get("loss_mask"), chunk_size=objective.ce_chunk_size)
             if objective.kind == "gate":
-                return gate_loss(output, model.lm_head.weight, batch["labels"], objective.gate_k,
-                                 objective.gate_gamma, **common)
+                return gate_loss(
+                    output,
+                    model.lm_head.weight,
+                    batch["labels"],
+                    objective.gate_k,
+                    objective.gate_gamma,
+                    **common,
+                )
             return looplm_loss(output, model.lm_head.weight, batch["labels"], objective.beta, **common)
 
     def _to_device(self, batch: Batch) -> Batch:
@@ -115,8 +124,12 @@ class Trainer:
             out = self._loss(batch)
             self.engine.backward(out.loss_sum / max(step_tokens, 1))
             self.engine.step()
-            for key, value in (("loss", out.loss_sum.detach()), ("ce", out.ce_per_step),
-                               ("p", out.exit_prob_per_step), ("entropy", out.entropy)):
+            for key, value in (
+                ("loss", out.loss_sum.detach()),
+                ("ce", out.ce_per_step),
+                ("p", out.exit_prob_per_step),
+                ("entropy", out.entropy),
+            ):
                 totals[key] = totals.get(key, 0.0) + value.float()
         input_tokens = sum(batch["input_ids"].numel() for batch in micro_batches)
         self.state.step += 1
@@ -152,8 +165,12 @@ class Trainer:
             batch = self._to_device(batch)
             out = self._loss(batch)
             num_tokens += out.num_tokens
-            for key, value in (("loss", out.loss_sum), ("ce", out.ce_per_step),
-                               ("p", out.exit_prob_per_step), ("entropy", out.entropy)):
+            for key, value in (
+                ("loss", out.loss_sum),
+                ("ce", out.ce_per_step),
+                ("p", out.exit_prob_per_step),
+                ("entropy", out.entropy),
+            ):
                 totals[key] = totals.get(key, 0.0) + value.float()
         metrics = {f"eval/{key}": value for key, value in self._metrics(totals, num_tokens).items()}
         metrics["step"] = self.state.step

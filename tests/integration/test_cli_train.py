@@ -15,9 +15,22 @@ def run(*args: str, cache: Path, check: bool = True) -> subprocess.CompletedProc
 
 
 def test_demo_data_training_writes_metrics_and_plot(tmp_path):
-    out = run("ouro-train", "--config-name", "demo", f"run_dir={tmp_path / 'run'}", "train.steps=6", "train.log_every=3",
-              "train.micro_batch_size=4", "train.seq_len=32", "train.eval_batches=2", "schedule.warmup_steps=2",
-              "data.tokenizer_vocab_size=512", "model.vocab_size=512", "logging.progress_bar=false", cache=tmp_path)
+    out = run(
+        "ouro-train",
+        "--config-name",
+        "demo",
+        f"run_dir={tmp_path / 'run'}",
+        "train.steps=6",
+        "train.log_every=3",
+        "train.micro_batch_size=4",
+        "train.seq_len=32",
+        "train.eval_batches=2",
+        "schedule.warmup_steps=2",
+        "data.tokenizer_vocab_size=512",
+        "model.vocab_size=512",
+        "logging.progress_bar=false",
+        cache=tmp_path,
+    )
     assert "step 6 | loss" in out.stdout and "eval step 6" in out.stdout
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
@@ -26,8 +39,14 @@ def test_demo_data_training_writes_metrics_and_plot(tmp_path):
 
 
 def test_tokenizer_that_does_not_fit_the_model_fails_fast(tmp_path):
-    out = run("ouro-train", f"run_dir={tmp_path}", "data.tokenizer_vocab_size=600", "model.vocab_size=512",
-              cache=tmp_path, check=False)
+    out = run(
+        "ouro-train",
+        f"run_dir={tmp_path}",
+        "data.tokenizer_vocab_size=600",
+        "model.vocab_size=512",
+        cache=tmp_path,
+        check=False,
+    )
     assert out.returncode == 2 and "'model.vocab_size'" in out.stderr and "600" in out.stderr
 
 
@@ -38,14 +57,43 @@ def test_shards_to_training(tmp_path):
     from data_tools.demo_corpus import demo_documents
 
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in demo_documents()[:20]))
-    run("ouro-data", "tokenize", str(corpus), "--source", "docs", "--tokenizer", str(tok), "--out",
-        str(tmp_path / "shards"), "--tokens-per-shard", "5000", cache=tmp_path)
+    run(
+        "ouro-data",
+        "tokenize",
+        str(corpus),
+        "--source",
+        "docs",
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(tmp_path / "shards"),
+        "--tokens-per-shard",
+        "5000",
+        cache=tmp_path,
+    )
     source = f"{{name: docs, path: {tmp_path / 'shards'}, weight: 1.0}}"
-    out = run("ouro-train", f"run_dir={tmp_path / 'run'}", "data.source=shards", f"data.sources=[{source}]",
-              f"data.eval_sources=[{source}]", "model.vocab_size=400", "train.steps=3", "train.micro_batch_size=2",
-              "train.seq_len=64", "train.eval_batches=1", "logging.progress_bar=false", cache=tmp_path)
+    out = run(
+        "ouro-train",
+        f"run_dir={tmp_path / 'run'}",
+        "data.source=shards",
+        f"data.sources=[{source}]",
+        f"data.eval_sources=[{source}]",
+        "model.vocab_size=400",
+        "train.steps=3",
+        "train.micro_batch_size=2",
+        "train.seq_len=64",
+        "train.eval_batches=1",
+        "logging.progress_bar=false",
+        cache=tmp_path,
+    )
     assert "step 3 | loss" in out.stdout and "eval step 3" in out.stdout
     missing = f"{{name: docs, path: {tmp_path / 'nowhere'}, weight: 1.0}}"
-    bad = run("ouro-train", f"run_dir={tmp_path / 'run2'}", "data.source=shards", f"data.sources=[{missing}]",
-              cache=tmp_path, check=False)
+    bad = run(
+        "ouro-train",
+        f"run_dir={tmp_path / 'run2'}",
+        "data.source=shards",
+        f"data.sources=[{missing}]",
+        cache=tmp_path,
+        check=False,
+    )
     assert bad.returncode == 2 and "nowhere/manifest.json: no manifest" in bad.stderr

@@ -28,17 +28,34 @@ from pathlib import Path
 import torch
 
 TINY = dict(
-    vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-    intermediate_size=112, total_ut_steps=4, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=128,
+    vocab_size=96,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=112,
+    total_ut_steps=4,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=128,
 )
 RELEASED = dict(
-    vocab_size=49152, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
-    intermediate_size=5632, total_ut_steps=4, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=65536,
+    vocab_size=49152,
+    hidden_size=2048,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=128,
+    intermediate_size=5632,
+    total_ut_steps=4,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=65536,
 )
 
 # The released repositories ship a configuration_ouro.py that public copies of the modeling
 # file lack; a PretrainedConfig with the fields of the released config.json is enough.
-CONFIG_SOURCE = '''
+CONFIG_SOURCE = """
 from transformers.configuration_utils import PretrainedConfig
 
 
@@ -75,7 +92,7 @@ class OuroConfig(PretrainedConfig):
         self.early_exit_threshold = early_exit_threshold
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
-'''
+"""
 
 
 def load_reference(reference: Path):
@@ -138,7 +155,9 @@ def main() -> None:
         "reference_sha256": hashlib.sha256(args.reference.read_bytes()).hexdigest(),
     }
     save_file(tensors, str(args.out), metadata=metadata)
-    print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes): {sorted(k for k in tensors if k.startswith('golden.'))}")
+    print(
+        f"wrote {args.out} ({args.out.stat().st_size:,} bytes): {sorted(k for k in tensors if k.startswith('golden.'))}"
+    )
     print(json.dumps(metadata, indent=1))
 
 

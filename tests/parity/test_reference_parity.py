@@ -25,11 +25,17 @@ def golden():
         hf = json.loads(f.metadata()["config"])
     tensors = load_file(GOLDEN)
     cfg = ModelConfig(
-        name="golden", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
-        intermediate_size=hf["intermediate_size"], recurrent_steps=hf["total_ut_steps"],
-        rope_theta=hf["rope_theta"], norm_eps=hf["rms_norm_eps"],
+        name="golden",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf["num_key_value_heads"],
+        head_dim=hf["head_dim"],
+        intermediate_size=hf["intermediate_size"],
+        recurrent_steps=hf["total_ut_steps"],
+        rope_theta=hf["rope_theta"],
+        norm_eps=hf["rms_norm_eps"],
         max_position_embeddings=hf["max_position_embeddings"],
     )
     model = LoopLM(cfg)
@@ -46,8 +52,9 @@ def test_per_step_hidden_logits_and_gates_match_reference(golden):
     assert len(out.hidden_states) == steps == 4
     for t in range(steps):
         torch.testing.assert_close(out.hidden_states[t], tensors["golden.step_hidden"][t], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.logits(out.hidden_states[t]), tensors["golden.step_logits"][t],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.logits(out.hidden_states[t]), tensors["golden.step_logits"][t], atol=1e-5, rtol=1e-5
+        )
         torch.testing.assert_close(out.gate_logits[t], tensors["golden.gate_logits"][t], atol=1e-5, rtol=1e-5)
 
 

@@ -55,8 +55,12 @@ def test_unknown_key_without_plus_is_rejected_by_hydra():
 
 def test_cli_dry_run_prints_exact_counts_and_rejects_bad_keys(tmp_path: Path):
     cli = Path(sys.executable).with_name("ouro-train")
-    out = subprocess.run([cli, "model=ouro_2p6b", "dry_run=true", f"run_dir={tmp_path}"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [cli, "model=ouro_2p6b", "dry_run=true", f"run_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "parameters: 2,667,974,657" in out.stdout
     assert "FLOPs per token" in out.stdout
     bad = subprocess.run([cli, "+model.foo=1", f"run_dir={tmp_path}"], capture_output=True, text=True)

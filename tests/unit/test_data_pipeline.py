@@ -29,8 +29,11 @@ def tokenizer_file(tmp_path_factory) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(make_docs(0, 200), trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tokenizer.save(str(path))
@@ -42,8 +45,9 @@ def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
     return path
 
 
-def build_source(tmp_path: Path, tokenizer_file: Path, name: str, docs_per_file=(30, 25, 20),
-                 tokens_per_shard: int = 300) -> tuple[Path, list[str]]:
+def build_source(
+    tmp_path: Path, tokenizer_file: Path, name: str, docs_per_file=(30, 25, 20), tokens_per_shard: int = 300
+) -> tuple[Path, list[str]]:
     raw = tmp_path / f"raw-{name}"
     raw.mkdir()
     all_docs = []
@@ -52,8 +56,16 @@ def build_source(tmp_path: Path, tokenizer_file: Path, name: str, docs_per_file=
         write_jsonl(raw / f"part{index}.jsonl", docs)
         all_docs += docs
     out = tmp_path / name
-    tokenize([str(raw / "*.jsonl")], TokenizeOptions(source=name, tokenizer_path=str(tokenizer_file), out_dir=str(out),
-                                                     tokens_per_shard=tokens_per_shard), progress=False)
+    tokenize(
+        [str(raw / "*.jsonl")],
+        TokenizeOptions(
+            source=name,
+            tokenizer_path=str(tokenizer_file),
+            out_dir=str(out),
+            tokens_per_shard=tokens_per_shard,
+        ),
+        progress=False,
+    )
     return out, all_docs
 
 
@@ -114,8 +126,16 @@ def test_mixture_meets_weights_over_every_prefix():
 
 
 def loader(sources, dp_rank=0, dp_size=1, state=None, workers=0, global_batch=8, micro=2):
-    return ShardedLoader(sources, [0.75, 0.25], global_batch_size=global_batch, micro_batch_size=micro,
-                         dp_rank=dp_rank, dp_size=dp_size, num_workers=workers, state=state)
+    return ShardedLoader(
+        sources,
+        [0.75, 0.25],
+        global_batch_size=global_batch,
+        micro_batch_size=micro,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=workers,
+        state=state,
+    )
 
 
 def global_batches(sources, dp_size, steps, state=None, workers=0):

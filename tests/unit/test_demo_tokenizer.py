@@ -64,8 +64,23 @@ def test_cli_train_tokenizer_and_errors(tmp_path, capsys):
     corpus.write_text("\n".join(json.dumps({"body": f"line {i} of text"}) for i in range(50)))
     (tmp_path / "d.txt").write_text("a whole text file is one document")
     out = tmp_path / "tok.json"
-    assert ouro_data(["train-tokenizer", "--out", str(out), "--vocab-size", "300", "--input", str(corpus),
-                      str(tmp_path / "d.txt"), "--text-field", "body"]) == 0
+    assert (
+        ouro_data(
+            [
+                "train-tokenizer",
+                "--out",
+                str(out),
+                "--vocab-size",
+                "300",
+                "--input",
+                str(corpus),
+                str(tmp_path / "d.txt"),
+                "--text-field",
+                "body",
+            ]
+        )
+        == 0
+    )
     assert load_tokenizer(out).get_vocab_size() <= 300
     assert ouro_data(["train-tokenizer", "--out", str(out), "--input", str(corpus)]) == 2
     assert "c.jsonl:1: no field 'text'" in capsys.readouterr().err

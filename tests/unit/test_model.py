@@ -10,8 +10,17 @@ from ouro_train.model.flops import count_model
 
 
 def tiny(**overrides) -> ModelConfig:
-    base = dict(name="t", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                intermediate_size=48, recurrent_steps=3, rope_theta=10000.0)
+    base = dict(
+        name="t",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=48,
+        recurrent_steps=3,
+        rope_theta=10000.0,
+    )
     return ModelConfig(**(base | overrides))
 
 
@@ -37,12 +46,24 @@ def test_released_sizes_have_exact_parameter_counts(model_name, expected):
 def test_state_dict_uses_reference_names():
     keys = set(LoopLM(tiny(num_layers=1)).state_dict())
     layer = "model.layers.0."
-    expected = {"model.embed_tokens.weight", "model.norm.weight", "model.early_exit_gate.weight",
-                "model.early_exit_gate.bias", "lm_head.weight"}
+    expected = {
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "model.early_exit_gate.weight",
+        "model.early_exit_gate.bias",
+        "lm_head.weight",
+    }
     expected |= {f"{layer}self_attn.{p}_proj.weight" for p in "qkvo"}
     expected |= {f"{layer}mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
-    expected |= {f"{layer}{n}.weight" for n in ("input_layernorm", "input_layernorm_2", "post_attention_layernorm",
-                                                 "post_attention_layernorm_2")}
+    expected |= {
+        f"{layer}{n}.weight"
+        for n in (
+            "input_layernorm",
+            "input_layernorm_2",
+            "post_attention_layernorm",
+            "post_attention_layernorm_2",
+        )
+    }
     assert keys == expected
 
 
@@ -65,7 +86,7 @@ def plain_transformer_step(sd, cfg: ModelConfig, h):
     n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     causal = torch.full((s, s), float("-inf")).triu(1)
     for i in range(cfg.num_layers):
-        p = lambda name: sd[f"model.layers.{i}.{name}.weight"]  # noqa: E731
+        p = lambda name, i=i: sd[f"model.layers.{i}.{name}.weight"]  # noqa: E731
         x = _rms(h, p("input_layernorm"), cfg.norm_eps)
         q = (x @ p("self_attn.q_proj").T).view(b, s, n, d).transpose(1, 2)
         kk = (x @ p("self_attn.k_proj").T).view(b, s, k, d).transpose(1, 2).repeat_interleave(n // k, dim=1)

@@ -114,8 +114,9 @@ def test_stepwise_loss_equals_full_logits_loss_and_saves_no_full_logits():
         t.grad = None
     # Naive: materialise every step's logits at once.
     logits = torch.stack([h @ head.T for h in hs])  # (R, B, S, V)
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 2), labels.repeat(steps, 1, 1).flatten(),
-                                           reduction="none").view(steps, batch, seq)
+    ce = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 2), labels.repeat(steps, 1, 1).flatten(), reduction="none"
+    ).view(steps, batch, seq)
     lam = torch.sigmoid(gates)
     survive = torch.cumprod(1 - lam, dim=0)
     p = torch.cat([lam[:1], lam[1:-1] * survive[:-2], survive[-2:-1]], dim=0)
@@ -164,5 +165,8 @@ def test_gate_loss_by_hand():
 
 def test_gate_loss_needs_two_steps():
     with pytest.raises(ValueError, match="recurrent_steps >= 2"):
-        gate_loss(_output_from([torch.randn(1, 2, 3)], torch.randn(1, 1, 2)), torch.randn(4, 3),
-                  torch.zeros(1, 2, dtype=torch.long))
+        gate_loss(
+            _output_from([torch.randn(1, 2, 3)], torch.randn(1, 1, 2)),
+            torch.randn(4, 3),
+            torch.zeros(1, 2, dtype=torch.long),
+        )

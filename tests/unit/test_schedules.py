@@ -37,8 +37,11 @@ def test_wsd_holds_the_peak_then_decays_over_the_last_steps(shape):
     decay = values[8:]
     assert all(a > b for a, b in zip(decay, decay[1:]))
     progress = 2 / 4  # step 9 is the second of four decay steps
-    expected = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
-                "sqrt": 1 - math.sqrt(progress)}[shape]
+    expected = {
+        "linear": 1 - progress,
+        "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+        "sqrt": 1 - math.sqrt(progress),
+    }[shape]
     assert values[9] == pytest.approx(PEAK * expected)
 
 

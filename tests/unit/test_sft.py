@@ -54,8 +54,21 @@ def test_sft_shards_feed_masked_batches(tokenizer, tmp_path):
     tok_path = save_tokenizer(tokenizer, tmp_path / "tok.json")
     chats = tmp_path / "chat.jsonl"
     chats.write_text("\n".join(json.dumps({"messages": CHAT}) for _ in range(6)))
-    assert ouro_data(["sft", str(chats), "--source", "chat", "--tokenizer", str(tok_path),
-                      "--out", str(tmp_path / "sft")]) == 0
+    assert (
+        ouro_data(
+            [
+                "sft",
+                str(chats),
+                "--source",
+                "chat",
+                "--tokenizer",
+                str(tok_path),
+                "--out",
+                str(tmp_path / "sft"),
+            ]
+        )
+        == 0
+    )
     manifest = load_manifest(tmp_path / "sft")
     assert manifest.kind == "sft" and manifest.documents == 6
     source = TokenSource("chat", tmp_path / "sft", seq_len=32, seed=0, model_vocab_size=400)

@@ -12,8 +12,16 @@ VOCAB = 64
 
 def config(**train) -> Config:
     return Config(
-        model=ModelConfig(name="t", vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                          intermediate_size=128, recurrent_steps=4),
+        model=ModelConfig(
+            name="t",
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            recurrent_steps=4,
+        ),
         objective=ObjectiveConfig(beta=0.05),
         optim=OptimConfig(lr=3e-3),
         schedule=ScheduleConfig(kind="constant", warmup_steps=5),

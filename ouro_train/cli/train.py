@@ -72,6 +72,11 @@ def train(cfg: Config) -> dict:
     trainer = Trainer(cfg, model, train_batches, eval_batches, callbacks)
     final = trainer.fit()
     (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+    if hasattr(train_batches, "report"):
+        report = train_batches.report()
+        (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
+        for name, seen in report.items():
+            print(f"data {name}: {seen['tokens']:,} tokens seen ({seen['samples']:,} samples, {seen['epochs']:.3f} epochs)")
     if cfg.logging.plot and cfg.logging.jsonl:
         print(f"plot: {plot_loss_per_step(metrics_path, run_dir / 'loss_per_step.png')}")
     return final

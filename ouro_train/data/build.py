@@ -6,11 +6,25 @@ from collections.abc import Callable, Iterable, Iterator
 
 from ouro_train.config.schema import Config, SourceConfig
 from ouro_train.data.loader import ShardedLoader
+from ouro_train.data.manifest import DataError
 from ouro_train.data.source import TokenSource
 
 
 def _sources(cfg: Config, specs: list[SourceConfig], seed: int) -> list[TokenSource]:
     return [TokenSource(s.name, s.path, cfg.train.seq_len, seed, cfg.model.vocab_size) for s in specs]
+
+
+def check_same_tokenizer(sources: list[TokenSource]) -> None:
+    """Token ids only mean something under one tokenizer: a mixture must not mix tokenizers."""
+    first = sources[0]
+    for other in sources[1:]:
+        if other.manifest.tokenizer.sha256 != first.manifest.tokenizer.sha256:
+            raise DataError(
+                f"source {other.name!r} ({other.directory}) was tokenized with {other.manifest.tokenizer.name!r} "
+                f"(sha256 {other.manifest.tokenizer.sha256[:12]}…), source {first.name!r} with "
+                f"{first.manifest.tokenizer.name!r} (sha256 {first.manifest.tokenizer.sha256[:12]}…); "
+                "re-tokenize them with one tokenizer"
+            )
 
 
 def build_data(
@@ -31,8 +45,10 @@ def build_data(
         document_masking=data.document_masking,
         document_positions=data.document_positions,
     )
+    train_sources = _sources(cfg, data.sources, train_cfg.seed)
+    check_same_tokenizer(train_sources)
     train = ShardedLoader(
-        _sources(cfg, data.sources, train_cfg.seed),
+        train_sources,
         [s.weight for s in data.sources],
         global_batch_size=global_batch,
         num_workers=data.num_workers,
@@ -41,6 +57,7 @@ def build_data(
     if not data.eval_sources:
         return train, None
     eval_sources = _sources(cfg, data.eval_sources, train_cfg.seed)
+    check_same_tokenizer(train_sources + eval_sources)
     eval_weights = [s.weight for s in data.eval_sources]
 
     def evaluation() -> Iterable[dict]:

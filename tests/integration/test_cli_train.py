@@ -87,6 +87,7 @@ def test_shards_to_training(tmp_path):
         cache=tmp_path,
     )
     assert "step 3 | loss" in out.stdout and "eval step 3" in out.stdout
+    assert "data docs: 384 tokens seen (6 samples" in out.stdout  # 3 steps x 2 rows x 64 tokens
     missing = f"{{name: docs, path: {tmp_path / 'nowhere'}, weight: 1.0}}"
     bad = run(
         "ouro-train",

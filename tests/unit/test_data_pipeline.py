@@ -260,3 +260,19 @@ def test_tokenize_bad_inputs(tmp_path, tokenizer_file):
     missing_tok = TokenizeOptions(source="s", tokenizer_path=str(tmp_path / "nope.json"), out_dir=str(tmp_path / "o"))
     with pytest.raises(DataError, match="nope.json: tokenizer file not found"):
         tokenize([str(bad)], missing_tok, progress=False)
+
+
+def test_a_mixture_of_different_tokenizers_is_refused(tmp_path, tokenizer_file):
+    from tokenizers import Tokenizer
+
+    from ouro_train.data.build import check_same_tokenizer
+
+    web, _ = build_source(tmp_path, tokenizer_file, "web")
+    other_tok = tmp_path / "other.json"
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.add_tokens(["<extra>"])  # a different tokenizer file, hence another sha256
+    tok.save(str(other_tok))
+    code, _ = build_source(tmp_path, other_tok, "code", docs_per_file=(5,))
+    sources = [TokenSource("web", web, 16, 0, 512), TokenSource("code", code, 16, 0, 512)]
+    with pytest.raises(DataError, match="source 'code' .* re-tokenize them with one tokenizer"):
+        check_same_tokenizer(sources)

@@ -25,7 +25,7 @@ test: setup
 	$(PY) -m pytest -q -n 2 tests
 
 demo: setup
-	$(VENV)/bin/ouro-train demo=true
+	$(VENV)/bin/ouro-train --config-name demo
 
 dry-run: setup
 	$(VENV)/bin/ouro-train model=ouro_1p4b dry_run=true

@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -25,7 +26,14 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     from data_tools.tokenizer import save_tokenizer, train_bpe_tokenizer
 
     if args.input:
-        docs = [doc for path in expand_inputs(args.input) for doc in read_documents(path, args.text_field)]
+        docs = []
+        for path in expand_inputs(args.input):
+            try:
+                docs.extend(doc for doc in read_documents(path, args.text_field) if doc)  # skip empty files
+            except UnicodeDecodeError as error:  # the codec's message does not say which file
+                raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+        if not docs:
+            raise DataError(f"--input {' '.join(args.input)}: no documents found (empty files?)")
     else:
         docs = demo_documents()
     tokenizer = train_bpe_tokenizer(docs, args.vocab_size)
@@ -123,10 +131,14 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    # One line instead of argparse's usage dump; --help has the rest. Subparsers inherit this class.
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ouro-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="ouro-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tokenize", help="corpus files -> webdataset token shards + manifest")
@@ -164,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer")
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--input", nargs="*", help=".txt/.jsonl/.parquet files (default: the embedded demo corpus)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        help=".txt (one document per file), .jsonl (one per line), .parquet files or globs; "
+        "default: the embedded demo corpus",
+    )
     p.add_argument("--text-field", default="text")
     p.set_defaults(run=_train_tokenizer)
 
@@ -176,10 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse has printed --help or a one-line error
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return args.run(args)
-    except (DataError, FileNotFoundError, ValueError) as error:
+    except (DataError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def train_bpe_tokenizer(documents: list[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
+    minimum = 256 + len(SPECIAL_TOKENS)  # every byte, so any text round-trips, plus the specials
+    if vocab_size < minimum:
+        raise ValueError(
+            f"vocab size {vocab_size} is too small: a byte-level BPE needs at least {minimum} "
+            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+        )
+    if not documents:
+        raise ValueError("no documents to train the tokenizer on; check the inputs")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -42,10 +49,18 @@ def train_bpe_tokenizer(documents: list[str], vocab_size: int, min_frequency: in
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:
     """Atomic: a crash never leaves half a tokenizer under the final name."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory; give a file path such as {path / 'tokenizer.json'}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tokenizer.save(str(tmp))
-    os.replace(tmp, path)
+    # Same directory as the target, so os.replace is a rename on one filesystem (atomic).
+    # A unique name per writer, so two processes filling one cache never share a temp file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tokenizer.save(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -60,7 +75,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("OURO_CACHE_DIR", Path.home() / ".cache" / "ouro-train"))
+    configured = os.environ.get("OURO_CACHE_DIR")  # an empty value counts as unset, not as "."
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ouro-train"
 
 
 def demo_tokenizer_path(vocab_size: int, cache_dir: str | Path | None = None) -> Path:
@@ -68,7 +84,7 @@ def demo_tokenizer_path(vocab_size: int, cache_dir: str | Path | None = None) ->
 
     key = f"{corpus_fingerprint(demo_documents())}:{vocab_size}:{tokenizers.__version__}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(cache_dir or default_cache_dir()) / f"tokenizer-{digest}.json"
+    return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / f"tokenizer-{digest}.json"
 
 
 def load_or_train_demo_tokenizer(vocab_size: int = 4096, cache_dir: str | Path | None = None) -> Tokenizer:
@@ -86,6 +102,10 @@ def load_or_train_demo_tokenizer(vocab_size: int = 4096, cache_dir: str | Path |
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str], append_eos: bool = True) -> list[np.ndarray]:
     eos = [EOS_ID] if append_eos else []
-    return [
-        np.asarray(e.ids + eos, dtype=np.uint32) for e in tokenizer.encode_batch(documents, add_special_tokens=False)
-    ]
+    # A document that contains the text "<|endoftext|>" must not end early: specials are text here.
+    previous, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
+    try:
+        encoded = tokenizer.encode_batch(documents, add_special_tokens=False)
+    finally:
+        tokenizer.encode_special_tokens = previous
+    return [np.asarray(e.ids + eos, dtype=np.uint32) for e in encoded]

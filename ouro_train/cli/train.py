@@ -49,37 +49,60 @@ def dry_run(cfg: Config) -> dict:
 
 
 def train(cfg: Config) -> dict:
+    """One stage on 1 process, or on every process torchrun / srun started (same code)."""
     from ouro_train.data.build import build_data
+    from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
     from ouro_train.train.callbacks import ConsoleLogger, JsonlLogger
     from ouro_train.train.report import plot_loss_per_step
-    from ouro_train.train.trainer import Trainer
+    from ouro_train.train.trainer import Trainer, freeze_for_objective
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists():
-        # Until checkpoint resume lands, a new run in an old directory starts a fresh log.
-        metrics_path.unlink()
-    torch.manual_seed(cfg.train.seed)
-    train_batches, eval_batches = build_data(cfg)
-    model = LoopLM(cfg.model)
-    print(f"model {cfg.model.name}: {model.num_parameters():,} parameters; data {cfg.data.source}; run dir {run_dir}")
-    callbacks = []
-    if cfg.logging.console:
-        callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
-    if cfg.logging.jsonl:
-        callbacks.append(JsonlLogger(metrics_path))
-    trainer = Trainer(cfg, model, train_batches, eval_batches, callbacks)
-    final = trainer.fit()
-    (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
-    if hasattr(train_batches, "report"):
-        report = train_batches.report()
-        (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
-        for name, seen in report.items():
-            print(f"data {name}: {seen['tokens']:,} tokens seen ({seen['samples']:,} samples, {seen['epochs']:.3f} epochs)")
-    if cfg.logging.plot and cfg.logging.jsonl:
-        print(f"plot: {plot_loss_per_step(metrics_path, run_dir / 'loss_per_step.png')}")
-    return final
+    layout = init_parallel(cfg.parallel, cfg.model, cfg.train.device)
+    main_rank = layout.rank == 0
+    try:
+        run_dir = Path(cfg.run_dir)
+        metrics_path = run_dir / "metrics.jsonl"
+        if main_rank:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if metrics_path.exists():
+                # Until checkpoint resume lands, a new run in an old directory starts a fresh log.
+                metrics_path.unlink()
+        train_batches, eval_batches = build_data(cfg, layout.dp_rank, layout.dp)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = LoopLM(cfg.model)
+        parameters = model.num_parameters()
+        freeze_for_objective(model, cfg.objective.kind)
+        engine = parallelize(model, cfg, layout)
+        if main_rank:
+            print(
+                f"model {cfg.model.name}: {parameters:,} parameters; data {cfg.data.source}; "
+                f"{layout.describe()}, ZeRO {cfg.parallel.zero_stage}; run dir {run_dir}"
+            )
+        callbacks = []
+        if main_rank and cfg.logging.console:
+            callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
+        if main_rank and cfg.logging.jsonl:
+            callbacks.append(JsonlLogger(metrics_path))
+        trainer = Trainer(cfg, model, train_batches, eval_batches, callbacks, engine=engine)
+        final = trainer.fit()
+        if trainer.stopped_by_signal is not None and main_rank:
+            print(
+                f"stopped by signal {trainer.stopped_by_signal} after step {trainer.state.step}; "
+                "no checkpoint written (checkpointing is not available yet)"
+            )
+        if not main_rank or trainer.stopped_by_signal is not None:
+            return final
+        (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+        if hasattr(train_batches, "report"):
+            report = train_batches.report()
+            (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
+            for name, seen in report.items():
+                samples, epochs = seen["samples"], seen["epochs"]
+                print(f"data {name}: {seen['tokens']:,} tokens seen ({samples:,} samples, {epochs:.3f} epochs)")
+        if cfg.logging.plot and cfg.logging.jsonl:
+            print(f"plot: {plot_loss_per_step(metrics_path, run_dir / 'loss_per_step.png')}")
+        return final
+    finally:
+        destroy_parallel()
 
 
 @hydra.main(config_path=str(RECIPES_DIR), config_name="config", version_base="1.3")

@@ -276,6 +276,65 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How one run spreads over processes. The data-parallel size is derived:
+    dp = world_size / tensor_parallel (checked against the world size at start-up)."""
+
+    tensor_parallel: int = 1
+    # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+ gradients),
+    # 3 (+ parameters). Shards over the data-parallel group only.
+    zero_stage: int = 0
+    # Keep ZeRO optimizer states (and, at stage 3, parameters) in CPU memory.
+    cpu_offload: bool = False
+    # Recompute activations in backward: `layer` (each decoder layer use) or `step` (each
+    # whole recurrent step, the cheaper in memory: R x fewer saved states per layer).
+    activation_checkpointing: str = "none"
+    # Megatron sequence parallelism in the tensor-parallel group (norms and residuals on a
+    # sequence shard). Needs tensor_parallel > 1.
+    sequence_parallel: bool = False
+    # Process-group backend: `auto` is nccl on CUDA, gloo on CPU.
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, section: str = "parallel") -> None:
+        _require(self.tensor_parallel >= 1, f"{section}.tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
+        _one_of(self.zero_stage, (0, 1, 2, 3), f"{section}.zero_stage")
+        _one_of(self.activation_checkpointing, ("none", "layer", "step"), f"{section}.activation_checkpointing")
+        _one_of(self.backend, ("auto", "gloo", "nccl"), f"{section}.backend")
+        _require(
+            not self.sequence_parallel or self.tensor_parallel > 1,
+            f"{section}.sequence_parallel",
+            "sequence parallelism splits the sequence over the tensor-parallel group: set tensor_parallel > 1",
+        )
+        _require(
+            not self.cpu_offload or self.zero_stage >= 1,
+            f"{section}.cpu_offload",
+            "offloading needs ZeRO: set zero_stage >= 1",
+        )
+
+    def check_world(self, world_size: int, model: ModelConfig) -> int:
+        """Validate against the launched world and the model; returns the data-parallel size."""
+        tp = self.tensor_parallel
+        _require(
+            world_size % tp == 0,
+            "parallel.tensor_parallel",
+            f"tensor_parallel={tp} does not divide the world size {world_size}; launch a multiple of {tp} "
+            "processes or change parallel.tensor_parallel",
+        )
+        for key in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
+            value = getattr(model, key)
+            _require(
+                value % tp == 0,
+                "parallel.tensor_parallel",
+                f"tensor_parallel={tp} does not divide model.{key}={value}; pick a tensor-parallel size "
+                f"that divides it",
+            )
+        return world_size // tp
+
+
+@dataclass
 class LoggingConfig:
     console: bool = True
     progress_bar: bool = True
@@ -292,6 +351,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = "runs/default"
     # Resolve the config, build the model on the meta device, print counts and FLOPs, exit.

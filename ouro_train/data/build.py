@@ -34,7 +34,7 @@ def build_data(
     if cfg.data.source == "demo":
         from ouro_train.data.demo import build_demo_data
 
-        train, evaluation, _ = build_demo_data(cfg)
+        train, evaluation, _ = build_demo_data(cfg, dp_rank, dp_size)
         return train, lambda: evaluation
     data, train_cfg = cfg.data, cfg.train
     global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum_steps * dp_size

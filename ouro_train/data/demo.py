@@ -19,7 +19,19 @@ from ouro_train.config.schema import Config, ConfigError
 
 
 class RandomWindowBatches(Iterator[dict[str, torch.Tensor]]):
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, start: int = 0) -> None:
+    """Batch i holds rows [dp_rank*B, (dp_rank+1)*B) of the global batch i of B*dp_size windows,
+    so the global data does not depend on the number of data-parallel ranks."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ) -> None:
         if len(tokens) < seq_len + 2:
             raise ValueError(f"token stream of {len(tokens)} tokens is shorter than one window of {seq_len + 1}")
         self.tokens = torch.from_numpy(tokens.astype(np.int64))
@@ -27,10 +39,12 @@ class RandomWindowBatches(Iterator[dict[str, torch.Tensor]]):
         self.batch_size = batch_size
         self.seed = seed
         self.index = start
+        self.dp_rank, self.dp_size = dp_rank, dp_size
 
     def __next__(self) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.index])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size * self.dp_size)
+        starts = starts[self.dp_rank * self.batch_size : (self.dp_rank + 1) * self.batch_size]
         windows = torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts])  # (B, S+1)
         self.index += 1
         return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
@@ -52,8 +66,8 @@ def contiguous_windows(tokens: np.ndarray, seq_len: int, batch_size: int, num_ba
     ]
 
 
-def build_demo_data(cfg: Config) -> tuple[RandomWindowBatches, list[dict], int]:
-    """-> (training batches, evaluation batches, tokenizer vocabulary size)."""
+def build_demo_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> tuple[RandomWindowBatches, list[dict], int]:
+    """-> (this rank's training batches, its evaluation batches, tokenizer vocabulary size)."""
     tokenizer = load_or_train_demo_tokenizer(cfg.data.tokenizer_vocab_size, cache_dir=cfg.data.cache_dir)
     vocab = tokenizer.get_vocab_size()
     if vocab > cfg.model.vocab_size:
@@ -64,6 +78,11 @@ def build_demo_data(cfg: Config) -> tuple[RandomWindowBatches, list[dict], int]:
     train_docs, val_docs = split_documents(demo_documents(), val_fraction=cfg.data.val_fraction)
     join = lambda docs: np.concatenate(encode_documents(tokenizer, docs, append_eos=True))  # noqa: E731
     train_tokens, val_tokens = join(train_docs), join(val_docs)
-    train = RandomWindowBatches(train_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.seed)
-    evaluation = contiguous_windows(val_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches)
-    return train, evaluation, vocab
+    micro = cfg.train.micro_batch_size
+    train = RandomWindowBatches(
+        train_tokens, cfg.train.seq_len, micro, cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size
+    )
+    evaluation = contiguous_windows(val_tokens, cfg.train.seq_len, micro * dp_size, cfg.train.eval_batches)
+    rows = slice(dp_rank * micro, (dp_rank + 1) * micro)
+    evaluation = [{k: v[rows] for k, v in batch.items()} for batch in evaluation]
+    return train, [batch for batch in evaluation if len(batch["input_ids"])], vocab

@@ -12,6 +12,7 @@ from torch import nn
 
 from ouro_train.config.schema import ModelConfig
 from ouro_train.kernels.attention import attention
+from ouro_train.kernels.linear_cross_entropy import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -120,3 +121,18 @@ class DecoderLayer(nn.Module):
         x = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), cos, sin, doc_ids))
         x = x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
         return x
+
+
+class LMHead(nn.Linear):
+    """The untied LM head. `head(h)` gives logits; `head(h, targets)` gives per-token CE computed
+    in token chunks, never all logits at once. CE goes through the module call (not through
+    `.weight` from outside) so that wrappers which gather parameters in forward hooks, like
+    ZeRO-3, see the head being used."""
+
+    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None, chunk_size: int = 4096) -> torch.Tensor:
+        if targets is None:
+            return super().forward(h)
+        return linear_cross_entropy(h, self.weight, targets, chunk_size=chunk_size)

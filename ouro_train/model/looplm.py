@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ouro_train.config.schema import ModelConfig
-from ouro_train.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from ouro_train.model.layers import DecoderLayer, LMHead, RMSNorm, RotaryEmbedding
 
 
 @dataclass
@@ -49,7 +48,7 @@ class LoopLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LoopTrunk(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -84,19 +83,25 @@ class LoopLM(nn.Module):
         hidden_states: list[torch.Tensor] = []
         gate_logits: list[torch.Tensor] = []
         for _ in range(steps):
-            for layer in trunk.layers:
-                h = layer(h, cos, sin, doc_ids)
-            h = trunk.norm(h)
+            h = self.recurrent_step(h, cos, sin, doc_ids)
             hidden_states.append(h)
             gate_logits.append(self.gate_logits(h))
         return LoopOutput(hidden_states=hidden_states, gate_logits=torch.stack(gate_logits))
 
+    def recurrent_step(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One loop: every layer in order, then the shared final norm. (B, S, H) -> (B, S, H).
+        A method of its own so that activation checkpointing can wrap a whole step."""
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, doc_ids)
+        return self.model.norm(h)
+
     def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, S, H) -> (B, S) fp32. The exit distribution multiplies R-1 survival terms and
         the entropy needs log p: bf16 would quantise lambda to ~3 significant digits."""
-        gate = self.model.early_exit_gate
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return F.linear(h.float(), gate.weight.float(), gate.bias.float()).squeeze(-1)
+            return self.model.early_exit_gate(h.float()).squeeze(-1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM-head logits for one step's hidden state (B, S, H) -> (B, S, V). For inference and

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from ouro_train.model.looplm import LoopOutput
@@ -67,20 +68,32 @@ def _select_loss_tokens(
     return index, labels.flatten()[index]
 
 
+Head = torch.Tensor | nn.Module
+
+
+def head_cross_entropy(head: Head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Per-token CE of the LM head on hidden (n, H). `head` is the head's weight, or a head module
+    called as `head(hidden, targets, chunk_size)`: the model's LMHead, or the vocab-parallel head
+    of ouro_train.parallel (whose weight holds one shard of the vocabulary)."""
+    if isinstance(head, torch.Tensor):
+        return linear_cross_entropy(hidden, head, targets, chunk_size=chunk_size)
+    return head(hidden, targets=targets, chunk_size=chunk_size)
+
+
 def per_step_cross_entropy(
-    output: LoopOutput, head_weight: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, chunk_size: int
+    output: LoopOutput, head: Head, index: torch.Tensor, targets: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
     """(R, n) CE of every step on the selected tokens, one step at a time."""
     losses = []
     for h in output.hidden_states:  # (B, S, H) each
         h_selected = h.flatten(0, 1).index_select(0, index)  # (n, H)
-        losses.append(linear_cross_entropy(h_selected, head_weight, targets, chunk_size=chunk_size))
+        losses.append(head_cross_entropy(head, h_selected, targets, chunk_size))
     return torch.stack(losses)
 
 
 def looplm_loss(
     output: LoopOutput,
-    head_weight: torch.Tensor,
+    head: Head,
     labels: torch.Tensor,
     beta: float,
     loss_mask: torch.Tensor | None = None,
@@ -90,7 +103,7 @@ def looplm_loss(
     """Stage I: sum_t p(t) CE_t - beta H(p). labels (B, S) are already shifted (label of
     position i is token i+1); `ignore_index` and `loss_mask` (B, S) exclude tokens."""
     index, targets = _select_loss_tokens(labels, loss_mask, ignore_index)
-    ce = per_step_cross_entropy(output, head_weight, index, targets, chunk_size)  # (R, n)
+    ce = per_step_cross_entropy(output, head, index, targets, chunk_size)  # (R, n)
     log_p = exit_log_distribution(output.gate_logits.flatten(1).index_select(1, index))  # (R, n)
     p = log_p.exp()
     expected_ce = (p * ce).sum(0)  # (n,)
@@ -107,7 +120,7 @@ def looplm_loss(
 
 def gate_loss(
     output: LoopOutput,
-    head_weight: torch.Tensor,
+    head: Head,
     labels: torch.Tensor,
     k: float = 50.0,
     gamma: float = 0.005,
@@ -122,7 +135,7 @@ def gate_loss(
         raise ValueError("the gate loss compares consecutive steps: it needs recurrent_steps >= 2")
     index, targets = _select_loss_tokens(labels, loss_mask, ignore_index)
     with torch.no_grad():
-        ce = per_step_cross_entropy(output, head_weight.detach(), index, targets, chunk_size)  # (R, n)
+        ce = per_step_cross_entropy(output, head, index, targets, chunk_size)  # (R, n), no graph
         improvement = (ce[:-1] - ce[1:]).clamp_min(0)  # I_t for t = 2..R: (R-1, n)
         continue_target = torch.sigmoid(k * (improvement - gamma))
     g = output.gate_logits.flatten(1).index_select(1, index)[1:]  # steps 2..R: (R-1, n)

@@ -44,6 +44,7 @@ class LocalEngine:
         self.grad_accum_steps = grad_accum_steps
         self.micro_steps = 0
         self.global_steps = 0
+        self.dp_size = 1
         self._grad_norm: float | None = None
 
     def __call__(self, *args, **kwargs):
@@ -70,6 +71,14 @@ class LocalEngine:
             self.optimizer.zero_grad(set_to_none=True)
             self.global_steps += 1
         self.micro_steps += 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel ranks: one rank here."""
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Max over every rank: one rank here."""
+        return tensor
 
     def get_global_grad_norm(self) -> float | None:
         """Norm of the gradient before clipping at the last optimizer step."""

@@ -22,6 +22,7 @@ from ouro_train.model.looplm import LoopLM
 from ouro_train.model.objective import LossOutput, gate_loss, looplm_loss
 from ouro_train.train.engine import LocalEngine, build_optimizer
 from ouro_train.train.schedules import lr_at
+from ouro_train.train.signals import StopOnSignal
 
 Batch = dict[str, torch.Tensor]
 
@@ -98,13 +99,13 @@ class Trainer:
             if objective.kind == "gate":
                 return gate_loss(
                     output,
-                    model.lm_head.weight,
+                    model.lm_head,
                     batch["labels"],
                     objective.gate_k,
                     objective.gate_gamma,
                     **common,
                 )
-            return looplm_loss(output, model.lm_head.weight, batch["labels"], objective.beta, **common)
+            return looplm_loss(output, model.lm_head, batch["labels"], objective.beta, **common)
 
     def _to_device(self, batch: Batch) -> Batch:
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
@@ -113,29 +114,26 @@ class Trainer:
         """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics."""
         started = time.perf_counter()
         micro_batches = [self._to_device(next(self.train_batches)) for _ in range(self.cfg.train.grad_accum_steps)]
-        # Normalise by the loss tokens of the whole step, not per micro-batch: with loss masks
-        # (SFT) a mean of micro-batch means would over-weight short answers.
-        step_tokens = sum(count_loss_tokens(batch) for batch in micro_batches)
+        # Normalise by the loss tokens of the whole step on every data-parallel rank, not per
+        # micro-batch: with loss masks (SFT) a mean of means would over-weight short answers.
+        # The engine averages gradients over dp ranks, hence the factor dp_size.
+        local_tokens = torch.tensor(float(sum(count_loss_tokens(b) for b in micro_batches)), device=self.device)
+        step_tokens = float(self.engine.all_reduce_sum(local_tokens))
+        scale = self.engine.dp_size / max(step_tokens, 1.0)
         lr = lr_at(self.state.step, self.cfg.optim.lr, self.cfg.train.steps, self.cfg.schedule)
         self.engine.set_lr(lr)
         self.engine.module.train()
-        totals: dict[str, torch.Tensor | float] = {}
+        totals = None
         for batch in micro_batches:
             out = self._loss(batch)
-            self.engine.backward(out.loss_sum / max(step_tokens, 1))
+            self.engine.backward(out.loss_sum * scale)
             self.engine.step()
-            for key, value in (
-                ("loss", out.loss_sum.detach()),
-                ("ce", out.ce_per_step),
-                ("p", out.exit_prob_per_step),
-                ("entropy", out.entropy),
-            ):
-                totals[key] = totals.get(key, 0.0) + value.float()
-        input_tokens = sum(batch["input_ids"].numel() for batch in micro_batches)
+            totals = self._accumulate(totals, out)
+        input_tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * self.engine.dp_size
         self.state.step += 1
         self.state.tokens += input_tokens
         elapsed = time.perf_counter() - started
-        return self._metrics(totals, step_tokens) | {
+        return self._metrics(self.engine.all_reduce_sum(totals), step_tokens) | {
             "step": self.state.step,
             "tokens": self.state.tokens,
             "lr": lr,
@@ -145,13 +143,27 @@ class Trainer:
         }
 
     @staticmethod
-    def _metrics(totals: dict, num_tokens: int) -> dict:
-        n = max(num_tokens, 1)
-        ce = (totals["ce"] / n).tolist()
-        p = (totals["p"] / n).tolist()
-        metrics = {"loss": float(totals["loss"]) / n, "entropy": float(totals["entropy"]) / n}
-        metrics |= {f"ce_step{t + 1}": value for t, value in enumerate(ce)}
-        metrics |= {f"p_step{t + 1}": value for t, value in enumerate(p)}
+    def _accumulate(totals: torch.Tensor | None, out: LossOutput) -> torch.Tensor:
+        """[loss, CE per step (R), p per step (R), entropy] summed over loss tokens, one vector
+        so that data-parallel ranks combine it with a single all-reduce."""
+        row = torch.cat(
+            [
+                out.loss_sum.detach().reshape(1).float(),
+                out.ce_per_step.float(),
+                out.exit_prob_per_step.float(),
+                out.entropy.reshape(1).float(),
+            ]
+        )
+        return row if totals is None else totals + row
+
+    @staticmethod
+    def _metrics(totals: torch.Tensor, num_tokens: float) -> dict:
+        n = max(num_tokens, 1.0)
+        steps = (totals.numel() - 2) // 2
+        values = (totals / n).tolist()
+        metrics = {"loss": values[0], "entropy": values[-1]}
+        metrics |= {f"ce_step{t + 1}": values[1 + t] for t in range(steps)}
+        metrics |= {f"p_step{t + 1}": values[1 + steps + t] for t in range(steps)}
         return metrics
 
     @torch.no_grad()
@@ -159,40 +171,46 @@ class Trainer:
         if self.eval_batches is None:
             return {}
         self.engine.module.eval()
-        totals: dict = {}
+        totals = None
         num_tokens = 0
         for batch in self.eval_batches():
-            batch = self._to_device(batch)
-            out = self._loss(batch)
+            out = self._loss(self._to_device(batch))
             num_tokens += out.num_tokens
-            for key, value in (
-                ("loss", out.loss_sum),
-                ("ce", out.ce_per_step),
-                ("p", out.exit_prob_per_step),
-                ("entropy", out.entropy),
-            ):
-                totals[key] = totals.get(key, 0.0) + value.float()
-        metrics = {f"eval/{key}": value for key, value in self._metrics(totals, num_tokens).items()}
+            totals = self._accumulate(totals, out)
+        if totals is None:
+            return {}
+        totals = self.engine.all_reduce_sum(torch.cat([totals, totals.new_tensor([float(num_tokens)])]))
+        metrics = {f"eval/{key}": value for key, value in self._metrics(totals[:-1], float(totals[-1])).items()}
         metrics["step"] = self.state.step
         for callback in self.callbacks:
             callback.on_eval_end(self, metrics)
         return metrics
 
     def fit(self) -> dict:
-        """Train to `train.steps` (or `train.max_steps_this_run` more); returns the final eval metrics."""
+        """Train to `train.steps` (or `train.max_steps_this_run` more); returns the final eval metrics.
+        SIGTERM / SIGUSR1 end the run at the next step boundary, on every rank at the same step."""
         cfg = self.cfg.train
         stop = cfg.steps
         if cfg.max_steps_this_run is not None:
             stop = min(stop, self.state.step + cfg.max_steps_this_run)
         for callback in self.callbacks:
             callback.on_train_start(self)
-        while self.state.step < stop:
-            metrics = self.train_step()
-            for callback in self.callbacks:
-                callback.on_step_end(self, metrics)
-            if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.state.step < stop:
-                self.evaluate()
-        final = self.evaluate()
+        self.stopped_by_signal: int | None = None
+        with StopOnSignal() as signals:
+            while self.state.step < stop:
+                metrics = self.train_step()
+                for callback in self.callbacks:
+                    callback.on_step_end(self, metrics)
+                if self._any_rank(signals.requested is not None):
+                    self.stopped_by_signal = signals.requested or -1
+                    break
+                if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.state.step < stop:
+                    self.evaluate()
+        final = self.evaluate() if self.stopped_by_signal is None else {}
         for callback in self.callbacks:
             callback.on_train_end(self)
         return final
+
+    def _any_rank(self, flag: bool) -> bool:
+        """One rank's signal stops all of them at the same step (else collectives would hang)."""
+        return bool(self.engine.all_reduce_max(torch.tensor(float(flag), device=self.device)) > 0)

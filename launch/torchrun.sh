@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One node: ouro-train on NPROC processes, one per GPU (or gloo processes on CPU).
+#   launch/torchrun.sh 8 model=ouro_1p4b parallel.zero_stage=1 train.precision=bf16
+#   launch/torchrun.sh 2 parallel.tensor_parallel=2           # CPU: two gloo processes
+# The data-parallel size is NPROC / parallel.tensor_parallel; a size that does not divide fails
+# at start-up on every rank with the key to change.
+set -euo pipefail
+NPROC=${1:?usage: launch/torchrun.sh NPROC [ouro-train overrides...]}
+shift
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+extra=()
+if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    [[ " $* " == *" train.device="* ]] || extra+=(train.device=cuda)
+else
+    export DS_ACCELERATOR=cpu
+fi
+export WANDB_MODE=${WANDB_MODE:-offline}
+# torchrun forwards only these signals to the workers; SIGUSR1 asks for a clean stop.
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" \
+    -m ouro_train.cli.train "${extra[@]}" "$@"

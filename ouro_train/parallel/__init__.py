@@ -1,0 +1,34 @@
+"""Parallelism applied from outside the plain model, in this order:
+
+1. tensor parallel: swap linears / embedding / head for megatron-core parallel layers. First,
+   because it changes which parameters exist (shards) and every later stage wraps those;
+2. activation checkpointing: wraps module forwards, so it must see the final modules, and it
+   must come before DeepSpeed, whose ZeRO-3 hooks attach to those modules;
+3. DeepSpeed `initialize`: owns the optimizer, ZeRO partitioning over the data-parallel group
+   (megatron's groups handed over as `mpu`), gradient accumulation and clipping.
+"""
+
+from __future__ import annotations
+
+from ouro_train.config.schema import Config
+from ouro_train.model.looplm import LoopLM
+from ouro_train.parallel.checkpointing import apply_activation_checkpointing
+from ouro_train.parallel.groups import MegatronMPU, ParallelLayout, destroy_parallel, init_parallel
+from ouro_train.parallel.tensor_parallel import apply_tensor_parallel
+
+
+def parallelize(model: LoopLM, cfg: Config, layout: ParallelLayout):
+    """-> an engine for the trainer: DeepSpeed when distributed or ZeRO is asked for, else None
+    (the trainer's single-process engine)."""
+    if layout.tp > 1:
+        model = apply_tensor_parallel(model, sequence_parallel=cfg.parallel.sequence_parallel)
+    model = apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    if not layout.distributed:
+        return None
+    from ouro_train.parallel.engine import DeepSpeedEngine
+
+    mpu = MegatronMPU() if layout.distributed else None
+    return DeepSpeedEngine(model.to(cfg.train.device), cfg, layout.dp, mpu)
+
+
+__all__ = ["ParallelLayout", "destroy_parallel", "init_parallel", "parallelize"]

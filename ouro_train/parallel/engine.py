@@ -1,0 +1,112 @@
+"""The DeepSpeed engine behind the trainer's engine interface (see ouro_train/train/engine.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ouro_train.config.schema import Config
+from ouro_train.train.engine import parameter_groups
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    zero: dict = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.parallel.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        # Mixed precision is torch autocast with fp32 parameters (train.precision); DeepSpeed's
+        # own bf16 mode (bf16 weights, fp32 master copy) is a memory optimisation left off here.
+        "bf16": {"enabled": False},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def tensor_parallel_grad_norm(model: nn.Module, tp_group) -> float:
+    """L2 norm of all gradients, each tensor-parallel shard counted once and replicated
+    parameters (norms, gate) counted once, not once per TP rank."""
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        squares = param.grad.detach().double().pow(2).sum().cpu()
+        if getattr(param, "tensor_model_parallel", False):
+            sharded += squares
+        else:
+            replicated += squares
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        device = next(model.parameters()).device
+        sharded = sharded.to(device)
+        dist.all_reduce(sharded, group=tp_group)
+        sharded = sharded.cpu()
+    return float((sharded + replicated).sqrt())
+
+
+class DeepSpeedEngine:
+    """Adapts deepspeed.DeepSpeedEngine to the LocalEngine surface the trainer uses."""
+
+    def __init__(self, model: nn.Module, cfg: Config, dp_size: int, mpu) -> None:
+        import deepspeed
+
+        self.dp_size = dp_size
+        self.dp_group = mpu.get_data_parallel_group() if mpu is not None else None
+        self.tp_group = mpu.get_model_parallel_group() if mpu is not None else None
+        self.stage = cfg.parallel.zero_stage
+        # torch's AdamW: DeepSpeed would otherwise build its fused/CPU Adam op (a C++ build).
+        optimizer = torch.optim.AdamW(
+            parameter_groups(model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps,
+        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp_size), mpu=mpu
+        )
+        self.module = self.engine.module
+        self._grad_norm: float | None = None
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The trainer already normalised by the loss tokens of the whole step.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        # ZeRO stage 0 keeps no global norm; its gradients are already averaged over data
+        # parallel after the boundary's backward, so measure them before the step clips them.
+        own_norm = tensor_parallel_grad_norm(self.module, self.tp_group) if boundary and self.stage == 0 else None
+        self.engine.step()
+        if boundary:
+            norm = self.engine.get_global_grad_norm() if own_norm is None else own_norm
+            self._grad_norm = None if norm is None else float(norm)
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._grad_norm
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Max over every rank of the world (tensor- and data-parallel)."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel group (TP ranks hold identical copies already)."""
+        dist.all_reduce(tensor, group=self.dp_group)
+        return tensor

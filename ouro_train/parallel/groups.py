@@ -1,0 +1,129 @@
+"""Process groups: torch.distributed from the launcher's environment, megatron-core's
+tensor- and data-parallel groups on top, and the adapter DeepSpeed needs to use them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ouro_train.config.schema import ModelConfig, ParallelConfig
+
+
+@dataclass
+class ParallelLayout:
+    world_size: int
+    rank: int
+    local_rank: int
+    tp: int
+    dp: int
+    tp_rank: int
+    dp_rank: int
+
+    @property
+    def distributed(self) -> bool:
+        """A process group exists (several processes, or ZeRO on one)."""
+        return dist.is_available() and dist.is_initialized()
+
+    def describe(self) -> str:
+        return f"world {self.world_size} = tensor parallel {self.tp} x data parallel {self.dp}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher_world() -> tuple[int, int, int]:
+    """(world size, rank, local rank) from torchrun / SLURM-srun-launched torchrun variables."""
+    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_parallel(cfg: ParallelConfig, model: ModelConfig, device: str) -> ParallelLayout:
+    """Start torch.distributed (if launched with several processes) and megatron-core's groups.
+
+    The checks run before any collective so a bad layout fails on every rank with the same
+    message instead of hanging in a collective.
+    """
+    world, rank, local_rank = launcher_world()
+    dp = cfg.check_world(world, model)
+    if world == 1 and cfg.zero_stage == 0:
+        return ParallelLayout(1, 0, 0, 1, 1, 0, 0)
+    # ZeRO on one process still needs a (size-1) process group: DeepSpeed communicates through it.
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        # gloo twins of the NCCL groups are only useful for CPU-side collectives we do not use.
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tensor_parallel, create_gloo_process_groups=False
+        )
+    return ParallelLayout(
+        world_size=world,
+        rank=rank,
+        local_rank=local_rank,
+        tp=cfg.tensor_parallel,
+        dp=dp,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """DeepSpeed asks its `mpu` for model- and data-parallel groups under names that megatron's
+    parallel_state spells differently; this maps them, so ZeRO shards over data parallel only
+    and gradient norms count tensor-parallel shards once."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self.ps = parallel_state
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1  # no pipeline parallelism (ARCHITECTURE.md, decision 3)

@@ -1,0 +1,208 @@
+"""Tensor parallel and ZeRO on 2-4 gloo processes against a single-process run.
+
+Tolerances: the parallel runs differ from the single process only in the order of float32
+summation (a gradient all-reduce of two halves, a logit sum split over vocabulary shards), so
+step 1 agrees to ~1e-7 relative. Adam then divides by sqrt(v), which magnifies these
+differences on gradient elements near zero; over 5 steps we measured up to 1.2e-5 relative
+(TP=2 x DP=2). We allow 5e-5: any real error (a gradient counted twice, a missing shard) is
+off by tens of percent. Gradient norms are compared as well as losses, because Adam
+is invariant to a constant gradient scale: a shared block whose gradient were counted twice
+would train identically and only its norm would show it.
+"""
+
+import os
+
+import pytest
+import torch
+
+from ouro_train.config import Config, ConfigError, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from ouro_train.model import LoopLM, looplm_loss
+from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
+from ouro_train.parallel.testing import run_distributed
+from ouro_train.train.trainer import Trainer, freeze_for_objective
+
+VOCAB, SEQ, GLOBAL_ROWS = 64, 16, 4
+
+
+def make_config(tp: int = 1, zero: int = 0, checkpointing: str = "none", rows: int = GLOBAL_ROWS) -> Config:
+    return Config(
+        model=ModelConfig(
+            name="t",
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            recurrent_steps=3,
+        ),
+        optim=OptimConfig(lr=1e-2, grad_clip=1.0),
+        train=TrainConfig(steps=5, micro_batch_size=rows, seq_len=SEQ),
+        parallel=ParallelConfig(tensor_parallel=tp, zero_stage=zero, activation_checkpointing=checkpointing),
+    )
+
+
+def global_batch(step: int) -> dict:
+    g = torch.Generator().manual_seed(100 + step)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_ROWS, SEQ + 1), generator=g)
+    mask = torch.rand(GLOBAL_ROWS, SEQ, generator=g) < 0.8  # uneven loss tokens across ranks
+    return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
+
+
+def train_losses(tp: int, zero: int, checkpointing: str, steps: int = 5, teardown: bool = True) -> list:
+    """Train from the same seed on this process's share of each global batch -> [(loss, grad norm)]."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cfg = make_config(tp, zero, checkpointing, rows=GLOBAL_ROWS * tp // world)
+    layout = init_parallel(cfg.parallel, cfg.model, "cpu")
+    try:
+        torch.manual_seed(0)
+        model = LoopLM(cfg.model)
+        freeze_for_objective(model, cfg.objective.kind)
+        engine = parallelize(model, cfg, layout)
+        rows = GLOBAL_ROWS // layout.dp
+        batches = (
+            {k: v[layout.dp_rank * rows : (layout.dp_rank + 1) * rows] for k, v in global_batch(s).items()}
+            for s in range(steps)
+        )
+        trainer = Trainer(cfg, model, batches, engine=engine)
+        out = []
+        for _ in range(steps):
+            metrics = trainer.train_step()
+            out.append((metrics["loss"], metrics["grad_norm"]))
+        return out
+    finally:
+        if teardown:
+            destroy_parallel()
+
+
+def zero_sweep() -> dict:
+    """Every ZeRO stage, with and without activation checkpointing, in one pair of processes
+    (the process groups are made once and reused by each DeepSpeed engine)."""
+    try:
+        return {
+            f"zero{zero}-{ckpt}": train_losses(1, zero, ckpt, teardown=False)
+            for zero, ckpt in [(0, "none"), (1, "step"), (2, "layer"), (3, "none"), (3, "step")]
+        }
+    finally:
+        destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[tuple[float, float]]:
+    return train_losses(1, 0, "none")
+
+
+def assert_same_run(got, expected, label):
+    for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, expected)):
+        assert loss == pytest.approx(ref_loss, rel=5e-5), f"{label} step {step + 1}: loss"
+        assert norm == pytest.approx(ref_norm, rel=5e-5), f"{label} step {step + 1}: grad norm"
+
+
+def test_zero_0_to_3_with_two_ranks_match_one_process(reference):
+    results = run_distributed(zero_sweep, 2)
+    assert results[0] == results[1] or all(  # both ranks report the same (all-reduced) metrics
+        r0 == pytest.approx(r1) for r0, r1 in zip(results[0].values(), results[1].values())
+    )
+    for label, run in results[0].items():
+        assert_same_run(run, reference, label)
+
+
+def test_tensor_parallel_2_x_data_parallel_2_on_four_processes(reference):
+    results = run_distributed(train_losses, 4, 2, 1, "step")
+    for rank, run in enumerate(results):
+        assert_same_run(run, reference, f"tp2xdp2 rank {rank}")
+
+
+def tp_forward_backward() -> dict:
+    """TP=2: per-step logits (gathered), loss and every gradient gathered to full shape."""
+    cfg = make_config(tp=2)
+    layout = init_parallel(cfg.parallel, cfg.model, "cpu")
+    try:
+        torch.manual_seed(0)
+        model = parallelize_reference_weights(cfg, layout)
+        return forward_backward(model)
+    finally:
+        destroy_parallel()
+
+
+def parallelize_reference_weights(cfg, layout):
+    from ouro_train.parallel.tensor_parallel import apply_tensor_parallel
+
+    model = LoopLM(cfg.model)
+    return apply_tensor_parallel(model) if layout.tp > 1 else model
+
+
+def forward_backward(model) -> dict:
+    import torch.distributed as dist
+
+    batch = global_batch(0)
+    out = model(batch["input_ids"])
+    loss = looplm_loss(out, model.lm_head, batch["labels"], beta=0.1, loss_mask=batch["loss_mask"], chunk_size=5)
+    loss.loss.backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if getattr(param, "tensor_model_parallel", False) and dist.is_initialized():
+            parts = [torch.empty_like(grad) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, grad.contiguous())
+            grad = torch.cat(parts, dim=param.partition_dim)
+        grads[name] = grad
+    logits = [model.logits(h).detach() for h in out.hidden_states]
+    return {"loss": loss.loss.item(), "logits": logits, "grads": grads}
+
+
+def test_tensor_parallel_forward_and_gradients_equal_single_process():
+    torch.manual_seed(0)
+    expected = forward_backward(LoopLM(make_config().model))
+    for rank_result in run_distributed(tp_forward_backward, 2):
+        assert rank_result["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+        for got, ref in zip(rank_result["logits"], expected["logits"]):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        assert set(rank_result["grads"]) == set(expected["grads"])
+        for name, grad in expected["grads"].items():
+            torch.testing.assert_close(rank_result["grads"][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_misconfigured_layouts_fail_clearly():
+    model = make_config().model
+    with pytest.raises(ConfigError, match="tensor_parallel=2 does not divide the world size 3"):
+        ParallelConfig(tensor_parallel=2).check_world(3, model)
+    with pytest.raises(ConfigError, match=r"does not divide model.num_kv_heads=2"):
+        ParallelConfig(tensor_parallel=4).check_world(4, model)
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel"):
+        ParallelConfig(sequence_parallel=True)
+    with pytest.raises(ConfigError, match="parallel.zero_stage"):
+        ParallelConfig(zero_stage=4)
+
+
+def stop_on_one_rank() -> int:
+    """Rank 1 alone receives SIGUSR1 during step 2; both ranks must stop after that same step."""
+    import signal
+
+    from ouro_train.train.trainer import Callback
+
+    class SignalAtStep2(Callback):
+        def on_step_end(self, trainer, metrics):
+            if metrics["step"] == 2 and os.environ["RANK"] == "1":
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    cfg = make_config(zero=1, rows=GLOBAL_ROWS // 2)
+    cfg.train.steps = 50
+    layout = init_parallel(cfg.parallel, cfg.model, "cpu")
+    try:
+        torch.manual_seed(0)
+        model = LoopLM(cfg.model)
+        engine = parallelize(model, cfg, layout)
+        batches = (
+            {k: v[layout.dp_rank * 2 : (layout.dp_rank + 1) * 2] for k, v in global_batch(s % 5).items()}
+            for s in range(50)
+        )
+        trainer = Trainer(cfg, model, batches, callbacks=[SignalAtStep2()], engine=engine)
+        trainer.fit()
+        return trainer.state.step
+    finally:
+        destroy_parallel()
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step():
+    assert run_distributed(stop_on_one_rank, 2) == [2, 2]

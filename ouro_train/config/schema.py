@@ -361,6 +361,13 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
+        if self.parallel.sequence_parallel:
+            _require(
+                self.train.seq_len % self.parallel.tensor_parallel == 0,
+                "train.seq_len",
+                f"sequence parallelism splits the sequence over tensor_parallel={self.parallel.tensor_parallel} "
+                f"ranks: seq_len {self.train.seq_len} must be divisible by it",
+            )
         _require(
             self.schedule.warmup_steps <= self.train.steps,
             "schedule.warmup_steps",

@@ -84,9 +84,15 @@ class LoopLM(nn.Module):
         gate_logits: list[torch.Tensor] = []
         for _ in range(steps):
             h = self.recurrent_step(h, cos, sin, doc_ids)
-            hidden_states.append(h)
-            gate_logits.append(self.gate_logits(h))
+            out = self.readout(h)
+            hidden_states.append(out)
+            gate_logits.append(self.gate_logits(out))
         return LoopOutput(hidden_states=hidden_states, gate_logits=torch.stack(gate_logits))
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Where a step's state leaves the loop for the LM head and the gate: the identity here;
+        sequence parallelism (ouro_train.parallel) gathers the sequence shards at this point."""
+        return h
 
     def recurrent_step(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None

@@ -109,14 +109,11 @@ def apply_tensor_parallel(model: LoopLM, sequence_parallel: bool = False) -> Loo
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp == 1:
         return model
-    if sequence_parallel:
-        raise ValueError(
-            "parallel.sequence_parallel is not available yet; set it to false (tensor parallelism "
-            "without it is supported)"
-        )
     rank = parallel_state.get_tensor_model_parallel_rank()
     device = model.lm_head.weight.device
-    config = _megatron_config(tp, device, sequence_parallel)
+    # Megatron's layers run without their own sequence parallelism (its collectives need CUDA and
+    # the [S, B, H] layout); ouro_train.parallel.sequence_parallel wraps them instead.
+    config = _megatron_config(tp, device, sequence_parallel=False)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.q_proj, attn.k_proj, attn.v_proj = (
@@ -132,4 +129,8 @@ def apply_tensor_parallel(model: LoopLM, sequence_parallel: bool = False) -> Loo
     _load_shard(parallel_embedding.weight, embedding.weight, 0, rank, tp)
     model.model.embed_tokens = parallel_embedding
     model.lm_head = _column(model.lm_head, config, rank, tp, cls=VocabParallelHead)
+    if sequence_parallel:
+        from ouro_train.parallel.sequence_parallel import apply_sequence_parallel
+
+        apply_sequence_parallel(model)
     return model.to(device)

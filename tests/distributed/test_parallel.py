@@ -49,10 +49,13 @@ def global_batch(step: int) -> dict:
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
 
 
-def train_losses(tp: int, zero: int, checkpointing: str, steps: int = 5, teardown: bool = True) -> list:
+def train_losses(
+    tp: int, zero: int, checkpointing: str, steps: int = 5, teardown: bool = True, sequence_parallel: bool = False
+) -> list:
     """Train from the same seed on this process's share of each global batch -> [(loss, grad norm)]."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg = make_config(tp, zero, checkpointing, rows=GLOBAL_ROWS * tp // world)
+    cfg.parallel.sequence_parallel = sequence_parallel
     layout = init_parallel(cfg.parallel, cfg.model, "cpu")
     try:
         torch.manual_seed(0)
@@ -113,23 +116,27 @@ def test_tensor_parallel_2_x_data_parallel_2_on_four_processes(reference):
         assert_same_run(run, reference, f"tp2xdp2 rank {rank}")
 
 
-def tp_forward_backward() -> dict:
+def test_tensor_and_sequence_parallel_training_matches_one_process(reference):
+    # ZeRO-2 + layer checkpointing on top: the norm-gradient hooks must fire once per use.
+    results = run_distributed(train_losses, 2, 2, 2, "layer", 5, True, True)
+    for rank, run in enumerate(results):
+        assert_same_run(run, reference, f"tp2+sp rank {rank}")
+
+
+def tp_forward_backward(sequence_parallel: bool = False) -> dict:
     """TP=2: per-step logits (gathered), loss and every gradient gathered to full shape."""
-    cfg = make_config(tp=2)
-    layout = init_parallel(cfg.parallel, cfg.model, "cpu")
-    try:
-        torch.manual_seed(0)
-        model = parallelize_reference_weights(cfg, layout)
-        return forward_backward(model)
-    finally:
-        destroy_parallel()
-
-
-def parallelize_reference_weights(cfg, layout):
     from ouro_train.parallel.tensor_parallel import apply_tensor_parallel
 
-    model = LoopLM(cfg.model)
-    return apply_tensor_parallel(model) if layout.tp > 1 else model
+    cfg = make_config(tp=2)
+    init_parallel(cfg.parallel, cfg.model, "cpu")
+    try:
+        torch.manual_seed(0)
+        model = apply_tensor_parallel(LoopLM(cfg.model), sequence_parallel=sequence_parallel)
+        seen = []
+        model.model.layers[0].input_layernorm.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+        return forward_backward(model) | {"norm_input_shape": seen[0]}
+    finally:
+        destroy_parallel()
 
 
 def forward_backward(model) -> dict:
@@ -151,10 +158,13 @@ def forward_backward(model) -> dict:
     return {"loss": loss.loss.item(), "logits": logits, "grads": grads}
 
 
-def test_tensor_parallel_forward_and_gradients_equal_single_process():
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
+def test_tensor_parallel_forward_and_gradients_equal_single_process(sequence_parallel):
     torch.manual_seed(0)
     expected = forward_backward(LoopLM(make_config().model))
-    for rank_result in run_distributed(tp_forward_backward, 2):
+    for rank_result in run_distributed(tp_forward_backward, 2, sequence_parallel):
+        # With sequence parallelism the norms really see half of the sequence.
+        assert rank_result["norm_input_shape"] == (GLOBAL_ROWS, SEQ // 2 if sequence_parallel else SEQ, 64)
         assert rank_result["loss"] == pytest.approx(expected["loss"], rel=1e-6)
         for got, ref in zip(rank_result["logits"], expected["logits"]):
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

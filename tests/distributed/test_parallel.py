@@ -84,7 +84,7 @@ def zero_sweep() -> dict:
     try:
         return {
             f"zero{zero}-{ckpt}": train_losses(1, zero, ckpt, teardown=False)
-            for zero, ckpt in [(0, "none"), (1, "step"), (2, "layer"), (3, "none"), (3, "step")]
+            for zero, ckpt in [(0, "none"), (0, "layer"), (1, "step"), (2, "layer"), (3, "none"), (3, "step")]
         }
     finally:
         destroy_parallel()

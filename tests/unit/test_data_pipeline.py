@@ -276,3 +276,26 @@ def test_a_mixture_of_different_tokenizers_is_refused(tmp_path, tokenizer_file):
     sources = [TokenSource("web", web, 16, 0, 512), TokenSource("code", code, 16, 0, 512)]
     with pytest.raises(DataError, match="source 'code' .* re-tokenize them with one tokenizer"):
         check_same_tokenizer(sources)
+
+
+def test_parquet_and_txt_inputs_with_two_worker_processes(tmp_path, tokenizer_file):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = make_docs(7, 12)
+    pq.write_table(pa.table({"body": docs[:8]}), tmp_path / "a.parquet")
+    for i, doc in enumerate(docs[8:]):
+        (tmp_path / f"t{i}.txt").write_text(doc)
+    options = TokenizeOptions(
+        source="mixed", tokenizer_path=str(tokenizer_file), out_dir=str(tmp_path / "out"), text_field="body"
+    )
+    manifest = tokenize([str(tmp_path / "a.parquet"), str(tmp_path / "t*.txt")], options, workers=2, progress=False)
+    assert manifest.documents == 12 and len(manifest.shards) == 5  # one shard per input file here
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    decoded = []
+    for shard in manifest.shards:
+        reader = ShardReader(tmp_path / "out" / shard.name, shard.documents, manifest.dtype, 320, False)
+        decoded += [tok.decode(reader.read(i)[0][:-1].tolist()) for i in range(shard.documents)]
+    assert decoded == docs  # input order is kept whatever the worker finishing order

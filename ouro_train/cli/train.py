@@ -48,48 +48,82 @@ def dry_run(cfg: Config) -> dict:
     return {"parameters": built, **asdict(counts)}
 
 
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    from ouro_train.checkpoint.store import CheckpointError, find_latest, is_complete
+
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_latest(root)
+    path = Path(resume)
+    if not is_complete(path):
+        raise CheckpointError(
+            f"checkpoint.resume={resume}: not a complete checkpoint directory (no COMPLETE "
+            "marker, train_state.json or engine/); pick one under <run_dir>/checkpoints"
+        )
+    return path
+
+
 def train(cfg: Config) -> dict:
     """One stage on 1 process, or on every process torchrun / srun started (same code)."""
+    from ouro_train.checkpoint.callback import CheckpointCallback
+    from ouro_train.checkpoint.manager import Checkpointer
     from ouro_train.data.build import build_data
     from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
     from ouro_train.train.callbacks import ConsoleLogger, JsonlLogger
-    from ouro_train.train.report import plot_loss_per_step
+    from ouro_train.train.report import plot_loss_per_step, truncate_metrics
     from ouro_train.train.trainer import Trainer, freeze_for_objective
 
     layout = init_parallel(cfg.parallel, cfg.model, cfg.train.device)
     main_rank = layout.rank == 0
+    say = print if main_rank else (lambda *a, **k: None)
     try:
         run_dir = Path(cfg.run_dir)
         metrics_path = run_dir / "metrics.jsonl"
+        checkpoint_root = run_dir / "checkpoints"
+        resume_from = resolve_resume(cfg.checkpoint.resume, checkpoint_root)
         if main_rank:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if metrics_path.exists():
-                # Until checkpoint resume lands, a new run in an old directory starts a fresh log.
-                metrics_path.unlink()
         train_batches, eval_batches = build_data(cfg, layout.dp_rank, layout.dp)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = LoopLM(cfg.model)
         parameters = model.num_parameters()
         freeze_for_objective(model, cfg.objective.kind)
         engine = parallelize(model, cfg, layout)
+        say(
+            f"model {cfg.model.name}: {parameters:,} parameters; data {cfg.data.source}; "
+            f"{layout.describe()}, ZeRO {cfg.parallel.zero_stage}; run dir {run_dir}"
+        )
+        trainer = Trainer(cfg, model, train_batches, eval_batches, engine=engine)
+        checkpointer = Checkpointer(cfg, checkpoint_root, layout.rank, layout.world_size)
+        loader_state = (lambda: train_batches.state_dict()) if hasattr(train_batches, "state_dict") else (lambda: None)
+        if resume_from is not None:
+            checkpointer.load(resume_from, trainer, train_batches)
+            say(f"resumed from {resume_from} at step {trainer.state.step}")
         if main_rank:
-            print(
-                f"model {cfg.model.name}: {parameters:,} parameters; data {cfg.data.source}; "
-                f"{layout.describe()}, ZeRO {cfg.parallel.zero_stage}; run dir {run_dir}"
-            )
-        callbacks = []
+            # Log lines of steps after the checkpoint (a run killed after it) are replaced, not doubled.
+            truncate_metrics(metrics_path, trainer.state.step)
+        if trainer.state.step >= cfg.train.steps:
+            say(f"nothing to do: {run_dir} already trained {trainer.state.step} of {cfg.train.steps} steps")
+            return {}
+        saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+        trainer.callbacks.append(saver)
         if main_rank and cfg.logging.console:
-            callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
+            trainer.callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
         if main_rank and cfg.logging.jsonl:
-            callbacks.append(JsonlLogger(metrics_path))
-        trainer = Trainer(cfg, model, train_batches, eval_batches, callbacks, engine=engine)
+            trainer.callbacks.append(JsonlLogger(metrics_path))
         final = trainer.fit()
-        if trainer.stopped_by_signal is not None and main_rank:
-            print(
+        if trainer.stopped_by_signal is not None:
+            if cfg.checkpoint.save_on_signal:
+                saver.save(trainer)
+            say(
                 f"stopped by signal {trainer.stopped_by_signal} after step {trainer.state.step}; "
-                "no checkpoint written (checkpointing is not available yet)"
+                + (f"checkpoint in {checkpoint_root}" if cfg.checkpoint.save_on_signal else "no checkpoint written")
             )
-        if not main_rank or trainer.stopped_by_signal is not None:
+            return final
+        if cfg.checkpoint.save_final:
+            saver.save(trainer)
+        if not main_rank:
             return final
         (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
         if hasattr(train_batches, "report"):
@@ -107,6 +141,7 @@ def train(cfg: Config) -> dict:
 
 @hydra.main(config_path=str(RECIPES_DIR), config_name="config", version_base="1.3")
 def _hydra_main(raw: DictConfig) -> None:
+    from ouro_train.checkpoint.store import CheckpointError
     from ouro_train.data.manifest import DataError
 
     try:
@@ -115,7 +150,7 @@ def _hydra_main(raw: DictConfig) -> None:
             dry_run(cfg)
         else:
             train(cfg)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, CheckpointError) as error:
         # Bad input is the user's to fix: the message names the key or file; no traceback.
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

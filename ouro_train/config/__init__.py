@@ -1,4 +1,5 @@
 from ouro_train.config.schema import (
+    CheckpointConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -13,6 +14,7 @@ from ouro_train.config.schema import (
 )
 
 __all__ = [
+    "CheckpointConfig",
     "Config",
     "ConfigError",
     "DataConfig",

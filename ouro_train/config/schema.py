@@ -335,6 +335,29 @@ class ParallelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Periodic, atomic checkpoints in <run_dir>/checkpoints and resuming from them."""
+
+    # `auto`: continue from the newest complete checkpoint of the run directory if there is one;
+    # `none`: always start fresh; or the path of a checkpoint directory.
+    resume: str = "auto"
+    every_steps: int = 0  # 0: off
+    every_minutes: float = 0.0  # 0: off
+    keep_last: int = 2  # newest complete checkpoints kept
+    keep_every: int = 0  # also keep every step that is a multiple of this (0: off)
+    save_final: bool = True
+    save_on_signal: bool = True  # SIGTERM / SIGUSR1: save at the step boundary, then exit
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, section: str = "checkpoint") -> None:
+        for key in ("every_steps", "every_minutes", "keep_every"):
+            _require(getattr(self, key) >= 0, f"{section}.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _require(self.keep_last >= 1, f"{section}.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
 class LoggingConfig:
     console: bool = True
     progress_bar: bool = True
@@ -352,6 +375,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = "runs/default"
     # Resolve the config, build the model on the meta device, print counts and FLOPs, exit.

@@ -52,6 +52,9 @@ class RandomWindowBatches(Iterator[dict[str, torch.Tensor]]):
     def state_dict(self) -> dict:
         return {"index": self.index}
 
+    def load_state_dict(self, state: dict) -> None:
+        self.index = int(state["index"])
+
 
 def contiguous_windows(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
     """Fixed evaluation batches: consecutive non-overlapping windows from the start of the stream."""

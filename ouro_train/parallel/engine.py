@@ -101,6 +101,19 @@ class DeepSpeedEngine:
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm
 
+    def save_checkpoint(self, directory) -> None:
+        """Every rank: model and optimizer shards in DeepSpeed's layout (tag `state`)."""
+        self.engine.save_checkpoint(str(directory), tag="state", save_latest=False)
+
+    def load_checkpoint(self, directory) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            from ouro_train.checkpoint.store import CheckpointError
+
+            raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint to load (tag 'state')")
+
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         """Max over every rank of the world (tensor- and data-parallel)."""
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)

@@ -9,6 +9,8 @@ already normalised by the loss tokens of the whole step, so nothing here rescale
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -97,3 +99,26 @@ class LocalEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.micro_steps = state["micro_steps"]
         self.global_steps = state["global_steps"]
+
+    def save_checkpoint(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), directory / "engine.pt")
+
+    def load_checkpoint(self, directory: Path) -> None:
+        from ouro_train.checkpoint.store import CheckpointError
+
+        path = directory / "engine.pt"
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path}: missing; this checkpoint was not written by a single-process run "
+                "(relaunch with the layout that saved it)"
+            )
+        try:
+            # weights_only: a checkpoint holds tensors and numbers, never code to run.
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as error:
+            raise CheckpointError(
+                f"{path}: unreadable ({error}); the checkpoint is truncated or corrupt: delete it to resume "
+                "from the previous one"
+            ) from error
+        self.load_state_dict(state)

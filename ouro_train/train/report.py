@@ -15,6 +15,19 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     return train, evaluation
 
 
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Drop records after `last_step` (a resumed run re-trains those steps); atomic rewrite."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+
 def plot_loss_per_step(metrics_path: str | Path, out_path: str | Path, smooth: int = 10) -> Path:
     import matplotlib
 

@@ -216,3 +216,49 @@ def stop_on_one_rank() -> int:
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step():
     assert run_distributed(stop_on_one_rank, 2) == [2, 2]
+
+
+def resume_with_deepspeed(tmp: str) -> dict:
+    """For ZeRO 1 and 3: 5 steps straight vs 2 steps, a checkpoint, a fresh engine loading it,
+    3 more steps. One pair of processes for both stages (the groups are reused)."""
+    try:
+        return {zero: resume_once(zero, f"{tmp}/zero{zero}") for zero in (1, 3)}
+    finally:
+        destroy_parallel()
+
+
+def resume_once(zero: int, tmp: str) -> tuple[list, list]:
+    from pathlib import Path
+
+    from ouro_train.checkpoint.manager import Checkpointer
+
+    cfg = make_config(zero=zero, rows=GLOBAL_ROWS // 2)
+    layout = init_parallel(cfg.parallel, cfg.model, "cpu")
+    rows = GLOBAL_ROWS // layout.dp
+
+    def trainer_from(step: int) -> Trainer:
+        torch.manual_seed(0)
+        model = LoopLM(cfg.model)
+        engine = parallelize(model, cfg, layout)
+        batches = (
+            {k: v[layout.dp_rank * rows : (layout.dp_rank + 1) * rows] for k, v in global_batch(s).items()}
+            for s in range(step, 5)
+        )
+        return Trainer(cfg, model, batches, engine=engine)
+
+    straight = trainer_from(0)
+    expected = [straight.train_step()["loss"] for _ in range(5)]
+    first = trainer_from(0)
+    got = [first.train_step()["loss"] for _ in range(2)]
+    checkpointer = Checkpointer(cfg, Path(tmp), layout.rank, layout.world_size)
+    saved = checkpointer.save(first, None)
+    second = trainer_from(2)
+    checkpointer.load(saved, second, None)
+    got += [second.train_step()["loss"] for _ in range(3)]
+    return expected, got
+
+
+def test_deepspeed_checkpoint_resume_continues_exactly_zero_1_and_3(tmp_path):
+    for per_stage in run_distributed(resume_with_deepspeed, 2, str(tmp_path)):
+        for zero, (expected, got) in per_stage.items():
+            assert got == pytest.approx(expected, rel=1e-6, abs=0), f"ZeRO {zero}"

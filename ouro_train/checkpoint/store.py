@@ -1,0 +1,116 @@
+"""Checkpoint directories: atomic commit, the `latest` pointer, discovery with fallback, retention.
+
+    <run_dir>/checkpoints/
+        step_00000100/              a complete checkpoint (renamed into place when whole)
+            engine/                 model + optimizer (DeepSpeed engine checkpoint, or torch state dicts)
+            rng/rank_00000.pt       python / numpy / torch RNG of each rank
+            train_state.json        step, tokens, loader position, config hash, code version, layout
+            COMPLETE                written last, before the rename
+        latest                      "step_00000100", replaced atomically after the rename
+        .tmp-step_00000200/         a save in progress or interrupted: never read, removed on the next save
+
+A crash or SIGKILL at any point leaves either the previous checkpoint as `latest` or the new one,
+never a partial one that resume would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+TRAIN_STATE = "train_state.json"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the directory and what to do."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def temporary_dir(root: Path, step: int) -> Path:
+    return root / f".tmp-{step_name(step)}"
+
+
+def commit(root: Path, tmp: Path, step: int) -> Path:
+    """Rank 0, after every rank wrote its part into `tmp`: mark complete, rename, move `latest`."""
+    (tmp / COMPLETE).write_text(str(step))
+    _fsync_dir(tmp)
+    final = root / step_name(step)
+    if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / f".{LATEST}.tmp-{os.getpid()}"
+    pointer.write_text(step_name(step))
+    os.replace(pointer, root / LATEST)
+    _fsync_dir(root)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and (path / TRAIN_STATE).is_file() and (path / "engine").is_dir()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def find_latest(root: Path) -> Path | None:
+    """The checkpoint `latest` names, or (if it is missing or broken) the newest complete one."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if is_complete(named):
+            return named
+        log.warning("%s names %s, which is not a complete checkpoint; falling back", pointer, named)
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_train_state(path: Path) -> dict:
+    try:
+        return json.loads((path / TRAIN_STATE).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(
+            f"{path / TRAIN_STATE}: unreadable train state ({error}); this checkpoint is "
+            "corrupt, delete it to resume from the previous one"
+        ) from error
+
+
+def apply_retention(root: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last`, except every `keep_every`-th
+    step (0: none kept for that reason); also leftovers of interrupted saves. Returns what went."""
+    removed = []
+    found = complete_checkpoints(root)
+    keep = set(found[-keep_last:]) if keep_last > 0 else set(found)
+    for path in found:
+        step = int(_NAME.match(path.name).group(1))
+        if path in keep or (keep_every > 0 and step % keep_every == 0):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    for leftover in root.glob(".tmp-step_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return removed

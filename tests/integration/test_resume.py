@@ -1,0 +1,68 @@
+"""Checkpoints through the CLI: bitwise resume, and what a broken or foreign checkpoint does."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+COMMON = [
+    "train.steps=8",
+    "train.micro_batch_size=2",
+    "train.seq_len=32",
+    "train.eval_batches=1",
+    "model.vocab_size=512",
+    "data.tokenizer_vocab_size=512",
+    "logging.progress_bar=false",
+    "schedule.kind=cosine",
+    "schedule.warmup_steps=2",
+]
+
+
+def ouro_train(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"OURO_CACHE_DIR": str(tmp / "cache")}
+    out = subprocess.run([str(BIN / "ouro-train"), *COMMON, *args], capture_output=True, text=True, env=env)
+    if check:
+        assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_interrupted_run_resumes_bitwise_and_skips_when_done(tmp_path):
+    ouro_train(tmp_path, f"run_dir={tmp_path / 'straight'}")
+    first = ouro_train(tmp_path, f"run_dir={tmp_path / 'resumed'}", "train.max_steps_this_run=3")
+    assert (tmp_path / "resumed" / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    assert "resumed from" not in first.stdout
+    second = ouro_train(tmp_path, f"run_dir={tmp_path / 'resumed'}")
+    assert "resumed from" in second.stdout and "at step 3" in second.stdout
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert list(resumed) == list(range(1, 9))
+    assert resumed == straight  # bitwise: JSON keeps every digit of the float
+    again = ouro_train(tmp_path, f"run_dir={tmp_path / 'resumed'}")
+    assert "nothing to do" in again.stdout
+
+
+def test_broken_newest_checkpoint_falls_back_and_config_change_is_refused(tmp_path):
+    run = tmp_path / "run"
+    ouro_train(tmp_path, f"run_dir={run}", "train.max_steps_this_run=2")
+    ouro_train(tmp_path, f"run_dir={run}", "train.max_steps_this_run=2")  # steps 3-4
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+    # A save killed before its commit leaves only a temporary directory: never picked up.
+    shutil.copytree(checkpoints / "step_00000004", checkpoints / ".tmp-step_00000005")
+    (checkpoints / "step_00000004" / "COMPLETE").unlink()  # and the newest is broken
+    out = ouro_train(tmp_path, f"run_dir={run}", "train.max_steps_this_run=1")
+    assert "resumed from" in out.stdout and "step_00000002 at step 2" in out.stdout
+    changed = ouro_train(tmp_path, f"run_dir={run}", "optim.lr=1e-3", check=False)
+    assert changed.returncode == 2 and "training config changed" in changed.stderr and "optim.lr" in changed.stderr
+    engine = checkpoints / "step_00000003" / "engine" / "engine.pt"
+    engine.write_bytes(engine.read_bytes()[:100])
+    truncated = ouro_train(tmp_path, f"run_dir={run}", "checkpoint.resume=" + str(engine.parent.parent), check=False)
+    assert truncated.returncode == 2 and "engine.pt: unreadable" in truncated.stderr
+    assert "Traceback" not in truncated.stderr

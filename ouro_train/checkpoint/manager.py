@@ -25,6 +25,7 @@ from ouro_train.checkpoint.store import (
     read_train_state,
     temporary_dir,
 )
+from ouro_train.checkpoint.weights import WEIGHTS, full_state_dict, save_weights
 from ouro_train.config.schema import Config
 
 # Keys that may change between a save and a resume without changing what is being trained.
@@ -118,6 +119,9 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             (tmp / "rng").mkdir(parents=True)
         _barrier()
+        full = full_state_dict(trainer.engine.module)  # collective: every rank takes part
+        if self.rank == 0:
+            save_weights(full, tmp / WEIGHTS, self.cfg.model)
         trainer.engine.save_checkpoint(tmp / "engine")
         torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:

@@ -88,6 +88,12 @@ def train(cfg: Config) -> dict:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = LoopLM(cfg.model)
         parameters = model.num_parameters()
+        if resume_from is None and cfg.checkpoint.init_from:
+            from ouro_train.checkpoint.weights import load_into, read_weights
+
+            state, _ = read_weights(Path(cfg.checkpoint.init_from))
+            load_into(model, state, Path(cfg.checkpoint.init_from))
+            say(f"initialised weights from {cfg.checkpoint.init_from}")
         freeze_for_objective(model, cfg.objective.kind)
         engine = parallelize(model, cfg, layout)
         say(

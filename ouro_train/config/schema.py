@@ -341,6 +341,9 @@ class CheckpointConfig:
     # `auto`: continue from the newest complete checkpoint of the run directory if there is one;
     # `none`: always start fresh; or the path of a checkpoint directory.
     resume: str = "auto"
+    # Start (when there is nothing to resume) from the weights of this checkpoint directory or
+    # `ouro-import` output (model.safetensors): weights only, fresh optimizer, any world size.
+    init_from: str | None = None
     every_steps: int = 0  # 0: off
     every_minutes: float = 0.0  # 0: off
     keep_last: int = 2  # newest complete checkpoints kept

@@ -218,21 +218,23 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step():
     assert run_distributed(stop_on_one_rank, 2) == [2, 2]
 
 
-def resume_with_deepspeed(tmp: str) -> dict:
-    """For ZeRO 1 and 3: 5 steps straight vs 2 steps, a checkpoint, a fresh engine loading it,
-    3 more steps. One pair of processes for both stages (the groups are reused)."""
+def resume_with_deepspeed(tmp: str, layouts: list[tuple[int, int]]) -> dict:
+    """For each (ZeRO stage, TP) layout: 5 steps straight vs 2 steps, a checkpoint, a fresh engine
+    loading it, 3 more steps. One pair of processes for layouts sharing process groups."""
     try:
-        return {zero: resume_once(zero, f"{tmp}/zero{zero}") for zero in (1, 3)}
+        return {f"zero{zero}-tp{tp}": resume_once(zero, tp, f"{tmp}/zero{zero}-tp{tp}") for zero, tp in layouts}
     finally:
         destroy_parallel()
 
 
-def resume_once(zero: int, tmp: str) -> tuple[list, list]:
+def resume_once(zero: int, tp: int, tmp: str) -> tuple[list, list, dict]:
     from pathlib import Path
+
+    from safetensors.torch import load_file
 
     from ouro_train.checkpoint.manager import Checkpointer
 
-    cfg = make_config(zero=zero, rows=GLOBAL_ROWS // 2)
+    cfg = make_config(tp=tp, zero=zero, rows=GLOBAL_ROWS * tp // 2)
     layout = init_parallel(cfg.parallel, cfg.model, "cpu")
     rows = GLOBAL_ROWS // layout.dp
 
@@ -255,10 +257,23 @@ def resume_once(zero: int, tmp: str) -> tuple[list, list]:
     second = trainer_from(2)
     checkpointer.load(saved, second, None)
     got += [second.train_step()["loss"] for _ in range(3)]
-    return expected, got
+    return expected, got, load_file(saved / "model.safetensors")
 
 
-def test_deepspeed_checkpoint_resume_continues_exactly_zero_1_and_3(tmp_path):
-    for per_stage in run_distributed(resume_with_deepspeed, 2, str(tmp_path)):
-        for zero, (expected, got) in per_stage.items():
-            assert got == pytest.approx(expected, rel=1e-6, abs=0), f"ZeRO {zero}"
+def test_deepspeed_checkpoint_resume_continues_exactly_and_saves_full_weights(tmp_path):
+    """ZeRO-1 and ZeRO-3 on DP=2, and TP=2: resume continues exactly; the consolidated weights
+    (gathered from ZeRO-3 partitions / TP shards) are the full model's, equal in every layout."""
+    torch.manual_seed(0)
+    full_shapes = {k: v.shape for k, v in LoopLM(make_config().model).state_dict().items()}
+    results = run_distributed(resume_with_deepspeed, 2, str(tmp_path), [(1, 1), (3, 1)])[0]
+    results |= run_distributed(resume_with_deepspeed, 2, str(tmp_path), [(1, 2)])[0]
+    for layout, (expected, got, weights) in results.items():
+        assert got == pytest.approx(expected, rel=1e-5, abs=0), layout
+        assert {k: v.shape for k, v in weights.items()} == full_shapes, layout
+        for key, value in weights.items():
+            # Two Adam steps at lr 1e-2: an element whose gradient is ~0 may flip the sign of its
+            # update on float noise and move by up to 2 x lr, so compare whole tensors: a wrong
+            # gather (a shard misplaced, a partition missing) is off by O(1) in relative norm.
+            reference = results["zero1-tp1"][2][key]
+            relative = ((value - reference).norm() / reference.norm()).item()
+            assert relative < 1e-3, f"{layout} {key}: relative difference {relative:.2e}"

@@ -1,0 +1,91 @@
+"""Consolidated model weights: the full single-device state dict, whatever the parallel layout.
+
+Every checkpoint carries `model.safetensors` with the reference key names: gathered from ZeRO-3
+partitions and tensor-parallel shards on rank 0. It is what export, weights-only
+initialisation (a new stage, another world size) and upcycling read; no pickle is involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.config.schema import ModelConfig
+
+WEIGHTS = "model.safetensors"
+
+
+def _gather_tensor_parallel(tensor: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return tensor
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Every rank calls this (collectives inside); rank 0 gets fp32 CPU tensors, the others None."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id"):  # a ZeRO-3 partition: gather it for the duration of the read
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                tensor = param.data.detach().clone()
+        else:
+            tensor = param.detach()
+        tensor = _gather_tensor_parallel(tensor, param)
+        if rank == 0:
+            out[name] = tensor.to("cpu", torch.float32).contiguous()
+    return out if rank == 0 else None
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, model_cfg: ModelConfig) -> None:
+    save_file(state, str(path), metadata={"model_config": json.dumps(dataclasses.asdict(model_cfg))})
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (state dict, the saved model config as a dict)."""
+    file = path / WEIGHTS if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no consolidated weights; is {path} a checkpoint written by ouro-train?")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:
+        raise CheckpointError(f"{file}: unreadable ({error}); the file is truncated or corrupt") from error
+    return state, json.loads(metadata.get("model_config", "{}"))
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Strict load into a plain (not yet parallelized) model, naming every mismatch."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        details = [
+            f"missing {missing[:4]}" if missing else "",
+            f"unexpected {unexpected[:4]}" if unexpected else "",
+            "shape " + ", ".join(f"{k}: {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:4])
+            if wrong
+            else "",
+        ]
+        raise CheckpointError(
+            f"{where}: weights do not fit this model ({'; '.join(d for d in details if d)}); "
+            "check the model config (layers, hidden size, vocab) against the checkpoint's"
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})

@@ -1,0 +1,86 @@
+"""Checkpoint weights <-> the released Ouro Hugging Face layout, and weights-only starts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+BIN = Path(sys.executable).parent
+TRAIN = [
+    "train.steps=2",
+    "train.micro_batch_size=2",
+    "train.seq_len=32",
+    "train.eval_batches=1",
+    "model.vocab_size=512",
+    "data.tokenizer_vocab_size=512",
+    "logging.progress_bar=false",
+]
+
+
+def run(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"OURO_CACHE_DIR": str(tmp / "cache")}
+    out = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env)
+    if check:
+        assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def test_export_import_round_trip_and_init_from(tmp_path):
+    run(tmp_path, "ouro-train", f"run_dir={tmp_path / 'run'}", *TRAIN)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    original = load_file(checkpoint / "model.safetensors")
+    assert "model.layers.1.input_layernorm_2.weight" in original and "lm_head.weight" in original
+
+    run(tmp_path, "ouro-export", str(checkpoint), str(tmp_path / "hf32"), "--dtype", "float32")
+    config = json.loads((tmp_path / "hf32" / "config.json").read_text())
+    assert config["model_type"] == "ouro" and config["total_ut_steps"] == 4 and config["num_hidden_layers"] == 2
+    assert config["architectures"] == ["OuroForCausalLM"] and config["tie_word_embeddings"] is False
+    run(tmp_path, "ouro-import", str(tmp_path / "hf32"), str(tmp_path / "imported32"))
+    imported = load_file(tmp_path / "imported32" / "model.safetensors")
+    assert imported.keys() == original.keys()
+    assert all(torch.equal(imported[k], original[k]) for k in original)  # fp32: bit exact
+
+    run(tmp_path, "ouro-export", str(checkpoint), str(tmp_path / "hf16"))  # bfloat16, as released
+    run(tmp_path, "ouro-import", str(tmp_path / "hf16"), str(tmp_path / "imported16"))
+    run(tmp_path, "ouro-export", str(tmp_path / "imported16"), str(tmp_path / "hf16again"))
+    first, second = (
+        load_file(tmp_path / "hf16" / "model.safetensors"),
+        load_file(tmp_path / "hf16again" / "model.safetensors"),
+    )
+    assert all(first[k].dtype == torch.bfloat16 and torch.equal(first[k], second[k]) for k in first)
+    assert all(torch.equal(first[k], original[k].to(torch.bfloat16)) for k in first)
+
+    started = run(
+        tmp_path,
+        "ouro-train",
+        f"run_dir={tmp_path / 'stage2'}",
+        f"checkpoint.init_from={tmp_path / 'imported32'}",
+        *TRAIN,
+    )
+    assert "initialised weights from" in started.stdout
+    step1 = json.loads((tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    fresh = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert step1 < fresh  # starts from trained weights, not from scratch
+
+
+def test_weights_that_do_not_fit_the_model_are_refused(tmp_path):
+    run(tmp_path, "ouro-train", f"run_dir={tmp_path / 'run'}", *TRAIN)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    bad = run(
+        tmp_path,
+        "ouro-train",
+        f"run_dir={tmp_path / 'other'}",
+        f"checkpoint.init_from={checkpoint}",
+        "model.num_layers=3",
+        *TRAIN,
+        check=False,
+    )
+    assert bad.returncode == 2 and "weights do not fit this model" in bad.stderr and "model.layers.2" in bad.stderr
+    (tmp_path / "notouro").mkdir()
+    (tmp_path / "notouro" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    foreign = run(tmp_path, "ouro-import", str(tmp_path / "notouro"), str(tmp_path / "x"), check=False)
+    assert foreign.returncode == 2 and "model_type 'llama' is not 'ouro'" in foreign.stderr

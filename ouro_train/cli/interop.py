@@ -69,3 +69,63 @@ def import_main(argv: list[str] | None = None) -> int:
         f"x {cfg.recurrent_steps} steps -> {args.out / WEIGHTS}"
     )
     return 0
+
+
+def upcycle_main(argv: list[str] | None = None) -> int:
+    """`ouro-upcycle`: N layers -> 2N layers by duplication (see ouro_train/checkpoint/upcycle.py).
+
+    ouro-upcycle runs/stage1a/checkpoints/step_N weights/upcycled [--order stack|interleave]
+    ouro-upcycle --dry-run --model ouro_1p4b        # the plan and counts for a model recipe
+    """
+    from ouro_train.checkpoint.upcycle import layer_order, upcycle_config, upcycle_state_dict
+    from ouro_train.model.flops import count_model
+
+    parser = argparse.ArgumentParser(
+        prog="ouro-upcycle", description=upcycle_main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", type=Path, nargs="?", help="checkpoint (or weights) directory to grow")
+    parser.add_argument("out", type=Path, nargs="?", help="output directory for the 2N-layer weights")
+    parser.add_argument("--order", choices=("stack", "interleave"), default="stack")
+    parser.add_argument(
+        "--recurrent-steps",
+        type=int,
+        default=None,
+        help="recurrent steps of the grown model (default: half of the source's)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and parameter counts only")
+    parser.add_argument("--model", help="with --dry-run and no checkpoint: a model recipe name (e.g. ouro_1p4b)")
+    args = parser.parse_args(argv)
+    try:
+        if args.checkpoint is not None:
+            state, raw_cfg = read_weights(args.checkpoint)
+            source = ModelConfig(**raw_cfg)
+        elif args.dry_run and args.model:
+            from ouro_train.config.store import compose_config
+
+            state, source = None, compose_config([f"model={args.model}"]).model
+        else:
+            parser.error("give a checkpoint (and an output directory), or --dry-run --model NAME")
+        target = upcycle_config(source, args.order, args.recurrent_steps)
+        before, after = count_model(source, 4096).total_params, count_model(target, 4096).total_params
+        plan = layer_order(source.num_layers, args.order)
+        print(
+            f"upcycle ({args.order}): {source.num_layers} layers x {source.recurrent_steps} steps -> "
+            f"{target.num_layers} layers x {target.recurrent_steps} steps"
+        )
+        print(f"new layer i copies source layer: {plan[:8]}{' ...' if len(plan) > 8 else ''}")
+        print(f"parameters: {before:,} -> {after:,}; optimizer state starts fresh (weights only)")
+        if args.dry_run:
+            return 0
+        if args.out is None:
+            parser.error("an output directory is needed (or --dry-run)")
+        grown = upcycle_state_dict(state, source.num_layers, args.order)
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_weights(grown, args.out / WEIGHTS, target)
+        print(
+            f"wrote {args.out / WEIGHTS}; continue with checkpoint.init_from={args.out} "
+            f"model.num_layers={target.num_layers} model.recurrent_steps={target.recurrent_steps}"
+        )
+    except (CheckpointError, ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -84,3 +84,22 @@ def test_weights_that_do_not_fit_the_model_are_refused(tmp_path):
     (tmp_path / "notouro" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     foreign = run(tmp_path, "ouro-import", str(tmp_path / "notouro"), str(tmp_path / "x"), check=False)
     assert foreign.returncode == 2 and "model_type 'llama' is not 'ouro'" in foreign.stderr
+
+
+def test_upcycle_cli_writes_weights_a_bigger_model_trains_from(tmp_path):
+    run(tmp_path, "ouro-train", f"run_dir={tmp_path / 'run'}", *TRAIN)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    plan = run(tmp_path, "ouro-upcycle", str(checkpoint), "--dry-run")
+    assert "2 layers x 4 steps -> 4 layers x 2 steps" in plan.stdout and not (tmp_path / "up").exists()
+    out = run(tmp_path, "ouro-upcycle", str(checkpoint), str(tmp_path / "up"), "--order", "interleave")
+    assert "model.num_layers=4 model.recurrent_steps=2" in out.stdout
+    grown = run(
+        tmp_path,
+        "ouro-train",
+        f"run_dir={tmp_path / 'stage2'}",
+        f"checkpoint.init_from={tmp_path / 'up'}",
+        "model.num_layers=4",
+        "model.recurrent_steps=2",
+        *TRAIN,
+    )
+    assert "initialised weights from" in grown.stdout and "step 2 | loss" in grown.stdout

@@ -1,0 +1,51 @@
+"""Grow an N-layer LoopLM to 2N layers by duplicating its layers (how Ouro-2.6B came from the
+1.4B trunk at the start of stable phase 2).
+
+`stack` (default):  [1..N, 1..N]. With R/2 recurrent steps the 2N-layer model applies the same
+                    4N layer uses as N layers x R steps did; only the shared final norm between
+                    the two halves is missing, so the loss barely moves.
+`interleave`:       [1, 1, 2, 2, ..., N, N].
+Embeddings, final norm, LM head and exit gate are copied unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from ouro_train.config.schema import ModelConfig
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def layer_order(num_layers: int, order: str) -> list[int]:
+    """Source layer of each of the 2N new layers."""
+    if order == "stack":
+        return list(range(num_layers)) * 2
+    if order == "interleave":
+        return [i for i in range(num_layers) for _ in range(2)]
+    raise ValueError(f"order {order!r}: choose stack or interleave")
+
+
+def upcycle_config(cfg: ModelConfig, order: str, recurrent_steps: int | None = None) -> ModelConfig:
+    steps = recurrent_steps if recurrent_steps is not None else max(1, cfg.recurrent_steps // 2)
+    return dataclasses.replace(cfg, name=f"{cfg.name}_x2_{order}", num_layers=2 * cfg.num_layers, recurrent_steps=steps)
+
+
+def upcycle_state_dict(state: dict[str, torch.Tensor], num_layers: int, order: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    by_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = _LAYER.match(key)
+        if match:
+            by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = value
+        else:
+            out[key] = value.clone()
+    if sorted(by_layer) != list(range(num_layers)):
+        raise ValueError(f"weights hold layers {sorted(by_layer)}, expected 0..{num_layers - 1}")
+    for new, source in enumerate(layer_order(num_layers, order)):
+        for name, value in by_layer[source].items():
+            out[f"model.layers.{new}.{name}"] = value.clone()
+    return out

@@ -34,26 +34,32 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
+def bench_model(args: dict):
+    from ouro_train.config import ModelConfig
+
+    h = args["hidden"]
+    return ModelConfig(
+        name="bench",
+        vocab_size=args["vocab"],
+        hidden_size=h,
+        num_layers=args["layers"],
+        num_heads=h // 64,
+        num_kv_heads=h // 64,
+        intermediate_size=h * 11 // 4,
+        recurrent_steps=4,
+    )
+
+
 def run(args: dict, tp: int, zero: int) -> dict:
-    from ouro_train.config import Config, ModelConfig, ParallelConfig, TrainConfig
+    from ouro_train.config import Config, ParallelConfig, TrainConfig
     from ouro_train.model import LoopLM
     from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
     from ouro_train.train.trainer import Trainer
 
     torch.set_num_threads(1)  # one core per process: 2 processes on a 2-core machine
     world = int(os.environ.get("WORLD_SIZE", 1))
-    h = args["hidden"]
     cfg = Config(
-        model=ModelConfig(
-            name="bench",
-            vocab_size=args["vocab"],
-            hidden_size=h,
-            num_layers=args["layers"],
-            num_heads=h // 64,
-            num_kv_heads=h // 64,
-            intermediate_size=h * 11 // 4,
-            recurrent_steps=4,
-        ),
+        model=bench_model(args),
         train=TrainConfig(steps=args["steps"], micro_batch_size=args["batch"] * tp // world, seq_len=args["seq"]),
         parallel=ParallelConfig(tensor_parallel=tp, zero_stage=zero),
     )
@@ -94,20 +100,7 @@ def main() -> None:
         f"LoopLM hidden {args['hidden']}, {args['layers']} layers x 4 steps, vocab {args['vocab']}; global batch "
         f"{args['batch']} x {args['seq']} tokens; CPU, gloo, 1 thread per process"
     )
-    from ouro_train.config import ModelConfig
-
-    h = args["hidden"]
-    params = LoopLM(
-        ModelConfig(
-            name="b",
-            vocab_size=args["vocab"],
-            hidden_size=h,
-            num_layers=args["layers"],
-            num_heads=h // 64,
-            num_kv_heads=h // 64,
-            intermediate_size=h * 11 // 4,
-        )
-    ).num_parameters()
+    params = LoopLM(bench_model(args)).num_parameters()
     print(f"{params / 1e6:.1f}M parameters = {params * 16 / 2**20:.0f} MB of fp32 weights + grads + Adam states")
     for label, procs, tp, zero in LAYOUTS:
         results = run_distributed(run, procs, args, tp, zero) if procs > 1 else [run(args, tp, zero)]

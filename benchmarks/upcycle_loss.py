@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/upcycle_loss.py runs/demo/checkpoints/step_00000500
 
-Uses the checkpoint's consolidated weights and the demo corpus's validation windows (the
-checkpoint must come from the demo recipe, whose data it evaluates on).
+Uses the checkpoint's consolidated weights (and its model config) and the demo corpus's
+validation windows: the checkpoint should come from the demo recipe (any model size). With a
+one-layer source both orders give the same [1, 1]; use 2+ layers to compare them, e.g.
+`ouro-train --config-name demo model.num_layers=2 run_dir=runs/demo2`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from ouro_train.checkpoint.upcycle import upcycle_config, upcycle_state_dict
 from ouro_train.checkpoint.weights import read_weights
+from ouro_train.config import ModelConfig
 from ouro_train.config.store import compose_config
 from ouro_train.data.demo import build_demo_data
 from ouro_train.model import LoopLM, looplm_loss
@@ -37,6 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     state, raw_cfg = read_weights(args.checkpoint)
     cfg = compose_config(config_name="demo")
+    cfg.model = ModelConfig(**raw_cfg)  # the checkpoint's own shape (e.g. a 2-layer demo variant)
     _, batches, _ = build_demo_data(cfg)
     source = LoopLM(cfg.model)
     source.load_state_dict(state)

@@ -15,7 +15,6 @@ Special tokens are inserted by id, never by parsing text, so user text containin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,17 +104,12 @@ def _render(messages, ids: ChatTokens, thinking: str, where: str, text, special)
 
 
 def read_conversations(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
-            if "messages" not in record:
-                raise DataError(f"{path}:{line_number}: no 'messages' field")
-            yield f"{path}:{line_number}", record["messages"]
+    from data_tools.tokenize import iter_jsonl
+
+    for where, record in iter_jsonl(path):
+        if "messages" not in record:
+            raise DataError(f"{where}: no 'messages' field")
+        yield where, record["messages"]
 
 
 def build_sft_shards(

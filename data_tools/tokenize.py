@@ -52,24 +52,27 @@ class TokenizeOptions:
     batch_documents: int = 512
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """("file:line", record) for every non-empty line of a .jsonl(.gz) file; bad JSON names the line."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{line_number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
+
+
 def read_documents(path: Path, text_field: str) -> Iterator[str]:
     """Documents of one input file; a record without the field is an error naming file and line."""
     name = path.name
     if name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
-                if text_field not in record:
-                    raise DataError(
-                        f"{path}:{line_number}: no field {text_field!r} (fields: {sorted(record)}); pass --text-field"
-                    )
-                yield str(record[text_field])
+        for where, record in iter_jsonl(path):
+            if text_field not in record:
+                raise DataError(f"{where}: no field {text_field!r} (fields: {sorted(record)}); pass --text-field")
+            yield str(record[text_field])
     elif name.endswith(".parquet"):
         import pyarrow.parquet as pq
 

@@ -36,9 +36,9 @@ class CheckpointCallback(Callback):
         if due:
             self.save(trainer)
 
-    def save(self, trainer: Trainer) -> None:
-        if self.last_step_saved == trainer.state.step:
+    def save(self, trainer: Trainer, final: bool = False) -> None:
+        if self.last_step_saved == trainer.state.step and not final:
             return
-        self.checkpointer.save(trainer, self.loader_state())
+        self.checkpointer.save(trainer, self.loader_state(), final=final)
         self.last_save = time.monotonic()
         self.last_step_saved = trainer.state.step

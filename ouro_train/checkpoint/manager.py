@@ -55,14 +55,22 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def training_config(cfg: Config) -> dict:
+# How the batch is cut (per-rank micro-batches, accumulation) is a memory choice; what is trained is
+# the number of sequences per optimizer step, recorded as train.global_batch_rows instead.
+BATCH_SPLIT = ("train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size")
+
+
+def training_config(cfg: Config, dp_size: int = 1) -> dict:
     """The part of the config that defines the training itself (hashed and compared on resume)."""
     flat = flatten(dataclasses.asdict(cfg))
+    flat = {k: v for k, v in flat.items() if k not in BATCH_SPLIT}
+    flat["train.global_batch_rows"] = cfg.train.global_rows(dp_size)
     return {k: v for k, v in sorted(flat.items()) if not k.startswith(RESUMABLE_CHANGES)}
 
 
-def config_hash(cfg: Config) -> str:
-    return hashlib.sha256(json.dumps(training_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+def config_hash(cfg: Config, dp_size: int = 1) -> str:
+    payload = json.dumps(training_config(cfg, dp_size), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def code_version() -> str:
@@ -97,6 +105,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def engine_kind(engine) -> str:
+    return "deepspeed" if hasattr(engine, "engine") else "local"
+
+
+def saved_layout(path: Path, state: dict) -> tuple:
+    """(world size, tensor parallel, ZeRO stage, engine kind) that wrote the checkpoint."""
+    kind = state.get("engine") or ("local" if (path / "engine" / "engine.pt").is_file() else "deepspeed")
+    return state["world_size"], state["tensor_parallel"], state["zero_stage"], kind
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -108,8 +132,13 @@ class Checkpointer:
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
+        self.dp_size = world_size // cfg.parallel.tensor_parallel
 
-    def save(self, trainer, loader_state: dict | None) -> Path:
+    def save(self, trainer, loader_state: dict | None, final: bool = False) -> Path:
+        """`final`: the stage's last checkpoint, which also carries the layout-free optimizer state
+        (optimizer.safetensors) that a next stage or ouro-upcycle starts from."""
+        from ouro_train.train.schedules import lr_at
+
         step = trainer.state.step
         tmp = temporary_dir(self.root, step)
         if self.rank == 0:
@@ -122,19 +151,31 @@ class Checkpointer:
         full = full_state_dict(trainer.engine.module)  # collective: every rank takes part
         if self.rank == 0:
             save_weights(full, tmp / WEIGHTS, self.cfg.model)
+        if final:
+            from ouro_train.checkpoint.optimizer_state import OPTIMIZER, full_optimizer_state, save_optimizer_state
+
+            moments = full_optimizer_state(trainer.engine)  # collective
+            if self.rank == 0:
+                save_optimizer_state(moments, tmp / OPTIMIZER)
         trainer.engine.save_checkpoint(tmp / "engine")
         torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
             state = {
+                "stage": self.cfg.stage_name,
                 "step": step,
+                "steps": self.cfg.train.steps,
                 "tokens": trainer.state.tokens,
+                # The learning rate the schedule gives the next step: where init_schedule=keep starts.
+                "next_lr": lr_at(step, self.cfg.optim.lr, self.cfg.train.steps, self.cfg.schedule),
+                "final": final,
                 "loader": loader_state,
-                "config_hash": config_hash(self.cfg),
-                "config": training_config(self.cfg),
+                "config_hash": config_hash(self.cfg, self.dp_size),
+                "config": training_config(self.cfg, self.dp_size),
                 "code_version": code_version(),
                 "world_size": self.world_size,
                 "tensor_parallel": self.cfg.parallel.tensor_parallel,
                 "zero_stage": self.cfg.parallel.zero_stage,
+                "engine": engine_kind(trainer.engine),
             }
             (tmp / TRAIN_STATE).write_text(json.dumps(state, indent=1, default=str))
         _barrier()
@@ -147,32 +188,92 @@ class Checkpointer:
         return final
 
     def load(self, path: Path, trainer, loader) -> dict:
-        """Restore engine, RNG, step counters and the loader position from `path`."""
+        """Restore engine, RNG, step counters and the loader position from `path` (every rank).
+
+        At the saved layout DeepSpeed (or the local engine) loads its own files. At another
+        data-parallel size, ZeRO stage (1/2/3) or tensor-parallel size, the ZeRO shards go through
+        DeepSpeed's universal checkpoint (converted once and cached, see universal.py); the loader
+        position is global, so the data order continues unchanged.
+        """
         state = read_train_state(path)
         self.check_compatible(path, state)
-        if state["world_size"] != self.world_size or state["tensor_parallel"] != self.cfg.parallel.tensor_parallel:
-            raise CheckpointError(
-                f"{path}: saved by {state['world_size']} processes (tensor parallel {state['tensor_parallel']}), "
-                f"resumed by {self.world_size} (tensor parallel {self.cfg.parallel.tensor_parallel}); resuming at "
-                "another world size is not available yet: relaunch with the saved layout"
-            )
-        trainer.engine.load_checkpoint(path / "engine")
+        saved = saved_layout(path, state)
+        now = (
+            self.world_size,
+            self.cfg.parallel.tensor_parallel,
+            self.cfg.parallel.zero_stage,
+            engine_kind(trainer.engine),
+        )
+        if saved == now:
+            trainer.engine.load_checkpoint(path / "engine")
+        else:
+            self._load_elsewhere(path, trainer, saved, now)
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
-        if rng_file.is_file():
+        if saved[0] == self.world_size and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
+        else:  # another world: per-rank streams cannot carry over; derive them from the seed
+            seed_everything(self.cfg.train.seed + 1000003 * state["step"] + self.rank)
         trainer.state.step = state["step"]
         trainer.state.tokens = state["tokens"]
         if state["loader"] is not None and hasattr(loader, "load_state_dict"):
             loader.load_state_dict(state["loader"])
         return state
 
-    def check_compatible(self, path: Path, state: dict) -> None:
-        if state.get("config_hash") == config_hash(self.cfg):
+    def _load_elsewhere(self, path: Path, trainer, saved: tuple, now: tuple) -> None:
+        describe = lambda lay: f"{lay[0]} processes, tensor parallel {lay[1]}, ZeRO {lay[2]} ({lay[3]} engine)"  # noqa: E731
+        change = f"{path}: saved by {describe(saved)}, resumed by {describe(now)}"
+        if "local" in (saved[3], now[3]):
+            raise CheckpointError(
+                f"{change}; the single-process engine's optimizer state only resumes on one process: relaunch "
+                "with the saved layout, or start from its weights with checkpoint.init_from (fresh optimizer); "
+                "runs meant to change size should use parallel.zero_stage >= 1"
+            )
+        if saved[2] == 0 and now[2] == 0 and saved[1] == now[1]:
+            # Without ZeRO every data-parallel rank holds the whole optimizer: DeepSpeed loads it at any size.
+            trainer.engine.load_checkpoint(path / "engine")
             return
-        saved, now = state.get("config", {}), training_config(self.cfg)
+        if 0 in (saved[2], now[2]):
+            raise CheckpointError(
+                f"{change}; only ZeRO 1/2/3 optimizer shards convert to another layout (through DeepSpeed's "
+                "universal checkpoint): keep parallel.zero_stage and parallel.tensor_parallel as saved, or resume "
+                "with zero_stage >= 1 from a ZeRO checkpoint, or start from its weights with "
+                f"checkpoint.init_from={path}"
+            )
+        if saved[1] != now[1]:
+            # ds_to_universal (deepspeed 0.19.8) fails merging these megatron-core slices; the weights
+            # are consolidated in every checkpoint, so a new tensor-parallel size can start from them.
+            raise CheckpointError(
+                f"{change}; the optimizer state resumes at another data-parallel size but not at another "
+                f"tensor-parallel size: keep parallel.tensor_parallel={saved[1]}, or start from its weights with "
+                f"checkpoint.init_from={path} (fresh optimizer)"
+            )
+        if (saved[2] == 3) != (now[2] == 3):
+            # DeepSpeed's universal checkpoint of ZeRO-3 holds no whole-model file, which ZeRO 1/2 need.
+            raise CheckpointError(
+                f"{change}; ZeRO-3 optimizer shards convert only to ZeRO-3 (any data-parallel size), and ZeRO 1/2 "
+                "shards only to ZeRO 1/2: keep parallel.zero_stage on the same side, or start from its weights with "
+                f"checkpoint.init_from={path}"
+            )
+        from ouro_train.checkpoint.universal import ensure_universal
+
+        universal = ensure_universal(path, self.rank)
+        trainer.engine.load_checkpoint(universal, universal=True)
+        if self.rank == 0:
+            print(f"resumed {change} (through {universal})")
+
+    def check_compatible(self, path: Path, state: dict) -> None:
+        if state.get("config_hash") == config_hash(self.cfg, self.dp_size):
+            return
+        saved, now = state.get("config", {}), training_config(self.cfg, self.dp_size)
         changed = sorted(k for k in set(saved) | set(now) if str(saved.get(k)) != str(now.get(k)))
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
         raise CheckpointError(
             f"{path}: the training config changed since this checkpoint ({details}); resume with the saved config, "
             "or start a new run directory (or a new stage) for a changed one"
+            + (
+                "; at another data-parallel size set train.global_batch_size to the saved global_batch_rows "
+                "so the accumulation steps are derived"
+                if "train.global_batch_rows" in changed
+                else ""
+            )
         )

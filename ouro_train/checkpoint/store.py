@@ -47,13 +47,16 @@ def commit(root: Path, tmp: Path, step: int) -> Path:
     (tmp / COMPLETE).write_text(str(step))
     _fsync_dir(tmp)
     final = root / step_name(step)
-    if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
+    old = root / f".old-{step_name(step)}"
+    if final.exists():  # a re-save of the same step (the final save, a resume): swap, then delete
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
     pointer = root / f".{LATEST}.tmp-{os.getpid()}"
     pointer.write_text(step_name(step))
     os.replace(pointer, root / LATEST)
     _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -64,6 +64,62 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
+def written_by_deepspeed(checkpoint: Path | None) -> bool:
+    if checkpoint is None:
+        return False
+    from ouro_train.checkpoint.manager import saved_layout
+    from ouro_train.checkpoint.store import read_train_state
+
+    return saved_layout(checkpoint, read_train_state(checkpoint))[3] == "deepspeed"
+
+
+def handoff_source(cfg: Config) -> dict | None:
+    """The train state of `checkpoint.init_from` (a stage's final checkpoint or an ouro-upcycle
+    output), checked to hold what this stage's hand-off options take from it."""
+    from ouro_train.checkpoint.store import TRAIN_STATE, CheckpointError
+    from ouro_train.checkpoint.weights import WEIGHTS
+
+    if not cfg.checkpoint.init_from:
+        return None
+    path = Path(cfg.checkpoint.init_from)
+    if not (path / WEIGHTS).is_file():
+        raise CheckpointError(
+            f"checkpoint.init_from={path}: no {WEIGHTS} there; this stage starts from a previous stage's final "
+            "checkpoint (or an ouro-import / ouro-upcycle output): run that stage first or fix the path"
+        )
+    state_file = path / TRAIN_STATE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    wants = {
+        "next_lr": cfg.checkpoint.init_schedule == "keep",
+        "loader": cfg.checkpoint.init_data_position,
+    }
+    for key, wanted in wants.items():
+        if wanted and state.get(key) is None:
+            option = "init_schedule=keep" if key == "next_lr" else "init_data_position=true"
+            raise CheckpointError(
+                f"checkpoint.{option}: {path} records no {key} (weights only, e.g. an ouro-import output); "
+                f"set checkpoint.{'init_schedule=reset' if key == 'next_lr' else 'init_data_position=false'}"
+            )
+    return state
+
+
+def hand_off(cfg: Config, source: dict, trainer, train_batches) -> str:
+    """A new stage takes from the previous one what its recipe says; -> a line saying what."""
+    path = Path(cfg.checkpoint.init_from)
+    taken = ["weights"]
+    if cfg.checkpoint.init_optimizer:
+        from ouro_train.checkpoint.optimizer_state import load_optimizer_state, read_optimizer_state
+
+        load_optimizer_state(trainer.engine, read_optimizer_state(path), path)
+        taken.append("optimizer")
+    if cfg.checkpoint.init_schedule == "keep":
+        taken.append(f"learning rate {cfg.optim.lr:.3g}")
+    if cfg.checkpoint.init_data_position:
+        offsets = train_batches.continue_from(source["loader"])
+        taken.append(f"data position {offsets}")
+    return f"stage {cfg.stage_name} starts from {path}: " + ", ".join(taken)
+
+
 def train(cfg: Config) -> dict:
     """One stage on 1 process, or on every process torchrun / srun started (same code)."""
     from ouro_train.checkpoint.callback import CheckpointCallback
@@ -74,14 +130,19 @@ def train(cfg: Config) -> dict:
     from ouro_train.train.report import plot_loss_per_step, truncate_metrics
     from ouro_train.train.trainer import Trainer, freeze_for_objective
 
-    layout = init_parallel(cfg.parallel, cfg.model, cfg.train.device)
+    run_dir = Path(cfg.run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    checkpoint_root = run_dir / "checkpoints"
+    resume_from = resolve_resume(cfg.checkpoint.resume, checkpoint_root)
+    layout = init_parallel(cfg.parallel, cfg.model, cfg.train.device, group=written_by_deepspeed(resume_from))
     main_rank = layout.rank == 0
     say = print if main_rank else (lambda *a, **k: None)
     try:
-        run_dir = Path(cfg.run_dir)
-        metrics_path = run_dir / "metrics.jsonl"
-        checkpoint_root = run_dir / "checkpoints"
-        resume_from = resolve_resume(cfg.checkpoint.resume, checkpoint_root)
+        cfg.train.resolve_accumulation(layout.dp)
+        source = handoff_source(cfg)
+        if source is not None and cfg.checkpoint.init_schedule == "keep":
+            # Before any hash: the continued LR is part of what this stage trains.
+            cfg.optim.lr = float(source["next_lr"])
         if main_rank:
             run_dir.mkdir(parents=True, exist_ok=True)
         train_batches, eval_batches = build_data(cfg, layout.dp_rank, layout.dp)
@@ -94,6 +155,7 @@ def train(cfg: Config) -> dict:
             state, _ = read_weights(Path(cfg.checkpoint.init_from))
             load_into(model, state, Path(cfg.checkpoint.init_from))
             say(f"initialised weights from {cfg.checkpoint.init_from}")
+            del state
         freeze_for_objective(model, cfg.objective.kind)
         engine = parallelize(model, cfg, layout)
         say(
@@ -106,6 +168,8 @@ def train(cfg: Config) -> dict:
         if resume_from is not None:
             checkpointer.load(resume_from, trainer, train_batches)
             say(f"resumed from {resume_from} at step {trainer.state.step}")
+        elif source is not None:
+            say(hand_off(cfg, source, trainer, train_batches))
         if main_rank:
             # Log lines of steps after the checkpoint (a run killed after it) are replaced, not doubled.
             truncate_metrics(metrics_path, trainer.state.step)
@@ -128,7 +192,7 @@ def train(cfg: Config) -> dict:
             )
             return final
         if cfg.checkpoint.save_final:
-            saver.save(trainer)
+            saver.save(trainer, final=True)
         if not main_rank:
             return final
         (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))

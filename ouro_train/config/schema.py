@@ -252,8 +252,18 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100
+    # Stage length and batch in tokens, as the paper states them. When set, they define
+    # steps = tokens / global_batch_tokens (rounded up) and global_batch_size = global_batch_tokens /
+    # seq_len, replacing `steps` / `global_batch_size`.
+    tokens: int | None = None
+    global_batch_tokens: int | None = None
+    # Sequences per rank per forward pass (a memory knob).
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
+    # Sequences per optimizer step over all ranks. When set, grad_accum_steps is derived from it
+    # at start-up (global / (micro_batch_size x data-parallel size)), so the same recipe trains
+    # the same batches at any world size, and a resume at another world size sees the same data.
+    global_batch_size: int | None = None
     seq_len: int = 128
     # Autocast dtype for the forward pass; parameters and optimizer state stay fp32.
     precision: str = "fp32"
@@ -269,10 +279,55 @@ class TrainConfig:
         self.validate()
 
     def validate(self, section: str = "train") -> None:
+        if self.global_batch_tokens is not None:
+            _require(
+                self.global_batch_tokens >= self.seq_len and self.global_batch_tokens % self.seq_len == 0,
+                f"{section}.global_batch_tokens",
+                f"{self.global_batch_tokens} is not a whole number of sequences of seq_len {self.seq_len}",
+            )
+            self.global_batch_size = self.global_batch_tokens // self.seq_len
+        if self.tokens is not None:
+            _require(self.tokens >= 1, f"{section}.tokens", f"must be >= 1, got {self.tokens}")
+            _require(
+                self.global_batch_tokens is not None,
+                f"{section}.tokens",
+                "needs train.global_batch_tokens (the tokens per optimizer step) to give the number of steps",
+            )
+            self.steps = -(-self.tokens // self.global_batch_tokens)
         for key in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "eval_batches", "log_every"):
             _require(getattr(self, key) >= 1, f"{section}.{key}", f"must be >= 1, got {getattr(self, key)}")
         _require(self.eval_every >= 0, f"{section}.eval_every", f"must be >= 0, got {self.eval_every}")
         _one_of(self.precision, ("fp32", "bf16"), f"{section}.precision")
+        if self.global_batch_size is not None:
+            _require(
+                self.global_batch_size >= 1,
+                f"{section}.global_batch_size",
+                f"must be >= 1, got {self.global_batch_size}",
+            )
+
+    def resolve_accumulation(self, dp_size: int, section: str = "train") -> int:
+        """Set and return grad_accum_steps for `dp_size` data-parallel ranks (from global_batch_size)."""
+        if self.global_batch_size is None:
+            return self.grad_accum_steps
+        per_pass = self.micro_batch_size * dp_size
+        _require(
+            self.global_batch_size % per_pass == 0,
+            f"{section}.global_batch_size",
+            f"{self.global_batch_size} sequences do not split into {dp_size} data-parallel ranks x micro-batches of "
+            f"{self.micro_batch_size}; choose a global batch divisible by {per_pass} or change train.micro_batch_size",
+        )
+        accum = self.global_batch_size // per_pass
+        _require(
+            self.grad_accum_steps in (1, accum),
+            f"{section}.grad_accum_steps",
+            f"{self.grad_accum_steps} disagrees with global_batch_size={self.global_batch_size} at data parallel "
+            f"{dp_size} (which needs {accum}); set only one of them",
+        )
+        self.grad_accum_steps = accum
+        return accum
+
+    def global_rows(self, dp_size: int) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * dp_size
 
 
 @dataclass
@@ -344,6 +399,14 @@ class CheckpointConfig:
     # Start (when there is nothing to resume) from the weights of this checkpoint directory or
     # `ouro-import` output (model.safetensors): weights only, fresh optimizer, any world size.
     init_from: str | None = None
+    # Hand-off from `init_from` (a previous stage's final checkpoint or an ouro-upcycle output):
+    # also its Adam moments and step (optimizer.safetensors; any world size) ...
+    init_optimizer: bool = False
+    # ... `keep`: start at the learning rate it ended with (its next LR), as this stage's peak,
+    # without warmup (stable 1 -> stable 2 -> CT annealing ...); `reset`: this stage's own schedule.
+    init_schedule: str = "reset"
+    # ... and continue its data stream: sources with the same name resume after the tokens it used.
+    init_data_position: bool = False
     every_steps: int = 0  # 0: off
     every_minutes: float = 0.0  # 0: off
     keep_last: int = 2  # newest complete checkpoints kept
@@ -355,6 +418,18 @@ class CheckpointConfig:
         self.validate()
 
     def validate(self, section: str = "checkpoint") -> None:
+        _one_of(self.init_schedule, ("reset", "keep"), f"{section}.init_schedule")
+        for key in ("init_optimizer", "init_data_position"):
+            _require(
+                not getattr(self, key) or self.init_from is not None,
+                f"{section}.{key}",
+                "needs checkpoint.init_from (the checkpoint to take it from)",
+            )
+        _require(
+            self.init_schedule == "reset" or self.init_from is not None,
+            f"{section}.init_schedule",
+            "keep needs checkpoint.init_from (the checkpoint whose learning rate to continue)",
+        )
         for key in ("every_steps", "every_minutes", "keep_every"):
             _require(getattr(self, key) >= 0, f"{section}.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(self.keep_last >= 1, f"{section}.keep_last", f"must be >= 1, got {self.keep_last}")
@@ -380,6 +455,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # The stage this run is (warmup, stable1, ... in a pipeline): run names, logs, train state.
+    stage_name: str = "main"
     run_dir: str = "runs/default"
     # Resolve the config, build the model on the meta device, print counts and FLOPs, exit.
     dry_run: bool = False
@@ -395,6 +472,11 @@ class Config:
                 f"sequence parallelism splits the sequence over tensor_parallel={self.parallel.tensor_parallel} "
                 f"ranks: seq_len {self.train.seq_len} must be divisible by it",
             )
+        _require(
+            self.checkpoint.init_schedule == "reset" or self.schedule.warmup_steps == 0,
+            "schedule.warmup_steps",
+            "checkpoint.init_schedule=keep continues the previous stage's learning rate: set warmup_steps to 0",
+        )
         _require(
             self.schedule.warmup_steps <= self.train.steps,
             "schedule.warmup_steps",

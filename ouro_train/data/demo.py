@@ -19,8 +19,9 @@ from ouro_train.config.schema import Config, ConfigError
 
 
 class RandomWindowBatches(Iterator[dict[str, torch.Tensor]]):
-    """Batch i holds rows [dp_rank*B, (dp_rank+1)*B) of the global batch i of B*dp_size windows,
-    so the global data does not depend on the number of data-parallel ranks."""
+    """Optimizer step i draws one global batch of B x accum x dp_size windows; this rank takes its
+    contiguous B x accum rows, as `accum` micro-batches of B. The rows of a step therefore do not
+    depend on how they are split over ranks and accumulation (the elastic-resume invariant)."""
 
     def __init__(
         self,
@@ -31,6 +32,7 @@ class RandomWindowBatches(Iterator[dict[str, torch.Tensor]]):
         start: int = 0,
         dp_rank: int = 0,
         dp_size: int = 1,
+        grad_accum_steps: int = 1,
     ) -> None:
         if len(tokens) < seq_len + 2:
             raise ValueError(f"token stream of {len(tokens)} tokens is shorter than one window of {seq_len + 1}")
@@ -40,20 +42,34 @@ class RandomWindowBatches(Iterator[dict[str, torch.Tensor]]):
         self.seed = seed
         self.index = start
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.grad_accum_steps = grad_accum_steps
+        self._pending: list[np.ndarray] = []  # micro-batches left of the current global batch
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.index])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size * self.dp_size)
-        starts = starts[self.dp_rank * self.batch_size : (self.dp_rank + 1) * self.batch_size]
+        if not self._pending:
+            rng = np.random.default_rng([self.seed, self.index])
+            rows = self.batch_size * self.grad_accum_steps
+            starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=rows * self.dp_size)
+            starts = starts[self.dp_rank * rows : (self.dp_rank + 1) * rows]
+            self._pending = [starts[i : i + self.batch_size] for i in range(0, rows, self.batch_size)]
+            self.index += 1
+        starts = self._pending.pop(0)
         windows = torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts])  # (B, S+1)
-        self.index += 1
         return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
 
     def state_dict(self) -> dict:
+        """The next global batch; saved at optimizer-step boundaries, where nothing is pending."""
         return {"index": self.index}
+
+    def continue_from(self, state: dict) -> dict[str, int]:
+        """Continue a previous stage's stream of random windows (its next global batch)."""
+        self.index = int(state["index"])
+        self._pending = []
+        return {"demo": self.index}
 
     def load_state_dict(self, state: dict) -> None:
         self.index = int(state["index"])
+        self._pending = []
 
 
 def contiguous_windows(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
@@ -83,7 +99,13 @@ def build_demo_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> tuple[Ra
     train_tokens, val_tokens = join(train_docs), join(val_docs)
     micro = cfg.train.micro_batch_size
     train = RandomWindowBatches(
-        train_tokens, cfg.train.seq_len, micro, cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size
+        train_tokens,
+        cfg.train.seq_len,
+        micro,
+        cfg.train.seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        grad_accum_steps=cfg.train.grad_accum_steps,
     )
     evaluation = contiguous_windows(val_tokens, cfg.train.seq_len, micro * dp_size, cfg.train.eval_batches)
     rows = slice(dp_rank * micro, (dp_rank + 1) * micro)

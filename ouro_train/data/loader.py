@@ -30,6 +30,9 @@ from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX
 class LoaderState:
     next_batch: int = 0
     samples: dict[str, int] = field(default_factory=dict)  # consumed samples per source
+    # Where each source's stream starts, in tokens: non-zero when a stage continues the data
+    # position of the previous stage (checkpoint.init_data_position), whatever its seq_len was.
+    token_offsets: dict[str, int] = field(default_factory=dict)
 
 
 def collate_windows(windows: list[Window], document_masking: bool = True, document_positions: bool = True) -> dict:
@@ -103,7 +106,8 @@ class _RankBatches(IterableDataset):
         while True:
             rows = self.plan.rows(counts)
             if batch % workers == worker:
-                windows = [self.sources[s].window(j) for s, j in rows]
+                offsets = [self.state.token_offsets.get(source.name, 0) for source in self.sources]
+                windows = [self.sources[s].window(j, offsets[s]) for s, j in rows]
                 micro = self.plan.micro_batch_size
                 yield [
                     collate_windows(windows[i : i + micro], self.document_masking, self.document_positions)
@@ -165,13 +169,19 @@ class ShardedLoader:
             # The global batch is fully handed out: advance the position past all of it.
             counts = [self.state.samples[s.name] for s in self.sources]
             self.mixture.assign(counts, self.plan.global_batch_size)
-            self.state = LoaderState(self.state.next_batch + 1, {s.name: c for s, c in zip(self.sources, counts)})
+            samples = {s.name: c for s, c in zip(self.sources, counts, strict=True)}
+            self.state = LoaderState(self.state.next_batch + 1, samples, self.state.token_offsets)
         return batch
 
     def state_dict(self) -> dict:
         if self._pending:
             raise RuntimeError("loader state asked for in the middle of a global batch; save at step boundaries")
-        return {"next_batch": self.state.next_batch, "samples": dict(self.state.samples)}
+        return {
+            "next_batch": self.state.next_batch,
+            "samples": dict(self.state.samples),
+            "token_offsets": dict(self.state.token_offsets),
+            "seq_len": self.sources[0].seq_len,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if set(self.state.samples) != set(state["samples"]):
@@ -179,8 +189,24 @@ class ShardedLoader:
                 f"saved loader position is for sources {sorted(state['samples'])}, this mixture has "
                 f"{sorted(self.state.samples)}; a stage that changes its mixture must reset the data position"
             )
-        self.state = LoaderState(state["next_batch"], {s.name: int(state["samples"][s.name]) for s in self.sources})
+        samples = {s.name: int(state["samples"][s.name]) for s in self.sources}
+        self.state = LoaderState(state["next_batch"], samples, dict(state.get("token_offsets", {})))
         self._micro, self._pending = None, []
+
+    def continue_from(self, state: dict) -> dict[str, int]:
+        """Start where a previous stage's loader stopped: each source this mixture shares with it
+        continues after the tokens that stage consumed (at its own seq_len); new sources start at 0.
+        The mixture's own counts start at zero. -> the token offset per source."""
+        seq_len = int(state.get("seq_len", self.sources[0].seq_len))
+        previous = state.get("token_offsets", {})
+        offsets = {
+            s.name: int(previous.get(s.name, 0)) + int(state["samples"].get(s.name, 0)) * seq_len
+            for s in self.sources
+            if s.name in state["samples"]
+        }
+        self.state = LoaderState(0, {s.name: 0 for s in self.sources}, offsets)
+        self._micro, self._pending = None, []
+        return offsets
 
     def report(self) -> dict[str, dict]:
         """Tokens seen per source (input tokens of consumed samples) and epochs."""

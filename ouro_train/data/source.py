@@ -198,10 +198,11 @@ class TokenSource:
             int(doc_counts_before[slot]) + rank,
         )
 
-    def window(self, sample: int) -> Window:
-        """Tokens [sample*S, sample*S + S + 1) of the endless stream, with their documents."""
+    def window(self, sample: int, token_offset: int = 0) -> Window:
+        """Tokens [o + sample*S, o + sample*S + S + 1) of the endless stream (o: `token_offset`),
+        with their documents."""
         need = self.seq_len + 1
-        offset = sample * self.seq_len
+        offset = token_offset + sample * self.seq_len
         tokens, docs, positions, masks = [], [], [], []
         while need > 0:
             epoch, shard, document, start, number = self._locate(offset)

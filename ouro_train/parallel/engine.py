@@ -68,6 +68,13 @@ class DeepSpeedEngine:
             betas=(cfg.optim.beta1, cfg.optim.beta2),
             eps=cfg.optim.eps,
         )
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+        from ouro_train.checkpoint.universal import universal_checkpoint_info
+
+        # Saved with every checkpoint: what ds_to_universal needs to resume at another layout.
+        setattr(model, UNIVERSAL_CHECKPOINT_INFO, universal_checkpoint_info(cfg.model.vocab_size))
+        self.group_settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp_size), mpu=mpu
         )
@@ -105,14 +112,37 @@ class DeepSpeedEngine:
         """Every rank: model and optimizer shards in DeepSpeed's layout (tag `state`)."""
         self.engine.save_checkpoint(str(directory), tag="state", save_latest=False)
 
-    def load_checkpoint(self, directory) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(directory), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if path is None:
-            from ouro_train.checkpoint.store import CheckpointError
+    def load_checkpoint(self, directory, universal: bool = False) -> None:
+        """Every rank. `universal`: `directory` holds DeepSpeed's universal checkpoint (tag `state`),
+        saved at another data-parallel size, ZeRO stage or tensor-parallel size."""
+        from ouro_train.checkpoint.store import CheckpointError
 
+        config = self.engine._config
+        config.load_universal_checkpoint = universal
+        try:
+            path, _ = self.engine.load_checkpoint(
+                str(directory), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as error:
+            raise CheckpointError(
+                f"{directory}: DeepSpeed could not load it ({type(error).__name__}: {error}); a shard is missing or "
+                "truncated, or it was saved by another model: resume from an earlier checkpoint"
+            ) from error
+        finally:
+            config.load_universal_checkpoint = False
+        if path is None:
             raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint to load (tag 'state')")
+        # The universal loader under ZeRO-3 (deepspeed 0.19.8) overwrites every parameter group's
+        # hyperparameters with the first group's, giving norms and biases weight decay; ours are
+        # set by the config, not by the checkpoint, so put them back (the LR is set every step).
+        # It also gives every ZeRO-3 sub-group the same `step` tensor object, which torch's Adam then
+        # increments once per sub-group per step (wrong bias correction): give each its own.
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for group, settings in zip(inner.param_groups, self.group_settings, strict=True):
+            group.update({k: v for k, v in settings.items() if k != "lr"})
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         """Max over every rank of the world (tensor- and data-parallel)."""

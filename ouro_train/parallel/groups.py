@@ -45,17 +45,20 @@ def launcher_world() -> tuple[int, int, int]:
     return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def init_parallel(cfg: ParallelConfig, model: ModelConfig, device: str) -> ParallelLayout:
+def init_parallel(cfg: ParallelConfig, model: ModelConfig, device: str, group: bool = False) -> ParallelLayout:
     """Start torch.distributed (if launched with several processes) and megatron-core's groups.
 
-    The checks run before any collective so a bad layout fails on every rank with the same
-    message instead of hanging in a collective.
+    `group`: start a (size-1) process group even on one process without ZeRO, so DeepSpeed runs
+    the model (to resume a checkpoint DeepSpeed wrote). The checks run before any collective so
+    a bad layout fails on every rank with the same message instead of hanging in a collective.
     """
     world, rank, local_rank = launcher_world()
     dp = cfg.check_world(world, model)
-    if world == 1 and cfg.zero_stage == 0:
+    if world == 1 and cfg.zero_stage == 0 and not group:
         return ParallelLayout(1, 0, 0, 1, 1, 0, 0)
     # ZeRO on one process still needs a (size-1) process group: DeepSpeed communicates through it.
+    for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)):
+        os.environ.setdefault(key, str(value))  # what torchrun sets; DeepSpeed reads LOCAL_RANK
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device == "cuda" else "gloo")

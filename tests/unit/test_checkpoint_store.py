@@ -1,7 +1,10 @@
 import json
 
+import pytest
+
 from ouro_train.checkpoint.store import (
     TRAIN_STATE,
+    CheckpointError,
     apply_retention,
     commit,
     complete_checkpoints,
@@ -43,3 +46,21 @@ def test_retention_keeps_last_k_and_every_mth(tmp_path):
     assert kept == ["step_00000300", "step_00000500", "step_00000600"]
     assert sorted(p.name for p in removed) == ["step_00000100", "step_00000200", "step_00000400"]
     assert not temporary_dir(tmp_path, 700).exists()
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "message"),
+    [
+        ((1, 1, 0, "local"), (2, 1, 1, "deepspeed"), "single-process engine"),
+        ((2, 2, 1, "deepspeed"), (2, 1, 1, "deepspeed"), "tensor_parallel=2"),
+        ((2, 1, 3, "deepspeed"), (4, 1, 1, "deepspeed"), "ZeRO-3 optimizer shards convert only to ZeRO-3"),
+        ((2, 1, 0, "deepspeed"), (4, 1, 1, "deepspeed"), "only ZeRO 1/2/3 optimizer shards convert"),
+    ],
+)
+def test_resume_at_an_unsupported_layout_names_the_way_out(tmp_path, saved, now, message):
+    from ouro_train.checkpoint.manager import Checkpointer
+    from ouro_train.config import Config
+
+    with pytest.raises(CheckpointError, match=message) as error:
+        Checkpointer(Config(), tmp_path)._load_elsewhere(tmp_path, None, saved, now)
+    assert "checkpoint.init_from" in str(error.value)

@@ -1,0 +1,194 @@
+"""The optimizer's Adam moments as one layout-free file, for handing a stage to the next.
+
+`optimizer.safetensors` holds, per parameter name (the reference key names of model.safetensors),
+the full fp32 `exp_avg.<name>` and `exp_avg_sq.<name>`, and the Adam `step`. It is gathered from
+whatever the engine shards (ZeRO 1/2/3 through DeepSpeed's public `safe_get_full_optimizer_state`,
+tensor-parallel slices by all-gather) and set back the same way (`safe_set_full_optimizer_state`),
+so a stage can start with the previous stage's optimizer at any world size, and `ouro-upcycle`
+can duplicate the moments with the layers. It is written with the final checkpoint of a stage
+(what a next stage starts from), not with every periodic save: for 2.6B it is 21 GB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.weights import _gather_tensor_parallel
+
+OPTIMIZER = "optimizer.safetensors"
+KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _torch_optimizer(engine) -> torch.optim.Optimizer | None:
+    """The plain torch optimizer when the engine has no ZeRO (local engine, DeepSpeed stage 0)."""
+    if hasattr(engine, "engine"):
+        if engine.stage > 0:
+            return None
+        optimizer = engine.optimizer
+        return (
+            getattr(optimizer, "optimizer", optimizer)
+            if not isinstance(optimizer, torch.optim.Optimizer)
+            else optimizer
+        )
+    return engine.optimizer
+
+
+def _adam_step(engine) -> float:
+    optimizer = _torch_optimizer(engine)
+    inner = optimizer if optimizer is not None else getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if "step" in state:
+            return float(state["step"])
+    return 0.0
+
+
+def full_optimizer_state(engine) -> dict[str, torch.Tensor] | None:
+    """Every rank calls this (collectives inside); rank 0 gets the layout-free state, others None."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    module: nn.Module = engine.module
+    optimizer = _torch_optimizer(engine)
+    if optimizer is None:
+        _relink_zero_states(engine.optimizer)
+    out: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        for key in KEYS:
+            if optimizer is not None:
+                value = optimizer.state.get(param, {}).get(key)
+                value = torch.zeros_like(param) if value is None else value.detach()
+            else:
+                value = safe_get_full_optimizer_state(param, key)
+                value = (
+                    torch.zeros_like(param)
+                    if value is None
+                    else value.reshape(param.ds_shape if hasattr(param, "ds_shape") else param.shape)
+                )
+            value = _gather_tensor_parallel(value, param)
+            if _rank() == 0:
+                out[f"{key}.{name}"] = value.to("cpu", torch.float32).contiguous()
+    if _rank() != 0:
+        return None
+    out["step"] = torch.tensor([_adam_step(engine)], dtype=torch.float64)
+    return out
+
+
+def save_optimizer_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(state, str(path))
+
+
+def read_optimizer_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    path = checkpoint / OPTIMIZER
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: missing; the optimizer is handed to a next stage from a stage's final checkpoint (or an "
+            "ouro-upcycle output): start from such a checkpoint, or set checkpoint.init_optimizer=false"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: unreadable ({error}); the file is truncated or corrupt") from error
+
+
+def load_optimizer_state(engine, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Every rank: set the moments and step of `engine`'s optimizer from a full state."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    module: nn.Module = engine.module
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    missing = [n for n in names if f"exp_avg.{n}" not in state or f"exp_avg_sq.{n}" not in state]
+    if missing:
+        raise CheckpointError(
+            f"{where / OPTIMIZER}: no moments for {missing[:4]}; it was saved for another model: set "
+            "checkpoint.init_optimizer=false to start with a fresh optimizer"
+        )
+    step = torch.tensor(float(state["step"].item()))
+    optimizer = _torch_optimizer(engine)
+    if optimizer is None:
+        _create_zero_states(engine.optimizer)
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        local_shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+        for key in KEYS:
+            full = state[f"{key}.{name}"]
+            value = _shard_tensor_parallel(full, param)
+            if tuple(value.shape) != local_shape:
+                raise CheckpointError(
+                    f"{where / OPTIMIZER}: {key}.{name} has shape {tuple(full.shape)}, this model's parameter "
+                    f"{local_shape}; set checkpoint.init_optimizer=false to start with a fresh optimizer"
+                )
+            value = value.to(param.device, torch.float32)
+            if optimizer is not None:
+                optimizer.state.setdefault(param, {})[key] = value.clone()
+                optimizer.state[param]["step"] = step.clone()
+            else:
+                if hasattr(param, "ds_id"):
+                    _set_zero3_state(param, value, key)
+                else:
+                    safe_set_full_optimizer_state(param, value, key)
+    if optimizer is None:
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for param_state in inner.state.values():
+            param_state["step"] = step.clone()  # one tensor each: torch's Adam increments in place
+
+
+def _set_zero3_state(param: nn.Parameter, value: torch.Tensor, key: str) -> None:
+    """This rank's slice of a full ZeRO-3 optimizer state. DeepSpeed's set_full_hp_param (0.19.8)
+    offsets by the *unpadded* length of this rank's partition, which is wrong for the last rank
+    when the parameter does not divide evenly; the offset is the padded partition size x rank."""
+    optimizer = param._z3_optimizer
+    target, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    rank = optimizer._get_param_partition_rank(param) if hasattr(optimizer, "_get_param_partition_rank") else 0
+    flat = value.reshape(-1)
+    start = param.ds_tensor.numel() * rank
+    count = max(0, min(target.numel(), flat.numel() - start))  # the last partition may be padding only
+    target.data[:count].copy_(flat[start : start + count])
+
+
+def _create_zero_states(zero_optimizer) -> None:
+    """torch's Adam creates its state at the first step, and DeepSpeed ZeRO 1/2 link their
+    per-parameter views of it only then; a fresh engine has neither. Create zero moments for each
+    flat fp32 partition (ZeRO 1/2/3) and let DeepSpeed link them, so values can be set before a step."""
+    inner = zero_optimizer.optimizer
+    flats = getattr(zero_optimizer, "single_partition_of_fp32_groups", None)
+    if flats is None:
+        flats = zero_optimizer.fp32_partitioned_groups_flat  # ZeRO-3
+    for flat in flats:
+        state = inner.state[flat]  # a defaultdict: {} when never stepped
+        state.setdefault("step", torch.tensor(0.0))
+        for key in KEYS:
+            state.setdefault(key, torch.zeros_like(flat))
+    _relink_zero_states(zero_optimizer)
+
+
+def _relink_zero_states(zero_optimizer) -> None:
+    """ZeRO 1/2 (deepspeed 0.19.8) link each parameter's view of the Adam state once, right after
+    the first parameter group's first step, before the other groups have any state: the parameters
+    of our second group (norms, biases) are left without `exp_avg`. Linking again fixes that."""
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _shard_tensor_parallel(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return full.chunk(size, dim=param.partition_dim)[rank]

@@ -49,3 +49,15 @@ def upcycle_state_dict(state: dict[str, torch.Tensor], num_layers: int, order: s
         for name, value in by_layer[source].items():
             out[f"model.layers.{new}.{name}"] = value.clone()
     return out
+
+
+def upcycle_optimizer_state(state: dict[str, torch.Tensor], num_layers: int, order: str) -> dict[str, torch.Tensor]:
+    """Duplicate Adam moments (`exp_avg.<name>`, `exp_avg_sq.<name>`, see optimizer_state.py) with
+    their layers, so the grown model continues with the optimizer of the trunk it came from."""
+    out: dict[str, torch.Tensor] = {}
+    for kind in ("exp_avg", "exp_avg_sq"):
+        prefix = f"{kind}."
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        out |= {f"{prefix}{k}": v for k, v in upcycle_state_dict(part, num_layers, order).items()}
+    out["step"] = state["step"].clone()
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -71,13 +72,50 @@ def import_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def write_upcycled(
+    checkpoint: Path, out: Path, state: dict, source: ModelConfig, target: ModelConfig, order: str, optimizer: str
+) -> None:
+    """The grown weights (+ duplicated Adam moments, + the source's train state: its next learning
+    rate and data position, for the next stage's hand-off), committed by one rename."""
+    import shutil
+
+    from ouro_train.checkpoint.optimizer_state import OPTIMIZER, read_optimizer_state, save_optimizer_state
+    from ouro_train.checkpoint.store import TRAIN_STATE
+    from ouro_train.checkpoint.upcycle import upcycle_optimizer_state, upcycle_state_dict
+
+    moments = None
+    if optimizer == "duplicate":
+        moments = upcycle_optimizer_state(read_optimizer_state(checkpoint), source.num_layers, order)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(upcycle_state_dict(state, source.num_layers, order), tmp / WEIGHTS, target)
+    if moments is not None:
+        save_optimizer_state(moments, tmp / OPTIMIZER)
+    previous = json.loads((checkpoint / TRAIN_STATE).read_text()) if (checkpoint / TRAIN_STATE).is_file() else {}
+    record = {
+        "upcycled_from": str(checkpoint),
+        "order": order,
+        "optimizer": optimizer,
+        "layers": [source.num_layers, target.num_layers],
+        "recurrent_steps": [source.recurrent_steps, target.recurrent_steps],
+        "next_lr": previous.get("next_lr"),
+        "loader": previous.get("loader"),
+        "tokens": previous.get("tokens"),
+    }
+    (tmp / TRAIN_STATE).write_text(json.dumps(record, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def upcycle_main(argv: list[str] | None = None) -> int:
     """`ouro-upcycle`: N layers -> 2N layers by duplication (see ouro_train/checkpoint/upcycle.py).
 
     ouro-upcycle runs/stage1a/checkpoints/step_N weights/upcycled [--order stack|interleave]
     ouro-upcycle --dry-run --model ouro_1p4b        # the plan and counts for a model recipe
     """
-    from ouro_train.checkpoint.upcycle import layer_order, upcycle_config, upcycle_state_dict
+    from ouro_train.checkpoint.upcycle import layer_order, upcycle_config
     from ouro_train.model.flops import count_model
 
     parser = argparse.ArgumentParser(
@@ -91,6 +129,13 @@ def upcycle_main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="recurrent steps of the grown model (default: half of the source's)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=("duplicate", "reset"),
+        default="duplicate",
+        help="Adam moments: duplicated with the layers (default; needs the source's optimizer.safetensors, "
+        "written with a stage's final checkpoint) or reset (the next stage starts a fresh optimizer)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and parameter counts only")
     parser.add_argument("--model", help="with --dry-run and no checkpoint: a model recipe name (e.g. ouro_1p4b)")
@@ -113,16 +158,14 @@ def upcycle_main(argv: list[str] | None = None) -> int:
             f"{target.num_layers} layers x {target.recurrent_steps} steps"
         )
         print(f"new layer i copies source layer: {plan[:8]}{' ...' if len(plan) > 8 else ''}")
-        print(f"parameters: {before:,} -> {after:,}; optimizer state starts fresh (weights only)")
+        print(f"parameters: {before:,} -> {after:,}; optimizer moments: {args.optimizer}")
         if args.dry_run:
             return 0
         if args.out is None:
             parser.error("an output directory is needed (or --dry-run)")
-        grown = upcycle_state_dict(state, source.num_layers, args.order)
-        args.out.mkdir(parents=True, exist_ok=True)
-        save_weights(grown, args.out / WEIGHTS, target)
+        write_upcycled(args.checkpoint, args.out, state, source, target, args.order, args.optimizer)
         print(
-            f"wrote {args.out / WEIGHTS}; continue with checkpoint.init_from={args.out} "
+            f"wrote {args.out}; continue with checkpoint.init_from={args.out} "
             f"model.num_layers={target.num_layers} model.recurrent_steps={target.recurrent_steps}"
         )
     except (CheckpointError, ConfigError, ValueError) as error:

@@ -103,3 +103,30 @@ def test_upcycle_cli_writes_weights_a_bigger_model_trains_from(tmp_path):
         *TRAIN,
     )
     assert "initialised weights from" in grown.stdout and "step 2 | loss" in grown.stdout
+
+    # Moments are duplicated with their layers (interleave: new layers 2i and 2i+1 <- layer i),
+    # and the next stage takes them, the learning rate and the data position from the output.
+    source = load_file(str(checkpoint / "optimizer.safetensors"))
+    moments = load_file(str(tmp_path / "up" / "optimizer.safetensors"))
+    key = "model.layers.{}.mlp.up_proj.weight"
+    for kind in ("exp_avg", "exp_avg_sq"):
+        assert torch.count_nonzero(source[f"{kind}.{key.format(1)}"]) > 0
+        for new, old in ((0, 0), (1, 0), (2, 1), (3, 1)):
+            assert torch.equal(moments[f"{kind}.{key.format(new)}"], source[f"{kind}.{key.format(old)}"])
+        assert torch.equal(moments[f"{kind}.lm_head.weight"], source[f"{kind}.lm_head.weight"])
+    assert moments["step"].item() == source["step"].item() == 2
+    carried = run(
+        tmp_path,
+        "ouro-train",
+        f"run_dir={tmp_path / 'stage2b'}",
+        f"checkpoint.init_from={tmp_path / 'up'}",
+        "checkpoint.init_optimizer=true",
+        "checkpoint.init_schedule=keep",
+        "checkpoint.init_data_position=true",
+        "model.num_layers=4",
+        "model.recurrent_steps=2",
+        *TRAIN,
+    )
+    assert "weights, optimizer, learning rate" in carried.stdout and "data position {'demo': 2}" in carried.stdout
+    reset = run(tmp_path, "ouro-upcycle", str(checkpoint), str(tmp_path / "up2"), "--optimizer", "reset")
+    assert "optimizer moments: reset" in reset.stdout and not (tmp_path / "up2" / "optimizer.safetensors").exists()

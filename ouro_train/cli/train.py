@@ -178,6 +178,14 @@ def train(cfg: Config) -> dict:
             return {}
         saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         trainer.callbacks.append(saver)
+        from ouro_train.train.callbacks import Throughput, WandbLogger, peak_tflops
+
+        flops = count_model(cfg.model, cfg.train.seq_len).train_flops_per_token
+        trainer.callbacks.insert(
+            0, Throughput(flops, layout.world_size, peak_tflops(cfg.logging.peak_tflops, cfg.train.device))
+        )
+        if main_rank and cfg.logging.wandb:
+            trainer.callbacks.append(WandbLogger(cfg, run_dir, asdict(cfg)))
         if main_rank and cfg.logging.console:
             trainer.callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
         if main_rank and cfg.logging.jsonl:

@@ -442,6 +442,19 @@ class LoggingConfig:
     jsonl: bool = True
     # Write loss_per_step.png into the run directory at the end of training.
     plot: bool = False
+    # Weights & Biases: one run per stage, grouped by `wandb_group` (the pipeline's run directory
+    # name when a pipeline runs it). `offline` unless configured (or WANDB_MODE is set): files in
+    # <run_dir>/wandb, to `wandb sync` later.
+    wandb: bool = True
+    wandb_project: str = "ouro-train"
+    wandb_group: str | None = None
+    wandb_mode: str = "offline"
+    # Peak dense bf16 TFLOP/s per device, for MFU. None: looked up from the CUDA device name
+    # (H100/H200 989, A100 312); no MFU on CPU.
+    peak_tflops: float | None = None
+
+    def __post_init__(self) -> None:
+        _one_of(self.wandb_mode, ("offline", "online", "disabled"), "logging.wandb_mode")
 
 
 @dataclass
@@ -457,6 +470,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # The stage this run is (warmup, stable1, ... in a pipeline): run names, logs, train state.
     stage_name: str = "main"
+    # The directory data recipes' source paths start from (`${data_root}/nemotron_cc`).
+    data_root: str = "data"
     run_dir: str = "runs/default"
     # Resolve the config, build the model on the meta device, print counts and FLOPs, exit.
     dry_run: bool = False

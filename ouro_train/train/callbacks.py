@@ -25,6 +25,8 @@ def format_metrics(metrics: dict) -> str:
         parts.append(f"gnorm {grad_norm:.3f}" if grad_norm is not None and math.isfinite(grad_norm) else "gnorm -")
         parts.append(f"lr {metrics['lr']:.2e}")
         parts.append(f"{metrics['tokens_per_s'] / 1e3:.1f}k tok/s")
+    if "mfu" in metrics:
+        parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
     return " | ".join(parts)
 
 
@@ -79,3 +81,75 @@ class JsonlLogger(Callback):
 
     def on_eval_end(self, trainer: Trainer, metrics: dict) -> None:
         self._append(metrics)
+
+
+# Dense bf16 peak per device (vendor datasheets, without sparsity), for MFU.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def peak_tflops(configured: float | None, device: str) -> float | None:
+    if configured is not None:
+        return configured
+    if device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
+
+
+class Throughput(Callback):
+    """Adds achieved TFLOP/s per device and, where the device's peak is known, MFU to the step's
+    metrics (before the loggers see them). FLOPs per token count all R recurrent steps, forward +
+    backward (3x forward; recomputation not counted), as in ouro_train/model/flops.py."""
+
+    def __init__(self, train_flops_per_token: float, world_size: int, peak: float | None) -> None:
+        self.flops_per_token = train_flops_per_token
+        self.world_size = world_size
+        self.peak = peak
+
+    def on_step_end(self, trainer: Trainer, metrics: dict) -> None:
+        achieved = self.flops_per_token * metrics["tokens_per_s"] / self.world_size / 1e12
+        metrics["tflops_per_device"] = achieved
+        if self.peak:
+            metrics["mfu"] = achieved / self.peak
+
+
+class WandbLogger(Callback):
+    """One wandb run per stage, grouped by pipeline; offline unless configured (rank 0 only)."""
+
+    def __init__(self, cfg, run_dir: Path, config: dict) -> None:
+        import os
+
+        import wandb
+
+        log = cfg.logging
+        mode = os.environ.get("WANDB_MODE", log.wandb_mode)
+        self.run = wandb.init(
+            project=log.wandb_project,
+            group=log.wandb_group or run_dir.name,
+            name=cfg.stage_name,
+            job_type=cfg.stage_name,
+            dir=str(run_dir),
+            config=config,
+            mode=mode,
+            resume="allow",
+            id=_stable_run_id(run_dir),
+            settings=wandb.Settings(quiet=True, console="off"),
+        )
+
+    def on_step_end(self, trainer: Trainer, metrics: dict) -> None:
+        self.run.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=metrics["step"])
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict) -> None:
+        self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.run.finish()
+
+
+def _stable_run_id(run_dir: Path) -> str:
+    """The same wandb run id for every restart of one run directory (a resumed stage continues its run)."""
+    import hashlib
+
+    return hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]

@@ -1,0 +1,55 @@
+"""A rough per-GPU memory estimate for the dry run (what fits, not an exact count).
+
+States: parameters, gradients and the two Adam moments are fp32 (4 + 4 + 8 bytes per parameter;
+autocast runs the matmuls in bf16), divided by tensor parallel, and the parts ZeRO shards divided
+by data parallel (stage 1: moments, 2: + gradients, 3: + parameters). Activations: per layer use
+and token about 34 h bytes in bf16 without recomputation (Korthikanti et al. 2022, with
+memory-efficient attention, so no s^2 term); a looped model uses each layer R times. `layer`
+checkpointing keeps each layer use's input (4 h bytes: the residual stream is fp32) and recomputes
+one layer; `step` keeps each
+recurrent step's input (4 h, fp32 residual stream) and recomputes one step (L layer uses).
+The step-wise CE holds one chunk of logits (chunk x vocab x 4 bytes, about 3 live copies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ouro_train.config.schema import Config
+from ouro_train.model.flops import count_model
+
+GIB = 2**30
+
+
+@dataclass
+class MemoryEstimate:
+    states_gib: float
+    activations_gib: float
+    logits_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.states_gib + self.activations_gib + self.logits_gib
+
+
+def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
+    m, par = cfg.model, cfg.parallel
+    tp = par.tensor_parallel
+    dp = max(1, world_size // tp)
+    params = count_model(m, cfg.train.seq_len).total_params / tp
+    zero = par.zero_stage
+    weights = 4 * params / (dp if zero >= 3 else 1)
+    grads = 4 * params / (dp if zero >= 2 else 1)
+    moments = 8 * params / (dp if zero >= 1 else 1)
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_len / (tp if par.sequence_parallel else 1)
+    h, uses = m.hidden_size, m.num_layers * m.recurrent_steps
+    per_use = 34 * h * tokens
+    if par.activation_checkpointing == "none":
+        activations = per_use * uses
+    elif par.activation_checkpointing == "layer":
+        activations = 4 * h * tokens * uses + per_use
+    else:
+        activations = 4 * h * tokens * m.recurrent_steps + per_use * m.num_layers
+    chunk = min(cfg.objective.ce_chunk_size, cfg.train.micro_batch_size * cfg.train.seq_len)
+    logits = 3 * 4 * chunk * m.vocab_size / tp
+    return MemoryEstimate((weights + grads + moments) / GIB, activations / GIB, logits / GIB)

@@ -1,0 +1,362 @@
+"""The multi-stage runner: plan the stages, run them in order in one run directory, hand each
+the previous stage's final checkpoint, skip finished stages, resume an interrupted one.
+
+Layout of a pipeline run directory:
+
+    runs/ouro_1p4b/
+      data/                       the demo's shards (prepare: demo)
+      warmup/                     a stage's own run directory (ouro-train run_dir)
+        checkpoints/step_00004769 its final checkpoint: the next stage's input
+        metrics.jsonl  final_eval.json  wandb/
+      upcycle/                    an upcycle stage's output (weights, moments, train state)
+      report.md  loss_per_step.png  exit_distribution.png
+
+Training stages run as child processes (`python -m ouro_train.cli.train`, under torchrun when
+nproc > 1): the same command that launches the stage alone, printed by the dry run. A stage is
+finished when its final checkpoint (step == train.steps, with the optimizer file) is complete;
+anything less is resumed by the stage itself (checkpoint.resume=auto).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ouro_train.checkpoint.store import CheckpointError, is_complete, step_name
+from ouro_train.config.schema import Config, ConfigError
+from ouro_train.config.store import compose_config
+from ouro_train.pipeline.memory import estimate_memory
+from ouro_train.pipeline.spec import PipelineSpec, StageSpec
+
+
+@dataclass
+class PlannedStage:
+    spec: StageSpec
+    directory: Path
+    input: Path | None  # the checkpoint it starts from
+    output: Path  # what the next stage starts from
+    overrides: list[str]
+    cfg: Config | None  # None for upcycle stages
+    model_layers: int
+    recurrent_steps: int
+
+
+class PipelineError(RuntimeError):
+    """A stage failed or cannot start; the message names the stage and what to do."""
+
+
+def _format(overrides: list[str], run_dir: Path) -> list[str]:
+    return [o.replace("{run_dir}", str(run_dir)) for o in overrides]
+
+
+def plan(spec: PipelineSpec, run_dir: Path, extra: list[str]) -> list[PlannedStage]:
+    """Compose and validate every stage's config (nothing is read from disk but recipes)."""
+    planned: list[PlannedStage] = []
+    for index, stage in enumerate(spec.stages):
+        source = spec.input_of(index)
+        input_path = None
+        if source is not None:
+            input_path = next(p.output for p in planned if p.spec.name == source.name)
+        directory = run_dir / stage.name
+        if stage.kind == "upcycle":
+            previous = next(p for p in planned if p.spec.name == source.name)
+            steps = stage.recurrent_steps or max(1, previous.recurrent_steps // 2)
+            planned.append(
+                PlannedStage(stage, directory, input_path, directory, [], None, 2 * previous.model_layers, steps)
+            )
+            continue
+        overrides = [
+            *_format(spec.overrides, run_dir),
+            *_format(stage.overrides, run_dir),
+            *extra,
+            f"stage_name={stage.name}",
+            f"run_dir={directory}",
+            f"logging.wandb_group={run_dir.name}",
+            "checkpoint.resume=auto",
+        ]
+        if input_path is not None:
+            overrides.append(f"checkpoint.init_from={input_path}")
+        try:
+            cfg = compose_config(overrides, config_name=spec.config_name)
+        except ConfigError as error:
+            raise ConfigError(f"stage {stage.name}: {error}") from error
+        except Exception as error:  # hydra's own errors: a missing group option, a bad override
+            raise ConfigError(f"stage {stage.name}: {type(error).__name__}: {error}") from error
+        if source is not None and source.kind == "upcycle":
+            grown = next(p for p in planned if p.spec.name == source.name)
+            if (cfg.model.num_layers, cfg.model.recurrent_steps) != (grown.model_layers, grown.recurrent_steps):
+                raise ConfigError(
+                    f"stage {stage.name}: its model has {cfg.model.num_layers} layers x {cfg.model.recurrent_steps} "
+                    f"steps but the upcycle stage {source.name} writes {grown.model_layers} x {grown.recurrent_steps}; "
+                    "give the stage the grown model (e.g. model=ouro_2p6b)"
+                )
+        output = directory / "checkpoints" / step_name(cfg.train.steps)
+        planned.append(
+            PlannedStage(
+                stage, directory, input_path, output, overrides, cfg, cfg.model.num_layers, cfg.model.recurrent_steps
+            )
+        )
+    return planned
+
+
+def stage_done(stage: PlannedStage) -> bool:
+    if stage.spec.kind == "upcycle":
+        return (stage.output / "model.safetensors").is_file() and (stage.output / "train_state.json").is_file()
+    if not is_complete(stage.output):
+        return False
+    state = json.loads((stage.output / "train_state.json").read_text())
+    return bool(state.get("final")) and state.get("step") == stage.cfg.train.steps
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _carries(cfg: Config) -> str:
+    if not cfg.checkpoint.init_from:
+        return "-"
+    parts = ["weights"]
+    if cfg.checkpoint.init_optimizer:
+        parts.append("optim")
+    if cfg.checkpoint.init_schedule == "keep":
+        parts.append("LR")
+    if cfg.checkpoint.init_data_position:
+        parts.append("data")
+    return "+".join(parts)
+
+
+def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, nproc: int) -> str:
+    """The dry run's plan: one row per stage, then where checkpoints go and how to launch each."""
+    rows = [
+        (
+            "stage",
+            "model",
+            "tokens",
+            "seq",
+            "batch tok",
+            "steps",
+            "LR",
+            "beta",
+            "theta",
+            "carries",
+            f"mem/GPU @{world_size}",
+        )
+    ]
+    for stage in planned:
+        if stage.cfg is None:
+            rows.append(
+                (
+                    stage.spec.name,
+                    f"-> {stage.model_layers}x{stage.recurrent_steps}",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    f"upcycle {stage.spec.order}",
+                    "-",
+                    "-",
+                    f"moments {stage.spec.optimizer}",
+                    "-",
+                )
+            )
+            continue
+        cfg = stage.cfg
+        t = cfg.train
+        batch_tokens = t.global_batch_size * t.seq_len if t.global_batch_size else t.micro_batch_size * t.seq_len
+        sched = cfg.schedule
+        lr = f"{cfg.optim.lr:.3g}"
+        if sched.kind != "constant":
+            lr += f"->{sched.final_lr:.3g} {sched.kind}"
+        else:
+            lr += " const"
+        if sched.warmup_steps:
+            lr += f" (warmup {sched.warmup_steps})"
+        if cfg.checkpoint.init_schedule == "keep":
+            lr += " kept"
+        memory = estimate_memory(cfg, world_size)
+        rows.append(
+            (
+                stage.spec.name,
+                f"{cfg.model.name} {cfg.model.num_layers}x{cfg.model.recurrent_steps}",
+                _human(t.steps * batch_tokens),
+                _human(t.seq_len),
+                _human(batch_tokens),
+                f"{t.steps:,}",
+                lr,
+                f"{cfg.objective.beta:g}",
+                f"{cfg.model.rope_theta:g}",
+                _carries(cfg),
+                f"{memory.total_gib:.1f} GiB",
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"pipeline {spec.name}: {len(planned)} stages in {planned[0].directory.parent}"]
+    if spec.description:
+        lines.append(spec.description.strip())
+    for i, row in enumerate(rows):
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(
+        f"memory: rough per-GPU estimate at {world_size} GPUs (fp32 states sharded as each stage's ZeRO stage "
+        f"says + bf16 activations; see ouro_train/pipeline/memory.py); budget {spec.plan_gpu_memory_gb:g} GiB"
+    )
+    for stage in planned:
+        if stage.cfg is not None:
+            over = estimate_memory(stage.cfg, world_size).total_gib > spec.plan_gpu_memory_gb
+            if over:
+                lines.append(f"  warning: {stage.spec.name} may not fit; raise ZeRO/TP or recompute more")
+    lines.append("checkpoints:")
+    for stage in planned:
+        source = f"{stage.input}" if stage.input else "scratch"
+        lines.append(f"  {stage.spec.name}: from {source} -> {stage.output}")
+    lines.append("launch one stage alone (the runner runs exactly this):")
+    for stage in planned:
+        if stage.cfg is not None:
+            lines.append(f"  {stage.spec.name}: {' '.join(stage_command(spec, stage, nproc, for_display=True))}")
+    return "\n".join(lines)
+
+
+def stage_command(spec: PipelineSpec, stage: PlannedStage, nproc: int, for_display: bool = False) -> list[str]:
+    python = "python" if for_display else sys.executable
+    launcher = [python, "-m", "ouro_train.cli.train"]
+    if nproc > 1:
+        launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        launcher += ["-m", "ouro_train.cli.train"]
+    args = ["--config-name", spec.config_name, *stage.overrides]
+    return launcher + ([f"'{a}'" if any(c in a for c in " {}[]") else a for a in args] if for_display else args)
+
+
+class _Forward:
+    """Pass SIGTERM / SIGUSR1 / SIGINT on to the running stage (which saves and exits), and remember."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.received: int | None = None
+
+    def __enter__(self) -> _Forward:
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        if self.child is not None and self.child.poll() is None:
+            # SIGINT becomes SIGTERM: a clean save-and-exit rather than a KeyboardInterrupt.
+            self.child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+
+def _select(planned: list[PlannedStage], start_at: str | None, stop_after: str | None) -> list[PlannedStage]:
+    names = [p.spec.name for p in planned]
+    for key, value in (("start_at", start_at), ("stop_after", stop_after)):
+        if value is not None and value not in names:
+            raise ConfigError(f"{key}={value}: no such stage; the stages are {', '.join(names)}")
+    first = names.index(start_at) if start_at else 0
+    last = names.index(stop_after) if stop_after else len(names) - 1
+    if last < first:
+        raise ConfigError(f"stop_after={stop_after} comes before start_at={start_at}")
+    return planned[first : last + 1]
+
+
+def run(
+    spec: PipelineSpec,
+    run_dir: Path,
+    extra: list[str],
+    nproc: int = 1,
+    start_at: str | None = None,
+    stop_after: str | None = None,
+) -> int:
+    """Run the selected stages; -> 0 when they are all finished, 143 when stopped by a signal."""
+    planned = plan(spec, run_dir, extra)
+    selected = _select(planned, start_at, stop_after)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if spec.prepare == "demo":
+        from data_tools.demo_data import build_demo_shards
+
+        vocab = next(p.cfg for p in planned if p.cfg is not None).data.tokenizer_vocab_size
+        build_demo_shards(run_dir / "data", vocab)
+    with _Forward() as forward:
+        for stage in selected:
+            name = stage.spec.name
+            if stage_done(stage):
+                print(f"[pipeline] {name}: finished earlier ({stage.output}), skipped", flush=True)
+                continue
+            if stage.input is not None and not _input_ready(planned, stage):
+                raise CheckpointError(
+                    f"stage {name} starts from {stage.input}, which is missing or incomplete: run the stage that "
+                    f"writes it first (start_at=<that stage>), or point the stage elsewhere with "
+                    f"checkpoint.init_from"
+                )
+            if stage.spec.kind == "upcycle":
+                _upcycle(stage)
+                continue
+            command = stage_command(spec, stage, nproc)
+            print(f"[pipeline] {name}: {'resuming' if stage.directory.exists() else 'starting'}", flush=True)
+            forward.child = subprocess.Popen(command, env=_child_env())
+            code = forward.child.wait()
+            forward.child = None
+            if forward.received is not None:
+                print(
+                    f"[pipeline] stopped by signal {forward.received} during {name}; run the same command "
+                    "again to resume it",
+                    flush=True,
+                )
+                return 143
+            if code != 0:
+                raise PipelineError(f"stage {name} failed (exit code {code}); its run directory is {stage.directory}")
+            if not stage_done(stage):
+                raise PipelineError(f"stage {name} ended without its final checkpoint {stage.output}")
+    from ouro_train.pipeline.report import write_report
+
+    report = write_report(spec, planned, run_dir)
+    print(f"[pipeline] done: {len(selected)} stages; report {report}", flush=True)
+    return 0
+
+
+def _input_ready(planned: list[PlannedStage], stage: PlannedStage) -> bool:
+    producer = next((p for p in planned if p.output == stage.input), None)
+    return producer is not None and stage_done(producer)
+
+
+def _upcycle(stage: PlannedStage) -> None:
+    from ouro_train.checkpoint.upcycle import upcycle_config
+    from ouro_train.checkpoint.weights import read_weights
+    from ouro_train.cli.interop import write_upcycled
+    from ouro_train.config.schema import ModelConfig
+
+    state, raw = read_weights(stage.input)
+    source = ModelConfig(**raw)
+    target = upcycle_config(source, stage.spec.order, stage.recurrent_steps)
+    write_upcycled(stage.input, stage.output, state, source, target, stage.spec.order, stage.spec.optimizer)
+    print(
+        f"[pipeline] {stage.spec.name}: {source.num_layers} layers x {source.recurrent_steps} -> "
+        f"{target.num_layers} x {target.recurrent_steps} ({stage.spec.order}, moments {stage.spec.optimizer}) "
+        f"in {stage.output}",
+        flush=True,
+    )
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+    except ImportError:
+        pass
+    return env

@@ -1,0 +1,102 @@
+"""A pipeline recipe (recipes/pipeline/*.yaml): stages in order, each a set of hydra overrides.
+
+    name: ouro_2p6b
+    run_dir: runs/ouro_2p6b
+    overrides: [model=ouro_1p4b, parallel=zero1]        # every stage
+    stages:
+      - {name: warmup, overrides: [stage=warmup, data=stage1]}
+      - {name: stable1, overrides: [stage=stable1, data=stage1]}
+      - {name: upcycle, kind: upcycle, order: stack}     # 24 -> 48 layers, moments duplicated
+      - {name: stable2, overrides: [stage=stable2, data=stage1, model=ouro_2p6b]}
+
+Each stage starts from the final checkpoint of the stage before it (or `from`); what it takes
+from it (weights, optimizer, learning rate, data position) is its stage recipe's
+`checkpoint.init_*`. `{run_dir}` in an override is the pipeline's run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ouro_train.config.schema import ConfigError
+from ouro_train.config.store import RECIPES_DIR
+
+
+@dataclass
+class StageSpec:
+    name: str = "???"
+    # `train`: an ouro-train run; `upcycle`: ouro-upcycle of the input checkpoint (N -> 2N layers).
+    kind: str = "train"
+    overrides: list[str] = field(default_factory=list)
+    # The stage whose final checkpoint this one starts from; None: the stage before it.
+    from_stage: str | None = None
+    # upcycle only: layer order, Adam moments (duplicate | reset), recurrent steps (None: half).
+    order: str = "stack"
+    optimizer: str = "duplicate"
+    recurrent_steps: int | None = None
+
+
+@dataclass
+class PipelineSpec:
+    name: str = "???"
+    description: str = ""
+    # The base recipe each training stage composes from (recipes/<config_name>.yaml).
+    config_name: str = "config"
+    run_dir: str = "runs/pipeline"
+    overrides: list[str] = field(default_factory=list)
+    # `demo`: build the embedded corpus's pretraining and SFT shards into <run_dir>/data first.
+    prepare: str | None = None
+    # What the dry run's memory estimate assumes (the launch decides the real world size).
+    plan_world_size: int = 8
+    plan_gpu_memory_gb: float = 80.0
+    stages: list[StageSpec] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        names = [s.name for s in self.stages]
+        if not names:
+            raise ConfigError(f"{where}: 'stages' is empty")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: stage names repeat: {names}")
+        if self.prepare not in (None, "demo"):
+            raise ConfigError(f"{where}: prepare={self.prepare!r}, expected null or demo")
+        for index, stage in enumerate(self.stages):
+            key = f"{where}: stages[{index}] ({stage.name})"
+            if stage.kind not in ("train", "upcycle"):
+                raise ConfigError(f"{key}: kind={stage.kind!r}, expected train or upcycle")
+            if stage.from_stage is not None and stage.from_stage not in names[:index]:
+                raise ConfigError(f"{key}: from_stage={stage.from_stage!r} is not an earlier stage ({names[:index]})")
+            if stage.kind == "upcycle":
+                if index == 0:
+                    raise ConfigError(f"{key}: an upcycle stage needs a stage before it to grow")
+                if stage.order not in ("stack", "interleave") or stage.optimizer not in ("duplicate", "reset"):
+                    raise ConfigError(f"{key}: order must be stack|interleave and optimizer duplicate|reset")
+
+    def input_of(self, index: int) -> StageSpec | None:
+        stage = self.stages[index]
+        if stage.from_stage is not None:
+            return next(s for s in self.stages if s.name == stage.from_stage)
+        return self.stages[index - 1] if index > 0 else None
+
+
+def pipeline_path(name: str) -> Path:
+    return Path(name) if name.endswith((".yaml", ".yml")) else RECIPES_DIR / "pipeline" / f"{name}.yaml"
+
+
+def load_pipeline(name: str) -> PipelineSpec:
+    """A pipeline recipe by name (recipes/pipeline/NAME.yaml) or path; unknown keys are errors."""
+    path = pipeline_path(name)
+    if not path.is_file():
+        known = sorted(p.stem for p in (RECIPES_DIR / "pipeline").glob("*.yaml"))
+        raise ConfigError(f"pipeline={name}: no recipe {path} (shipped: {', '.join(known)})")
+    try:
+        raw = OmegaConf.load(path)
+        merged = OmegaConf.merge(OmegaConf.structured(PipelineSpec), raw)
+        spec: PipelineSpec = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{path}: {error}".splitlines()[0] + f" ({type(error).__name__})") from error
+    spec.validate(str(path))
+    return spec

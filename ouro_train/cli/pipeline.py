@@ -6,7 +6,8 @@
 
 Pipeline keys: pipeline, dry_run, run_dir, start_at, stop_after, nproc (processes per stage,
 launched with torchrun), world_size (GPUs the dry run's memory estimate assumes). Any other
-key=value is a hydra override given to every training stage (e.g. train.device=cuda).
+key=value is a hydra override given to every training stage (e.g. train.device=cuda), and
+STAGE:key=value to one stage only (e.g. sft:train.tokens=1000000000).
 Running it again skips finished stages and resumes an interrupted one.
 """
 

@@ -165,17 +165,20 @@ def train(cfg: Config) -> dict:
         trainer = Trainer(cfg, model, train_batches, eval_batches, engine=engine)
         checkpointer = Checkpointer(cfg, checkpoint_root, layout.rank, layout.world_size)
         loader_state = (lambda: train_batches.state_dict()) if hasattr(train_batches, "state_dict") else (lambda: None)
+        resumed = None
         if resume_from is not None:
-            checkpointer.load(resume_from, trainer, train_batches)
+            resumed = checkpointer.load(resume_from, trainer, train_batches)
             say(f"resumed from {resume_from} at step {trainer.state.step}")
         elif source is not None:
             say(hand_off(cfg, source, trainer, train_batches))
         if main_rank:
             # Log lines of steps after the checkpoint (a run killed after it) are replaced, not doubled.
             truncate_metrics(metrics_path, trainer.state.step)
-        if trainer.state.step >= cfg.train.steps:
+        if trainer.state.step >= cfg.train.steps and (resumed or {}).get("final"):
             say(f"nothing to do: {run_dir} already trained {trainer.state.step} of {cfg.train.steps} steps")
             return {}
+        # (At the last step without a final checkpoint, e.g. stopped during the final save, the
+        # fit below trains nothing and the final evaluation and checkpoint are made.)
         saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         trainer.callbacks.append(saver)
         from ouro_train.train.callbacks import Throughput, WandbLogger, peak_tflops

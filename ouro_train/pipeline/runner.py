@@ -55,7 +55,14 @@ def _format(overrides: list[str], run_dir: Path) -> list[str]:
 
 
 def plan(spec: PipelineSpec, run_dir: Path, extra: list[str]) -> list[PlannedStage]:
-    """Compose and validate every stage's config (nothing is read from disk but recipes)."""
+    """Compose and validate every stage's config (nothing is read from disk but recipes).
+
+    `extra` overrides go to every training stage; `NAME:key=value` only to stage NAME."""
+    names = [stage.name for stage in spec.stages]
+    for override in extra:
+        target, colon, _ = override.partition("=")[0].partition(":")
+        if colon and target not in names:
+            raise ConfigError(f"override {override!r}: no stage {target!r}; the stages are {', '.join(names)}")
     planned: list[PlannedStage] = []
     for index, stage in enumerate(spec.stages):
         source = spec.input_of(index)
@@ -73,7 +80,8 @@ def plan(spec: PipelineSpec, run_dir: Path, extra: list[str]) -> list[PlannedSta
         overrides = [
             *_format(spec.overrides, run_dir),
             *_format(stage.overrides, run_dir),
-            *extra,
+            *[o for o in extra if ":" not in o.partition("=")[0]],
+            *[o.split(":", 1)[1] for o in extra if o.partition("=")[0].startswith(f"{stage.name}:")],
             f"stage_name={stage.name}",
             f"run_dir={directory}",
             f"logging.wandb_group={run_dir.name}",

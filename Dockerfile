@@ -3,7 +3,8 @@
 # flash-attn, which only installs where CUDA is present.
 #   docker build -t ouro-train .
 #   docker run --gpus all --ipc=host -v $PWD/runs:/workspace/ouro-train/runs ouro-train \
-#       ouro-train model=ouro_1p4b dry_run=true
+#       ouro-pipeline pipeline=ouro_1p4b dry_run=true
+#   docker run ... ouro-train ouro-pipeline pipeline=ouro_1p4b nproc=8 data_root=/data/shards train.device=cuda
 FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \

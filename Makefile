@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo check lint format dry-run clean
+.PHONY: setup test demo demo-single check lint format dry-run clean
 
 setup: $(STAMP)
 
@@ -24,12 +24,20 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(PY) -m pytest -q -n 2 tests
 
+# Every stage of the Ouro pipeline at toy scale on CPU (recipes/pipeline/demo.yaml); again: skips/resumes.
 demo: setup
+	$(VENV)/bin/ouro-pipeline pipeline=demo
+
+# One stage only: a 1-layer LoopLM trained for 500 steps (recipes/demo.yaml).
+demo-single: setup
 	$(VENV)/bin/ouro-train --config-name demo
 
+# The released sizes and the plans of both pipelines (stage table, memory per GPU, commands).
 dry-run: setup
 	$(VENV)/bin/ouro-train model=ouro_1p4b dry_run=true
 	$(VENV)/bin/ouro-train model=ouro_2p6b dry_run=true
+	$(VENV)/bin/ouro-pipeline pipeline=ouro_1p4b dry_run=true
+	$(VENV)/bin/ouro-pipeline pipeline=ouro_2p6b dry_run=true
 
 lint: setup
 	$(VENV)/bin/ruff check ouro_train data_tools tests benchmarks

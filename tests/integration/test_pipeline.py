@@ -105,3 +105,14 @@ def test_a_stage_whose_input_is_missing_fails_clearly(tmp_path):
     assert "start_at=" in out.stderr
     bad = pipeline(tmp_path, "start_at=nope", check=False)
     assert bad.returncode == 2 and "start_at=nope: no such stage" in bad.stderr
+
+
+def test_stages_run_on_two_processes_with_torchrun(tmp_path):
+    """nproc=2: each stage runs under torchrun (ZeRO-1, data parallel 2), hand-off included."""
+    out = pipeline(tmp_path, "nproc=2", "parallel.zero_stage=1", "train.micro_batch_size=4", "stop_after=stable1")
+    assert out.stdout.count("tensor parallel 1 x data parallel 2, ZeRO 1") == 2
+    run = tmp_path / "run"
+    for name in ("warmup", "stable1"):
+        assert (run / name / "final_eval.json").is_file()
+    state = json.loads((run / "stable1" / "checkpoints" / "step_00000002" / "train_state.json").read_text())
+    assert state["world_size"] == 2 and state["final"] is True

@@ -413,6 +413,9 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every step that is a multiple of this (0: off)
     save_final: bool = True
     save_on_signal: bool = True  # SIGTERM / SIGUSR1: save at the step boundary, then exit
+    # DeepSpeed unpickles its engine files fully; by default we first check that they reference
+    # nothing but tensors and DeepSpeed's value classes (checkpoint/safety.py). True skips that.
+    trust_engine_files: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

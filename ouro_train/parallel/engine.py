@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -61,6 +63,7 @@ class DeepSpeedEngine:
         self.dp_group = mpu.get_data_parallel_group() if mpu is not None else None
         self.tp_group = mpu.get_model_parallel_group() if mpu is not None else None
         self.stage = cfg.parallel.zero_stage
+        self.verify_files = not cfg.checkpoint.trust_engine_files
         # torch's AdamW: DeepSpeed would otherwise build its fused/CPU Adam op (a C++ build).
         optimizer = torch.optim.AdamW(
             parameter_groups(model, cfg.optim.weight_decay),
@@ -117,6 +120,10 @@ class DeepSpeedEngine:
         saved at another data-parallel size, ZeRO stage or tensor-parallel size."""
         from ouro_train.checkpoint.store import CheckpointError
 
+        if self.verify_files:
+            from ouro_train.checkpoint.safety import verify_engine_files
+
+            verify_engine_files(Path(directory) / "state")
         config = self.engine._config
         config.load_universal_checkpoint = universal
         try:

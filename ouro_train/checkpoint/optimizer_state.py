@@ -14,20 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ouro_train.checkpoint.store import CheckpointError
-from ouro_train.checkpoint.weights import _gather_tensor_parallel
+from ouro_train.checkpoint.weights import _gather_tensor_parallel, process_rank, read_safetensors
 
 OPTIMIZER = "optimizer.safetensors"
 KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _torch_optimizer(engine) -> torch.optim.Optimizer | None:
@@ -77,9 +71,9 @@ def full_optimizer_state(engine) -> dict[str, torch.Tensor] | None:
                     else value.reshape(param.ds_shape if hasattr(param, "ds_shape") else param.shape)
                 )
             value = _gather_tensor_parallel(value, param)
-            if _rank() == 0:
+            if process_rank() == 0:
                 out[f"{key}.{name}"] = value.to("cpu", torch.float32).contiguous()
-    if _rank() != 0:
+    if process_rank() != 0:
         return None
     out["step"] = torch.tensor([_adam_step(engine)], dtype=torch.float64)
     return out
@@ -96,11 +90,7 @@ def read_optimizer_state(checkpoint: Path) -> dict[str, torch.Tensor]:
             f"{path}: missing; the optimizer is handed to a next stage from a stage's final checkpoint (or an "
             "ouro-upcycle output): start from such a checkpoint, or set checkpoint.init_optimizer=false"
         )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as error:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: unreadable ({error}); the file is truncated or corrupt") from error
+    return read_safetensors(path)[0]
 
 
 def load_optimizer_state(engine, state: dict[str, torch.Tensor], where: Path) -> None:

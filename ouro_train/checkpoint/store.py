@@ -102,6 +102,11 @@ def read_train_state(path: Path) -> dict:
         ) from error
 
 
+def read_train_state_if_any(path: Path) -> dict:
+    """The train state of a directory that may have none (an ouro-import output): {} then."""
+    return read_train_state(path) if (path / TRAIN_STATE).is_file() else {}
+
+
 def apply_retention(root: Path, keep_last: int, keep_every: int) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep_last`, except every `keep_every`-th
     step (0: none kept for that reason); also leftovers of interrupted saves. Returns what went."""

@@ -11,10 +11,17 @@ Embeddings, final norm, LM head and exit gate are copied unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
+import shutil
+from pathlib import Path
 
 import torch
 
+from ouro_train.checkpoint.optimizer_state import OPTIMIZER, read_optimizer_state, save_optimizer_state
+from ouro_train.checkpoint.store import TRAIN_STATE, read_train_state_if_any
+from ouro_train.checkpoint.weights import WEIGHTS, save_weights
 from ouro_train.config.schema import ModelConfig
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -61,3 +68,35 @@ def upcycle_optimizer_state(state: dict[str, torch.Tensor], num_layers: int, ord
         out |= {f"{prefix}{k}": v for k, v in upcycle_state_dict(part, num_layers, order).items()}
     out["step"] = state["step"].clone()
     return out
+
+
+def write_upcycled(
+    checkpoint: Path, out: Path, state: dict, source: ModelConfig, target: ModelConfig, order: str, optimizer: str
+) -> None:
+    """The grown weights (+ duplicated Adam moments, + the source's train state: its next learning
+    rate and data position, for the next stage's hand-off), committed by one rename."""
+
+    moments = None
+    if optimizer == "duplicate":
+        moments = upcycle_optimizer_state(read_optimizer_state(checkpoint), source.num_layers, order)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(upcycle_state_dict(state, source.num_layers, order), tmp / WEIGHTS, target)
+    if moments is not None:
+        save_optimizer_state(moments, tmp / OPTIMIZER)
+    previous = read_train_state_if_any(checkpoint)
+    record = {
+        "upcycled_from": str(checkpoint),
+        "order": order,
+        "optimizer": optimizer,
+        "layers": [source.num_layers, target.num_layers],
+        "recurrent_steps": [source.recurrent_steps, target.recurrent_steps],
+        "next_lr": previous.get("next_lr"),
+        "loader": previous.get("loader"),
+        "tokens": previous.get("tokens"),
+    }
+    (tmp / TRAIN_STATE).write_text(json.dumps(record, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

@@ -36,7 +36,7 @@ def _gather_tensor_parallel(tensor: torch.Tensor, param: nn.Parameter) -> torch.
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """Every rank calls this (collectives inside); rank 0 gets fp32 CPU tensors, the others None."""
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = process_rank()
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         if hasattr(param, "ds_id"):  # a ZeRO-3 partition: gather it for the duration of the read
@@ -61,13 +61,21 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     file = path / WEIGHTS if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"{file}: no consolidated weights; is {path} a checkpoint written by ouro-train?")
+    state, metadata = read_safetensors(file)
+    return state, json.loads(metadata.get("model_config", "{}"))
+
+
+def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """-> (tensors, metadata) of a safetensors file; a truncated or corrupt one is a CheckpointError."""
     try:
         with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as error:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types
         raise CheckpointError(f"{file}: unreadable ({error}); the file is truncated or corrupt") from error
-    return state, json.loads(metadata.get("model_config", "{}"))
+
+
+def process_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -72,50 +71,13 @@ def import_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_upcycled(
-    checkpoint: Path, out: Path, state: dict, source: ModelConfig, target: ModelConfig, order: str, optimizer: str
-) -> None:
-    """The grown weights (+ duplicated Adam moments, + the source's train state: its next learning
-    rate and data position, for the next stage's hand-off), committed by one rename."""
-    import shutil
-
-    from ouro_train.checkpoint.optimizer_state import OPTIMIZER, read_optimizer_state, save_optimizer_state
-    from ouro_train.checkpoint.store import TRAIN_STATE
-    from ouro_train.checkpoint.upcycle import upcycle_optimizer_state, upcycle_state_dict
-
-    moments = None
-    if optimizer == "duplicate":
-        moments = upcycle_optimizer_state(read_optimizer_state(checkpoint), source.num_layers, order)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(upcycle_state_dict(state, source.num_layers, order), tmp / WEIGHTS, target)
-    if moments is not None:
-        save_optimizer_state(moments, tmp / OPTIMIZER)
-    previous = json.loads((checkpoint / TRAIN_STATE).read_text()) if (checkpoint / TRAIN_STATE).is_file() else {}
-    record = {
-        "upcycled_from": str(checkpoint),
-        "order": order,
-        "optimizer": optimizer,
-        "layers": [source.num_layers, target.num_layers],
-        "recurrent_steps": [source.recurrent_steps, target.recurrent_steps],
-        "next_lr": previous.get("next_lr"),
-        "loader": previous.get("loader"),
-        "tokens": previous.get("tokens"),
-    }
-    (tmp / TRAIN_STATE).write_text(json.dumps(record, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def upcycle_main(argv: list[str] | None = None) -> int:
     """`ouro-upcycle`: N layers -> 2N layers by duplication (see ouro_train/checkpoint/upcycle.py).
 
     ouro-upcycle runs/stage1a/checkpoints/step_N weights/upcycled [--order stack|interleave]
     ouro-upcycle --dry-run --model ouro_1p4b        # the plan and counts for a model recipe
     """
-    from ouro_train.checkpoint.upcycle import layer_order, upcycle_config
+    from ouro_train.checkpoint.upcycle import layer_order, upcycle_config, write_upcycled
     from ouro_train.model.flops import count_model
 
     parser = argparse.ArgumentParser(

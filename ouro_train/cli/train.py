@@ -76,7 +76,7 @@ def written_by_deepspeed(checkpoint: Path | None) -> bool:
 def handoff_source(cfg: Config) -> dict | None:
     """The train state of `checkpoint.init_from` (a stage's final checkpoint or an ouro-upcycle
     output), checked to hold what this stage's hand-off options take from it."""
-    from ouro_train.checkpoint.store import TRAIN_STATE, CheckpointError
+    from ouro_train.checkpoint.store import CheckpointError, read_train_state_if_any
     from ouro_train.checkpoint.weights import WEIGHTS
 
     if not cfg.checkpoint.init_from:
@@ -87,8 +87,7 @@ def handoff_source(cfg: Config) -> dict | None:
             f"checkpoint.init_from={path}: no {WEIGHTS} there; this stage starts from a previous stage's final "
             "checkpoint (or an ouro-import / ouro-upcycle output): run that stage first or fix the path"
         )
-    state_file = path / TRAIN_STATE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state = read_train_state_if_any(path)
     wants = {
         "next_lr": cfg.checkpoint.init_schedule == "keep",
         "loader": cfg.checkpoint.init_data_position,

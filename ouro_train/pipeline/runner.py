@@ -19,7 +19,6 @@ anything less is resumed by the stage itself (checkpoint.resume=auto).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ouro_train.checkpoint.store import CheckpointError, is_complete, step_name
+from ouro_train.checkpoint.store import CheckpointError, is_complete, read_train_state, step_name
 from ouro_train.config.schema import Config, ConfigError
 from ouro_train.config.store import compose_config
 from ouro_train.pipeline.memory import estimate_memory
@@ -117,7 +116,7 @@ def stage_done(stage: PlannedStage) -> bool:
         return (stage.output / "model.safetensors").is_file() and (stage.output / "train_state.json").is_file()
     if not is_complete(stage.output):
         return False
-    state = json.loads((stage.output / "train_state.json").read_text())
+    state = read_train_state(stage.output)
     return bool(state.get("final")) and state.get("step") == stage.cfg.train.steps
 
 
@@ -341,9 +340,8 @@ def _input_ready(planned: list[PlannedStage], stage: PlannedStage) -> bool:
 
 
 def _upcycle(stage: PlannedStage) -> None:
-    from ouro_train.checkpoint.upcycle import upcycle_config
+    from ouro_train.checkpoint.upcycle import upcycle_config, write_upcycled
     from ouro_train.checkpoint.weights import read_weights
-    from ouro_train.cli.interop import write_upcycled
     from ouro_train.config.schema import ModelConfig
 
     state, raw = read_weights(stage.input)

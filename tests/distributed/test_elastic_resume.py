@@ -8,13 +8,14 @@ which we measured at 1e-7 relative over 3 steps; a lost optimizer state or a shi
 order moves the loss by more than 1e-3.
 """
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from ouro_train.train.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = [
@@ -44,8 +45,7 @@ def launch(nproc: int, run_dir: Path, tmp: Path, *overrides: str) -> subprocess.
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")[0]}
 
 
 @pytest.mark.parametrize("zero", [1, 3])

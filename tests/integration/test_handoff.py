@@ -2,13 +2,14 @@
 previous stage's final checkpoint continues exactly as one uninterrupted run; taking weights
 only does not (so the equality is not vacuous); and on 2 ZeRO ranks the same hand-off works."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from ouro_train.train.report import read_metrics
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,8 +39,7 @@ def run(tmp: Path, name: str, *args: str, nproc: int = 1, check: bool = True) ->
 
 
 def losses(run_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")[0]]
 
 
 def test_weights_optimizer_schedule_and_data_hand_off_continue_one_run(tmp_path):

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from ouro_train.train.report import read_metrics
+
 BIN = Path(sys.executable).parent
 SMALL = [
     "train.tokens=8192",
@@ -37,8 +39,7 @@ def _env(tmp: Path) -> dict:
 
 
 def steps_logged(stage_dir: Path) -> list[int]:
-    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in records if "loss" in r]
+    return [r["step"] for r in read_metrics(stage_dir / "metrics.jsonl")[0]]
 
 
 def test_demo_pipeline_runs_every_stage_skips_and_resumes(tmp_path):

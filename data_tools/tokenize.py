@@ -10,6 +10,9 @@ not depend on the number of workers. Crash safety:
 * when all shards of an input file are written, a small record `.done/<file>.json` is
   committed (atomically); a re-run skips files that have one and redoes the others;
 * manifest.json is written last, from the records, only when every input file is done.
+
+A corpus without a single document with text (no documents, or only empty ones) is refused:
+no manifest is written, so it cannot be mistaken for a source.
 """
 
 from __future__ import annotations
@@ -168,8 +171,9 @@ def _commit_json(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def tokenize_file(file_index: int, path: str, options: TokenizeOptions) -> list[dict]:
-    """Worker: one input file -> its shards and its done-record. Returns the shard entries."""
+def tokenize_file(file_index: int, path: str, options: TokenizeOptions) -> dict:
+    """Worker: one input file -> its shards and its done-record, which it returns:
+    {"input", "shards": [shard entries], "text_documents": documents with any non-blank text}."""
     tokenizer, info = tokenizer_info(options.tokenizer_path, options)
     dtype = dtype_for_vocab(info.vocab_size)
     out_dir = Path(options.out_dir)
@@ -185,6 +189,7 @@ def tokenize_file(file_index: int, path: str, options: TokenizeOptions) -> list[
             pending, pending_tokens = [], 0
 
     texts: list[str] = []
+    text_documents = 0
 
     def encode(batch: list[str]) -> None:
         nonlocal pending_tokens
@@ -201,14 +206,15 @@ def tokenize_file(file_index: int, path: str, options: TokenizeOptions) -> list[
 
     for text in read_documents(Path(path), options.text_field):
         texts.append(text)
+        text_documents += bool(text.strip())
         if len(texts) >= options.batch_documents:
             encode(texts)
             texts = []
     encode(texts)
     flush()
-    entries = [asdict(s) for s in shards]
-    _commit_json(_done_record(out_dir, file_index), {"input": str(path), "shards": entries})
-    return entries
+    record = {"input": str(path), "shards": [asdict(s) for s in shards], "text_documents": text_documents}
+    _commit_json(_done_record(out_dir, file_index), record)
+    return record
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -228,14 +234,14 @@ def tokenize(inputs: list[str], options: TokenizeOptions, workers: int = 1, prog
     _, info = tokenizer_info(options.tokenizer_path, options)  # fail fast, before any worker starts
     out_dir = Path(options.out_dir)
     (out_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
-    records: dict[int, list[dict]] = {}
+    records: dict[int, dict] = {}
     todo = []
     for index, path in enumerate(files):
         done = _done_record(out_dir, index)
         if done.is_file():
             record = json.loads(done.read_text())
             if record["input"] == str(path) and all((out_dir / s["name"]).is_file() for s in record["shards"]):
-                records[index] = record["shards"]
+                records[index] = record
                 continue
         todo.append((index, path))
     bar = tqdm(
@@ -260,7 +266,16 @@ def tokenize(inputs: list[str], options: TokenizeOptions, workers: int = 1, prog
         source=options.source,
         tokenizer=info,
         dtype=dtype_for_vocab(info.vocab_size),
-        shards=[ShardInfo(**entry) for index in sorted(records) for entry in records[index]],
+        shards=[ShardInfo(**entry) for index in sorted(records) for entry in records[index]["shards"]],
     )
+    # (A done-record written before text_documents was counted: its documents count as text.)
+    with_text = sum(r.get("text_documents", sum(s["documents"] for s in r["shards"])) for r in records.values())
+    if with_text == 0:
+        what = "no documents" if manifest.documents == 0 else f"{manifest.documents} documents, all empty"
+        raise DataError(
+            f"input {' '.join(inputs)} ({len(files)} file{'s' * (len(files) != 1)}): {what}; nothing to train "
+            f"on, so no manifest was written in {out_dir}. Check the input files and --text-field "
+            f"({options.text_field!r})"
+        )
     manifest.save(out_dir)
     return manifest

@@ -41,6 +41,7 @@ RESUMABLE_CHANGES = (
     "train.eval_every",
     "train.eval_batches",
     "data.num_workers",
+    "data.verify_checksums",
     "data.cache_dir",
 )
 

@@ -208,6 +208,11 @@ class DataConfig:
     document_masking: bool = True
     # Position ids restart at 0 at every document (else 0..S-1 along the packed row).
     document_positions: bool = True
+    # Check each shard's sha256 against its manifest the first time a process opens it (a
+    # corrupt copy fails naming the shard): the shard is read once more per process, ~1-1.3 s
+    # per GB from the page cache. false skips it, for storage you trust (e.g. after one
+    # `ouro-data inspect --verify` there).
+    verify_checksums: bool = True
     # Demo only: tokenizer trained once on the embedded corpus with `tokenizers`, cached.
     tokenizer_vocab_size: int = 4096
     # None: $OURO_CACHE_DIR or ~/.cache/ouro-train.

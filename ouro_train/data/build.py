@@ -11,7 +11,12 @@ from ouro_train.data.source import TokenSource
 
 
 def _sources(cfg: Config, specs: list[SourceConfig], seed: int) -> list[TokenSource]:
-    return [TokenSource(s.name, s.path, cfg.train.seq_len, seed, cfg.model.vocab_size) for s in specs]
+    return [
+        TokenSource(
+            s.name, s.path, cfg.train.seq_len, seed, cfg.model.vocab_size, verify_checksums=cfg.data.verify_checksums
+        )
+        for s in specs
+    ]
 
 
 def check_same_tokenizer(sources: list[TokenSource]) -> None:

@@ -9,11 +9,13 @@ Layout written by `ouro-data tokenize` (and `ouro-data sft`):
 
 The manifest records the tokenizer (name, sha256 of its JSON, vocabulary size, EOS/BOS
 policy) and per shard the document and token counts, the largest token id and the sha256,
-so that a loader can refuse a source that does not fit the model before reading a byte of it.
+so that a loader can refuse a source that does not fit the model before reading a byte of it,
+and check each shard's bytes (`verify_sha256`) the first time a process opens it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -89,6 +91,26 @@ def token_extension(dtype: str) -> str:
 
 def dtype_for_vocab(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Streamed (no whole-file copy in memory); hashlib releases the GIL while it hashes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str) -> None:
+    """Raise DataError when the file's sha256 is not the manifest's (a bad copy, a flipped bit)."""
+    try:
+        found = file_sha256(path)
+    except FileNotFoundError as error:
+        raise DataError(f"{path}: shard is missing; restore it or re-run `ouro-data tokenize`") from error
+    if found != expected:
+        raise DataError(
+            f"{path}: sha256 {found} but the manifest says {expected}; the shard is corrupt (a bad copy or "
+            "flipped bits). Re-copy it from where it was made, or delete it and re-run `ouro-data tokenize` "
+            "for this source (finished shards are skipped)"
+        )
 
 
 def load_manifest(directory: str | Path) -> Manifest:

@@ -11,6 +11,12 @@ concatenation (S inputs plus one label). Consequences:
 * sample j is a pure function of (seed, source, j): the position of a source is one integer,
   and any rank can read any sample without reading the others (Megatron's GPTDataset idea, over
   webdataset shards read with `wids`).
+
+Each shard's sha256 is checked against the manifest the first time this source opens it in a
+process (`verify_checksums`, data.verify_checksums): a corrupt copy fails with the shard's name
+instead of training on altered tokens. The hash reads the whole shard once per process that
+opens it (loader workers included): ~1-1.3 s per GB on one core from the page cache, bounded by
+the storage's read speed otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ouro_train.data.manifest import DataError, Manifest, check_fits_model, load_manifest, token_extension
+from ouro_train.data.manifest import (
+    DataError,
+    Manifest,
+    check_fits_model,
+    load_manifest,
+    token_extension,
+    verify_sha256,
+)
 
 
 @dataclass
@@ -46,7 +59,9 @@ class ShardReader:
         vocab_size: int,
         with_mask: bool,
         expected_bytes: int | None = None,
+        expected_sha256: str | None = None,
     ) -> None:
+        """`expected_bytes`: checked by a stat; `expected_sha256`: the whole file is hashed first."""
         from wids.wids import IndexedTarSamples
 
         self.path = path
@@ -55,6 +70,8 @@ class ShardReader:
                 f"{path}: {path.stat().st_size} bytes but the manifest says {expected_bytes}; the shard "
                 "is truncated or corrupt, delete it and re-run `ouro-data tokenize`"
             )
+        if expected_sha256 is not None:
+            verify_sha256(path, expected_sha256)
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.extension = "." + token_extension(dtype)  # wids keys members by ".ext"
         self.vocab_size = vocab_size
@@ -124,6 +141,7 @@ class TokenSource:
         seed: int,
         model_vocab_size: int,
         max_open_shards: int = 16,
+        verify_checksums: bool = True,
     ) -> None:
         self.name = name
         self.directory = Path(directory)
@@ -137,6 +155,10 @@ class TokenSource:
         self.epoch_tokens = int(self.shard_tokens.sum())
         self.epoch_documents = self.manifest.documents
         self._lengths: dict[int, np.ndarray] = {}
+        self.verify_checksums = verify_checksums
+        # Shards whose sha256 this process has checked: once each, however often the reader
+        # cache below closes and reopens them. (A loader worker gets its own copy of the set.)
+        self._verified: set[int] = set()
         # Per-instance caches (a class-level lru_cache would keep every instance alive).
         self._reader = lru_cache(maxsize=max_open_shards)(self._open)
         self._shard_order = lru_cache(maxsize=4)(self._compute_shard_order)
@@ -169,14 +191,19 @@ class TokenSource:
 
     def _open(self, shard: int) -> ShardReader:
         info = self.manifest.shards[shard]
-        return ShardReader(
+        verify = self.verify_checksums and shard not in self._verified
+        reader = ShardReader(
             self.directory / info.name,
             info.documents,
             self.manifest.dtype,
             self.manifest.tokenizer.vocab_size,
             self.with_mask,
             expected_bytes=info.bytes,
+            expected_sha256=info.sha256 if verify else None,
         )
+        if verify:
+            self._verified.add(shard)
+        return reader
 
     # --- reading ----------------------------------------------------------------------------
     def _locate(self, offset: int) -> tuple[int, int, int, int, int]:

@@ -10,7 +10,7 @@ import torch
 
 from data_tools.tokenize import TokenizeOptions, tokenize
 from ouro_train.data.loader import LoaderState, ShardedLoader
-from ouro_train.data.manifest import DataError, load_manifest
+from ouro_train.data.manifest import DataError, file_sha256, load_manifest
 from ouro_train.data.mixture import Mixture
 from ouro_train.data.source import ShardReader, TokenSource
 
@@ -299,3 +299,113 @@ def test_parquet_and_txt_inputs_with_two_worker_processes(tmp_path, tokenizer_fi
         reader = ShardReader(tmp_path / "out" / shard.name, shard.documents, manifest.dtype, 320, False)
         decoded += [tok.decode(reader.read(i)[0][:-1].tolist()) for i in range(shard.documents)]
     assert decoded == docs  # input order is kept whatever the worker finishing order
+
+
+# --- shard checksums at first open, missing shards, empty corpora ---------------------------------
+
+
+def flip_low_bit_of_a_token(shard: Path) -> int:
+    """Flip the lowest bit of the first token of the shard's second document, in place (size,
+    tar headers and document count unchanged: only the sha256 can tell). -> its byte offset."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar.getmembers() if ".tokens." in m.name]
+    offset = members[1].offset_data
+    data = bytearray(shard.read_bytes())
+    data[offset] ^= 0x01
+    shard.write_bytes(bytes(data))
+    return offset
+
+
+def read_every_window(src: TokenSource) -> list[np.ndarray]:
+    return [src.window(j).tokens for j in range(src.epoch_tokens // src.seq_len + 1)]
+
+
+def test_a_flipped_bit_in_a_shard_fails_at_first_open_naming_the_shard(source_dir, monkeypatch):
+    import ouro_train.data.source as source_module
+
+    out, _ = source_dir
+    manifest = load_manifest(out)
+    # An intact source passes, and each shard is hashed once per process even when the reader
+    # cache closes and reopens it (max_open_shards=1).
+    hashed = []
+    real_verify = source_module.verify_sha256
+    monkeypatch.setattr(
+        source_module, "verify_sha256", lambda path, sha: (hashed.append(path.name), real_verify(path, sha))
+    )
+    intact = read_every_window(TokenSource("web", out, 16, 0, 320, max_open_shards=1))
+    assert sorted(hashed) == sorted(s.name for s in manifest.shards)
+    monkeypatch.setattr(source_module, "verify_sha256", real_verify)
+
+    victim = out / manifest.shards[2].name
+    flip_low_bit_of_a_token(victim)
+    with pytest.raises(DataError) as error:
+        read_every_window(TokenSource("web", out, 16, 0, 320))
+    message = str(error.value)
+    assert str(victim) in message and manifest.shards[2].sha256 in message
+    assert file_sha256(victim) in message and "Re-copy it" in message and "ouro-data tokenize" in message
+    # The way out for trusted storage: the flipped token is read silently (what the check prevents).
+    unchecked = read_every_window(TokenSource("web", out, 16, 0, 320, verify_checksums=False))
+    differing = [j for j, (a, b) in enumerate(zip(intact, unchecked)) if not np.array_equal(a, b)]
+    assert 1 <= len(differing) <= 2  # the one token, in one window (or two: windows share an edge)
+
+
+def test_a_corrupt_shard_fails_in_loader_worker_processes_too(two_sources):
+    web = two_sources[0]
+    victim = web.directory / web.manifest.shards[0].name
+    flip_low_bit_of_a_token(victim)
+    fresh = [TokenSource(s.name, s.directory, 16, 3, 320) for s in two_sources]
+    with pytest.raises(DataError, match=f"{victim.name}: sha256 .* but the manifest says"):
+        global_batches(fresh, 1, 5, workers=2)
+
+
+def test_a_shard_missing_at_first_open_is_named(source_dir):
+    out, _ = source_dir
+    manifest = load_manifest(out)
+    checked = TokenSource("web", out, 16, 0, 320)
+    unchecked = TokenSource("web", out, 16, 0, 320, verify_checksums=False)
+    victim = out / manifest.shards[0].name
+    victim.unlink()  # after the sources were built (their manifest check saw it)
+    for src in (checked, unchecked):
+        with pytest.raises(DataError, match=f"{victim}: shard is missing; restore it"):
+            read_every_window(src)
+
+
+def test_data_verify_checksums_reaches_the_sources(source_dir):
+    from ouro_train.config.store import compose_config
+    from ouro_train.data.build import build_data
+
+    out, _ = source_dir
+    base = ["data.source=shards", f"data.sources=[{{name: web, path: {out}, weight: 1.0}}]", "model.vocab_size=320"]
+    for flag, expected in (([], True), (["data.verify_checksums=false"], False)):
+        train, _ = build_data(compose_config(base + flag))
+        assert [s.verify_checksums for s in train.sources] == [expected]
+
+
+@pytest.mark.parametrize("kind", ["no documents", "blank lines", "empty texts", "empty txt"])
+def test_tokenize_refuses_an_empty_corpus(tmp_path, tokenizer_file, kind, capsys):
+    from data_tools.cli import main as ouro_data
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    if kind == "no documents":
+        (raw / "a.jsonl").write_text("")
+    elif kind == "blank lines":
+        (raw / "a.jsonl").write_text("\n  \n\n")
+    elif kind == "empty texts":
+        write_jsonl(raw / "a.jsonl", ["", "   ", "\n"])
+        write_jsonl(raw / "b.jsonl", [""])
+    else:
+        (raw / "a.txt").write_text("")
+    out = tmp_path / "out"
+    pattern = str(raw / "*")
+    code = ouro_data(["tokenize", pattern, "--source", "s", "--tokenizer", str(tokenizer_file), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"input {pattern}" in err and "nothing to train on, so no manifest was written" in err
+    assert not (out / "manifest.json").exists()
+    # One document with text among empty ones is a corpus (the empty ones stay: EOS only).
+    write_jsonl(raw / "c.jsonl", ["some text"])
+    manifest = tokenize([pattern], TokenizeOptions("s", str(tokenizer_file), str(out)), progress=False)
+    assert manifest.documents >= 1 and (out / "manifest.json").is_file()

@@ -9,6 +9,11 @@ launched with torchrun), world_size (GPUs the dry run's memory estimate assumes)
 key=value is a hydra override given to every training stage (e.g. train.device=cuda), and
 STAGE:key=value to one stage only (e.g. sft:train.tokens=1000000000).
 Running it again skips finished stages and resumes an interrupted one.
+
+SIGTERM / SIGUSR1 / SIGINT: the running stage saves a checkpoint and exits, and no further stage
+starts (an upcycle in progress is finished first: it is committed by one rename).
+Exit status: 0 every selected stage finished; 75 stopped by a signal, resumable (the same
+command continues; ouro-train says the same with 75); 2 bad input or a stage failed.
 """
 
 from __future__ import annotations

@@ -12,9 +12,17 @@ Layout of a pipeline run directory:
       report.md  loss_per_step.png  exit_distribution.png
 
 Training stages run as child processes (`python -m ouro_train.cli.train`, under torchrun when
-nproc > 1): the same command that launches the stage alone, printed by the dry run. A stage is
-finished when its final checkpoint (step == train.steps, with the optimizer file) is complete;
-anything less is resumed by the stage itself (checkpoint.resume=auto).
+nproc > 1, through `ouro_train.pipeline.torchrun`): the same command that launches the stage
+alone, printed by the dry run. A stage is finished when its final checkpoint (step ==
+train.steps, with the optimizer file) is complete; anything less is resumed by the stage itself
+(checkpoint.resume=auto).
+
+Signals: SIGTERM / SIGUSR1 / SIGINT to the runner go on to the running stage (once), which saves
+a checkpoint and exits 75 (EXIT_STOPPED). The runner stops at the next safe point: when the
+running stage ends, after an upcycle in progress (committed by one rename, so complete or
+absent), or before the next stage would start; it never starts a stage after a signal, and
+exits 75 too, as does a stage stopped by a signal sent to it directly (exit 75). The same
+command resumes.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from ouro_train.config.schema import Config, ConfigError
 from ouro_train.config.store import compose_config
 from ouro_train.pipeline.memory import estimate_memory
 from ouro_train.pipeline.spec import PipelineSpec, StageSpec
+from ouro_train.train.signals import EXIT_STOPPED
 
 
 @dataclass
@@ -237,20 +246,47 @@ def stage_command(spec: PipelineSpec, stage: PlannedStage, nproc: int, for_displ
     python = "python" if for_display else sys.executable
     launcher = [python, "-m", "ouro_train.cli.train"]
     if nproc > 1:
-        launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        # torchrun, exiting 75 when stopped by a signal (ouro_train/pipeline/torchrun.py); it passes
+        # on only --signals-to-handle, whose default lacks SIGUSR1 (SLURM's "stop soon").
+        from ouro_train.pipeline.torchrun import SHUTDOWN_TIMEOUT, SIGNALS_TO_HANDLE
+
+        launcher = [python, "-m", "ouro_train.pipeline.torchrun", "--standalone", f"--nproc-per-node={nproc}"]
+        launcher += [f"--signals-to-handle={SIGNALS_TO_HANDLE}", f"--shutdown-timeout={SHUTDOWN_TIMEOUT}"]
         launcher += ["-m", "ouro_train.cli.train"]
     args = ["--config-name", spec.config_name, *stage.overrides]
     return launcher + ([f"'{a}'" if any(c in a for c in " {}[]") else a for a in args] if for_display else args)
 
 
 class _Forward:
-    """Pass SIGTERM / SIGUSR1 / SIGINT on to the running stage (which saves and exits), and remember."""
+    """Pass SIGTERM / SIGUSR1 / SIGINT on to the running stage (which saves and exits), once per
+    stage, and remember. With no stage running (between stages, during an upcycle) the signal is
+    only remembered: `run` checks `received` before it starts anything."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.child: subprocess.Popen | None = None
+        self._child: subprocess.Popen | None = None
+        self._told = False  # the current child has been sent its stop signal
         self.received: int | None = None
+
+    @property
+    def child(self) -> subprocess.Popen | None:
+        return self._child
+
+    @child.setter
+    def child(self, child: subprocess.Popen | None) -> None:
+        self._child, self._told = child, False
+        if child is not None and self.received is not None:
+            self._tell()  # the signal came while the child was being started
+
+    def _tell(self) -> None:
+        # Once: the stage stops at its next step boundary either way, and a repeated signal only
+        # risks cutting its save short (torchrun's shutdown; ouro_train/pipeline/torchrun.py).
+        if self._told or self._child is None or self._child.poll() is not None:
+            return
+        self._told = True
+        # SIGINT becomes SIGTERM: a clean save-and-exit rather than a KeyboardInterrupt.
+        self._child.send_signal(signal.SIGTERM if self.received == signal.SIGINT else self.received)
 
     def __enter__(self) -> _Forward:
         self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
@@ -261,10 +297,8 @@ class _Forward:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
-        if self.child is not None and self.child.poll() is None:
-            # SIGINT becomes SIGTERM: a clean save-and-exit rather than a KeyboardInterrupt.
-            self.child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+        self.received = self.received or signum
+        self._tell()
 
 
 def _select(planned: list[PlannedStage], start_at: str | None, stop_after: str | None) -> list[PlannedStage]:
@@ -287,21 +321,33 @@ def run(
     start_at: str | None = None,
     stop_after: str | None = None,
 ) -> int:
-    """Run the selected stages; -> 0 when they are all finished, 143 when stopped by a signal."""
+    """Run the selected stages; -> 0 when they are all finished, EXIT_STOPPED (75) when stopped by a
+    signal (to the runner, or to a stage directly) at a safe point: the same call resumes."""
     planned = plan(spec, run_dir, extra)
     selected = _select(planned, start_at, stop_after)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if spec.prepare == "demo":
-        from data_tools.demo_data import build_demo_shards
-
-        vocab = next(p.cfg for p in planned if p.cfg is not None).data.tokenizer_vocab_size
-        build_demo_shards(run_dir / "data", vocab)
     with _Forward() as forward:
+
+        def stopped(where: str) -> int:
+            print(
+                f"[pipeline] stopped by signal {forward.received} ({signal.Signals(forward.received).name}) {where}; "
+                "run the same command again to continue",
+                flush=True,
+            )
+            return EXIT_STOPPED
+
+        if spec.prepare == "demo":
+            from data_tools.demo_data import build_demo_shards
+
+            vocab = next(p.cfg for p in planned if p.cfg is not None).data.tokenizer_vocab_size
+            build_demo_shards(run_dir / "data", vocab)
         for stage in selected:
             name = stage.spec.name
             if stage_done(stage):
                 print(f"[pipeline] {name}: finished earlier ({stage.output}), skipped", flush=True)
                 continue
+            if forward.received is not None:  # between two stages: start nothing more
+                return stopped(f"before {name}")
             if stage.input is not None and not _input_ready(planned, stage):
                 raise CheckpointError(
                     f"stage {name} starts from {stage.input}, which is missing or incomplete: run the stage that "
@@ -309,7 +355,10 @@ def run(
                     f"checkpoint.init_from"
                 )
             if stage.spec.kind == "upcycle":
+                # In process and committed by one rename: a signal during it is handled once it is complete.
                 _upcycle(stage)
+                if forward.received is not None:
+                    return stopped(f"during {name} (its output is complete)")
                 continue
             command = stage_command(spec, stage, nproc)
             print(f"[pipeline] {name}: {'resuming' if stage.directory.exists() else 'starting'}", flush=True)
@@ -317,12 +366,14 @@ def run(
             code = forward.child.wait()
             forward.child = None
             if forward.received is not None:
+                return stopped(f"during {name} (exit code {code})")
+            if code == EXIT_STOPPED:
                 print(
-                    f"[pipeline] stopped by signal {forward.received} during {name}; run the same command "
-                    "again to resume it",
+                    f"[pipeline] {name} was stopped by a signal sent to it (exit code {code}); run the same "
+                    "command again to resume it",
                     flush=True,
                 )
-                return 143
+                return EXIT_STOPPED
             if code != 0:
                 raise PipelineError(f"stage {name} failed (exit code {code}); its run directory is {stage.directory}")
             if not stage_done(stage):

@@ -5,6 +5,12 @@ from __future__ import annotations
 import signal
 import threading
 
+# Exit statuses of ouro-train and ouro-pipeline, so that SLURM scripts and shell loops can tell
+# "done" (0) from "stopped, run the same command again to resume" and from failures.
+EXIT_STOPPED = 75  # sysexits EX_TEMPFAIL: stopped by a signal, resumable
+EXIT_BAD_INPUT = 2  # a config key, file or checkpoint to fix; the message names it
+EXIT_DIVERGED = 3  # the stability guard stopped the run: too many bad steps in a row
+
 
 class StopOnSignal:
     """Context manager: records the first SIGTERM or SIGUSR1 instead of dying mid-step. The

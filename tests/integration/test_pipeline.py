@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ouro_train.train.report import read_metrics
+from ouro_train.train.signals import EXIT_STOPPED
 
 BIN = Path(sys.executable).parent
 SMALL = [
@@ -66,7 +67,7 @@ def test_demo_pipeline_runs_every_stage_skips_and_resumes(tmp_path):
     assert cut.returncode == 0, cut.stderr[-2000:]
     assert steps_logged(run / "stable2") == [1]
 
-    # SIGTERM while stages run: the running stage saves and the runner stops (143), resumable.
+    # SIGTERM while stages run: the running stage saves and the runner stops (75), resumable.
     runner = subprocess.Popen(
         [str(BIN / "ouro-pipeline"), "pipeline=demo", f"run_dir={run}", *SMALL],
         stdout=subprocess.PIPE,
@@ -79,7 +80,7 @@ def test_demo_pipeline_runs_every_stage_skips_and_resumes(tmp_path):
         time.sleep(0.2)
     runner.send_signal(signal.SIGTERM)
     output = runner.communicate(timeout=120)[0]
-    assert runner.returncode == 143, output[-3000:]
+    assert runner.returncode == EXIT_STOPPED == 75, output[-3000:]
     assert "[pipeline] warmup: finished earlier" in output and "[pipeline] stable2: resuming" in output
     assert "stopped by signal" in output
 

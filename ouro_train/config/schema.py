@@ -444,6 +444,39 @@ class CheckpointConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The training stability guard (train/guard.py). A step whose loss or gradient norm is not
+    finite on any rank, or whose loss spikes, has its update skipped on every rank (its batch is
+    consumed, the step counter and LR schedule advance, the weights and optimizer do not change);
+    `max_consecutive_bad` bad steps in a row stop the run with exit status 3."""
+
+    enabled: bool = True
+    # A loss spike: the step's loss is more than `spike_zscore` standard deviations above the mean
+    # of the last `window` accepted steps' losses AND more than `spike_min_ratio` times that mean
+    # (so that a very flat loss curve, tiny std, does not turn noise into spikes). 0: no spike check.
+    spike_zscore: float = 6.0
+    spike_min_ratio: float = 1.1
+    window: int = 100
+    # Accepted steps seen before spikes are judged (the first steps of a run fall fast).
+    min_history: int = 20
+    max_consecutive_bad: int = 5
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, section: str = "guard") -> None:
+        _require(self.spike_zscore >= 0, f"{section}.spike_zscore", f"must be >= 0 (0: off), got {self.spike_zscore}")
+        _require(self.spike_min_ratio >= 1, f"{section}.spike_min_ratio", f"must be >= 1, got {self.spike_min_ratio}")
+        for key in ("window", "min_history", "max_consecutive_bad"):
+            _require(getattr(self, key) >= 1, f"{section}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _require(
+            self.min_history <= self.window,
+            f"{section}.min_history",
+            f"{self.min_history} exceeds guard.window={self.window}: the window never holds that many losses",
+        )
+
+
+@dataclass
 class LoggingConfig:
     console: bool = True
     progress_bar: bool = True
@@ -475,6 +508,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # The stage this run is (warmup, stable1, ... in a pipeline): run names, logs, train state.
     stage_name: str = "main"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ouro_train.config.schema import Config
-from ouro_train.train.engine import parameter_groups
+from ouro_train.train.engine import build_optimizer
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
@@ -24,6 +25,9 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
+        # DeepSpeed checks the exact optimizer type against those it tested; ours is torch's AdamW
+        # with a skip flag (train/engine.py SkippableAdamW), which changes nothing else.
+        "zero_allow_untested_optimizer": True,
         # Mixed precision is torch autocast with fp32 parameters (train.precision); DeepSpeed's
         # own bf16 mode (bf16 weights, fp32 master copy) is a memory optimisation left off here.
         "bf16": {"enabled": False},
@@ -64,13 +68,8 @@ class DeepSpeedEngine:
         self.tp_group = mpu.get_model_parallel_group() if mpu is not None else None
         self.stage = cfg.parallel.zero_stage
         self.verify_files = not cfg.checkpoint.trust_engine_files
-        # torch's AdamW: DeepSpeed would otherwise build its fused/CPU Adam op (a C++ build).
-        optimizer = torch.optim.AdamW(
-            parameter_groups(model, cfg.optim.weight_decay),
-            lr=cfg.optim.lr,
-            betas=(cfg.optim.beta1, cfg.optim.beta2),
-            eps=cfg.optim.eps,
-        )
+        optimizer = build_optimizer(model, cfg.optim)
+        self.inner_optimizer = optimizer
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
         from ouro_train.checkpoint.universal import universal_checkpoint_info
@@ -83,6 +82,7 @@ class DeepSpeedEngine:
         )
         self.module = self.engine.module
         self._grad_norm: float | None = None
+        self.update_skipped = False
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -98,15 +98,27 @@ class DeepSpeedEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self) -> None:
+    def step(self, skip: bool = False) -> None:
+        """After every micro-batch. At the boundary the update is skipped on `skip` (the guard's
+        verdict, the same on every rank) or a non-finite global gradient norm: ZeRO 1/2/3 skip the
+        latter themselves (DeepSpeed's overflow check, fp32 included, counted in `skipped_steps`);
+        without ZeRO we measure the norm first. `update_skipped` says whether it was skipped."""
         boundary = self.engine.is_gradient_accumulation_boundary()
         # ZeRO stage 0 keeps no global norm; its gradients are already averaged over data
         # parallel after the boundary's backward, so measure them before the step clips them.
         own_norm = tensor_parallel_grad_norm(self.module, self.tp_group) if boundary and self.stage == 0 else None
-        self.engine.step()
+        skipped_before = self.engine.skipped_steps
+        if boundary:
+            skip = skip or (own_norm is not None and not math.isfinite(own_norm))
+            self.inner_optimizer.skip = skip
+        try:
+            self.engine.step()
+        finally:
+            self.inner_optimizer.skip = False
         if boundary:
             norm = self.engine.get_global_grad_norm() if own_norm is None else own_norm
             self._grad_norm = None if norm is None else float(norm)
+            self.update_skipped = skip or self.engine.skipped_steps > skipped_before
 
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm

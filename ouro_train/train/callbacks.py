@@ -27,6 +27,9 @@ def format_metrics(metrics: dict) -> str:
         parts.append(f"{metrics['tokens_per_s'] / 1e3:.1f}k tok/s")
     if "mfu" in metrics:
         parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    if metrics.get("skipped"):
+        reason = metrics["skip_reason"].replace("_", " ")
+        parts.append(f"update SKIPPED ({reason}; {metrics['guard/skipped_steps']} so far)")
     return " | ".join(parts)
 
 
@@ -51,7 +54,7 @@ class ConsoleLogger(Callback):
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
-        if metrics["step"] % self.every == 0 or metrics["step"] == 1:
+        if metrics["step"] % self.every == 0 or metrics["step"] == 1 or metrics.get("skipped"):
             self._write(format_metrics(metrics))
 
     def on_eval_end(self, trainer: Trainer, metrics: dict) -> None:

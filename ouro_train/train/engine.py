@@ -9,6 +9,7 @@ already normalised by the loss tokens of the whole step, so nothing here rescale
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -30,8 +31,24 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
+class SkippableAdamW(torch.optim.AdamW):
+    """torch's AdamW whose update the stability guard can cancel: while `skip` is set, `step()`
+    changes nothing (no weight, moment or step-count update). DeepSpeed's ZeRO optimizers call
+    the inner optimizer's `step()` (once per sub-group under ZeRO-3), so the flag works the same
+    under every engine; the trainer sets it before the boundary step and clears it after."""
+
+    skip = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> SkippableAdamW:
+    # torch's AdamW also under DeepSpeed, which would otherwise build its fused/CPU Adam op (a C++ build).
+    return SkippableAdamW(
         parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
     )
 
@@ -48,6 +65,7 @@ class LocalEngine:
         self.global_steps = 0
         self.dp_size = 1
         self._grad_norm: float | None = None
+        self.update_skipped = False
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -62,14 +80,17 @@ class LocalEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self) -> None:
-        """Called after every micro-batch; updates the weights on accumulation boundaries."""
+    def step(self, skip: bool = False) -> None:
+        """Called after every micro-batch; updates the weights on accumulation boundaries, unless
+        `skip` (the guard's verdict) or the gradient norm is not finite. `update_skipped` says which."""
         if self.is_gradient_accumulation_boundary():
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             # clip_grad_norm_ with an infinite max returns the norm without scaling anything.
             max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
             self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            self.optimizer.step()
+            self.update_skipped = skip or not math.isfinite(self._grad_norm)
+            if not self.update_skipped:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_steps += 1
         self.micro_steps += 1

@@ -21,6 +21,7 @@ from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX
 from ouro_train.model.looplm import LoopLM
 from ouro_train.model.objective import LossOutput, gate_loss, looplm_loss
 from ouro_train.train.engine import LocalEngine, build_optimizer
+from ouro_train.train.guard import NONFINITE_GRAD, StabilityGuard, TrainingDiverged
 from ouro_train.train.schedules import lr_at
 from ouro_train.train.signals import StopOnSignal
 
@@ -82,6 +83,8 @@ class Trainer:
         self.eval_batches = eval_batches
         self.callbacks = callbacks or []
         self.state = TrainState()
+        self.guard = StabilityGuard(cfg.guard)
+        self.pending_verdict: str | None = None
 
     def _autocast(self):
         if self.cfg.train.precision == "bf16":
@@ -124,16 +127,24 @@ class Trainer:
         self.engine.set_lr(lr)
         self.engine.module.train()
         totals = None
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
             out = self._loss(batch)
             self.engine.backward(out.loss_sum * scale)
-            self.engine.step()
             totals = self._accumulate(totals, out)
+            verdict = None
+            if index == len(micro_batches) - 1:
+                # The step's loss over every rank, before the optimizer step, so that the guard can
+                # cancel the update everywhere (the same all-reduce gives the metrics).
+                totals = self.engine.all_reduce_sum(totals)
+                verdict = self.guard.verdict(float(totals[0]) / max(step_tokens, 1.0))
+            self.engine.step(skip=verdict is not None)
+        if verdict is None and self.engine.update_skipped:
+            verdict = NONFINITE_GRAD
         input_tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * self.engine.dp_size
         self.state.step += 1
         self.state.tokens += input_tokens
         elapsed = time.perf_counter() - started
-        return self._metrics(self.engine.all_reduce_sum(totals), step_tokens) | {
+        metrics = self._metrics(totals, step_tokens) | {
             "step": self.state.step,
             "tokens": self.state.tokens,
             "lr": lr,
@@ -141,6 +152,11 @@ class Trainer:
             "tokens_per_s": input_tokens / elapsed,
             "step_time_s": elapsed,
         }
+        self.pending_verdict = verdict
+        metrics["skipped"] = int(verdict is not None)
+        if verdict is not None:
+            metrics["skip_reason"] = verdict
+        return metrics
 
     @staticmethod
     def _accumulate(totals: torch.Tensor | None, out: LossOutput) -> torch.Tensor:
@@ -171,20 +187,37 @@ class Trainer:
         if self.eval_batches is None:
             return {}
         self.engine.module.eval()
-        totals = None
-        num_tokens = 0
-        for batch in self.eval_batches():
-            out = self._loss(self._to_device(batch))
-            num_tokens += out.num_tokens
-            totals = self._accumulate(totals, out)
-        if totals is None:
+        batches = [self._to_device(batch) for batch in self.eval_batches() if len(batch["input_ids"])]
+        # Every rank takes part in every collective, whatever its share of a small eval set: ranks
+        # agree on the number of forward passes (ZeRO-3 gathers parameters in each), and a rank
+        # with fewer batches runs the extra ones with every label ignored (they add nothing).
+        count = int(self.engine.all_reduce_max(torch.tensor(float(len(batches)), device=self.device)))
+        if count == 0:
             return {}
+        width = 2 * self.cfg.model.recurrent_steps + 2
+        totals = torch.zeros(width, device=self.device)
+        num_tokens = 0
+        for index in range(count):
+            batch = batches[index] if index < len(batches) else self._padding_batch(batches)
+            out = self._loss(batch)
+            num_tokens += out.num_tokens
+            totals = totals + self._accumulate(None, out).to(totals.device)
         totals = self.engine.all_reduce_sum(torch.cat([totals, totals.new_tensor([float(num_tokens)])]))
         metrics = {f"eval/{key}": value for key, value in self._metrics(totals[:-1], float(totals[-1])).items()}
         metrics["step"] = self.state.step
         for callback in self.callbacks:
             callback.on_eval_end(self, metrics)
         return metrics
+
+    def _padding_batch(self, batches: list[Batch]) -> Batch:
+        """A batch that counts for nothing: this rank's first one (or one row of padding) with no label."""
+        if batches:
+            batch = dict(batches[0])
+        else:
+            shape = (self.cfg.train.micro_batch_size, self.cfg.train.seq_len)
+            batch = {"input_ids": torch.zeros(shape, dtype=torch.long, device=self.device)}
+        batch["labels"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        return batch
 
     def fit(self) -> dict:
         """Train to `train.steps` (or `train.max_steps_this_run` more); returns the final eval metrics.
@@ -199,8 +232,18 @@ class Trainer:
         with StopOnSignal() as signals:
             while self.state.step < stop:
                 metrics = self.train_step()
+                diverged = None
+                try:
+                    self.guard.record(self.state.step, metrics["loss"], self.pending_verdict)
+                except TrainingDiverged as error:
+                    diverged = error
+                metrics |= self.guard.metrics()
                 for callback in self.callbacks:
                     callback.on_step_end(self, metrics)
+                if diverged is not None:  # after every callback saw the step; no final evaluation or save
+                    for callback in self.callbacks:
+                        callback.on_train_end(self)
+                    raise diverged
                 if self._any_rank(signals.requested is not None):
                     self.stopped_by_signal = signals.requested or -1
                     break

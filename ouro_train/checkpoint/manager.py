@@ -7,21 +7,24 @@ writes the shared files and commits. Loading reads only weights-only torch files
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import random
+import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ouro_train.checkpoint.store import (
     TRAIN_STATE,
     CheckpointError,
     apply_retention,
     commit,
+    complete_checkpoints,
     read_train_state,
     temporary_dir,
 )
@@ -31,6 +34,7 @@ from ouro_train.config.schema import Config
 # Keys that may change between a save and a resume without changing what is being trained.
 RESUMABLE_CHANGES = (
     "run_dir",
+    "guard.",
     "dry_run",
     "logging.",
     "checkpoint.",
@@ -122,9 +126,50 @@ def saved_layout(path: Path, state: dict) -> tuple:
     return state["world_size"], state["tensor_parallel"], state["zero_stage"], kind
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+class NonFiniteWeights(RuntimeError):
+    """The weights hold NaN or inf: no checkpoint is written from them."""
+
+    PREFIX = "non-finite weights: "
+
+
+def estimate_checkpoint_bytes(root: Path, module: torch.nn.Module, final: bool) -> int:
+    """About how much a new checkpoint takes: the newest complete one's size, or else (the first
+    save) 20 bytes per parameter (fp32 weights + engine's fp32 module, master copy and two Adam
+    moments), plus 8 per parameter for a final save's layout-free moments."""
+    found = complete_checkpoints(root)
+    if found:
+        return sum(f.stat().st_size for f in found[-1].rglob("*") if f.is_file() and "universal" not in f.parts)
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
+    return params * (20 + (8 if final else 0))
+
+
+def check_free_space(root: Path, needed: int, step: int) -> None:
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise CheckpointError(
+            f"{root}: not enough free space to save the checkpoint of step {step}: it needs about "
+            f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free; free space there or set a run_dir on a "
+            "larger file system. Nothing was written; the previous checkpoint is kept"
+        )
+
+
+def write_error(exc: Exception, tmp: Path, step: int) -> str:
+    """The message for a failed checkpoint write. torch.save reports a full disk as a RuntimeError
+    from its C++ writer ("iostream error", "unexpected pos"), not as ENOSPC: a write that failed
+    with (almost) no space left is called a full disk either way."""
+    where = getattr(exc, "filename", None) or tmp
+    free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
+    enospc = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if enospc or (isinstance(exc, RuntimeError) and free < 64 * 2**20):
+        return (
+            f"{where}: the disk filled up while saving the checkpoint of step {step} ({type(exc).__name__}: "
+            f"{str(exc).strip()[:200]}; {free / 2**20:.1f} MiB were free); the partial save is removed. Free space "
+            "there or set a run_dir on a larger file system. The previous checkpoint is kept"
+        )
+    return (
+        f"{where}: writing the checkpoint of step {step} failed ({type(exc).__name__}: {exc}); the previous "
+        "checkpoint is kept"
+    )
 
 
 class Checkpointer:
@@ -137,30 +182,58 @@ class Checkpointer:
 
     def save(self, trainer, loader_state: dict | None, final: bool = False) -> Path:
         """`final`: the stage's last checkpoint, which also carries the layout-free optimizer state
-        (optimizer.safetensors) that a next stage or ouro-upcycle starts from."""
+        (optimizer.safetensors) that a next stage or ouro-upcycle starts from.
+
+        Never from non-finite weights (NonFiniteWeights, nothing written), and a full disk is found
+        before writing where possible (the previous checkpoint's size against the free space) and
+        otherwise where a rank writes: either way the partial save is removed, every rank raises a
+        CheckpointError naming the path and the space needed, and the previous checkpoint stays."""
         from ouro_train.train.schedules import lr_at
 
         step = trainer.state.step
         tmp = temporary_dir(self.root, step)
+        error = ""
         if self.rank == 0:
-            if tmp.exists():  # left by a save that was killed
-                import shutil
-
-                shutil.rmtree(tmp)
-            (tmp / "rng").mkdir(parents=True)
-        _barrier()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():  # left by a save that was killed
+                    shutil.rmtree(tmp)
+                check_free_space(self.root, estimate_checkpoint_bytes(self.root, trainer.engine.module, final), step)
+                (tmp / "rng").mkdir(parents=True)
+            except OSError as exc:
+                error = write_error(exc, tmp, step)
+            except CheckpointError as exc:
+                error = str(exc)
+        self._agree(trainer, error, tmp)
         full = full_state_dict(trainer.engine.module)  # collective: every rank takes part
         if self.rank == 0:
-            save_weights(full, tmp / WEIGHTS, self.cfg.model)
+            bad = [name for name, tensor in full.items() if not torch.isfinite(tensor).all()]
+            if bad:
+                error = NonFiniteWeights.PREFIX + (
+                    f"step {step}: {len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]}); no checkpoint is "
+                    f"written from them. The newest checkpoint in {self.root} is from before: resume from it "
+                    "with a lower optim.lr"
+                )
+            else:
+                error = self._write(partial(save_weights, full, tmp / WEIGHTS, self.cfg.model), tmp, step)
+        del full
+        self._agree(trainer, error, tmp)
         if final:
             from ouro_train.checkpoint.optimizer_state import OPTIMIZER, full_optimizer_state, save_optimizer_state
 
             moments = full_optimizer_state(trainer.engine)  # collective
             if self.rank == 0:
-                save_optimizer_state(moments, tmp / OPTIMIZER)
-        trainer.engine.save_checkpoint(tmp / "engine")
-        torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
-        if self.rank == 0:
+                error = self._write(partial(save_optimizer_state, moments, tmp / OPTIMIZER), tmp, step)
+            del moments
+            self._agree(trainer, error, tmp)
+        # DeepSpeed's save has collectives inside (a barrier at its end): a rank whose write fails
+        # there reports it here only if DeepSpeed returns; the free-space check above is what
+        # makes that rare.
+        error = self._write(lambda: trainer.engine.save_checkpoint(tmp / "engine"), tmp, step)
+        error = error or self._write(
+            lambda: torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt"), tmp, step
+        )
+        if self.rank == 0 and not error:
             state = {
                 "stage": self.cfg.stage_name,
                 "step": step,
@@ -170,6 +243,10 @@ class Checkpointer:
                 "next_lr": lr_at(step, self.cfg.optim.lr, self.cfg.train.steps, self.cfg.schedule),
                 "final": final,
                 "loader": loader_state,
+                # Healthy: no skipped (bad) step since the last accepted one; retention keeps the
+                # newest healthy checkpoint whatever keep_last says.
+                "healthy": trainer.guard.healthy,
+                "guard": trainer.guard.state_dict(),
                 "config_hash": config_hash(self.cfg, self.dp_size),
                 "config": training_config(self.cfg, self.dp_size),
                 "code_version": code_version(),
@@ -178,15 +255,42 @@ class Checkpointer:
                 "zero_stage": self.cfg.parallel.zero_stage,
                 "engine": engine_kind(trainer.engine),
             }
-            (tmp / TRAIN_STATE).write_text(json.dumps(state, indent=1, default=str))
-        _barrier()
-        final = self.root / tmp.name.removeprefix(".tmp-")
+            error = self._write(
+                lambda: (tmp / TRAIN_STATE).write_text(json.dumps(state, indent=1, default=str)), tmp, step
+            )
+        self._agree(trainer, error, tmp)
+        done = self.root / tmp.name.removeprefix(".tmp-")
         if self.rank == 0:
-            commit(self.root, tmp, step)
-            ckpt = self.cfg.checkpoint
-            apply_retention(self.root, ckpt.keep_last, ckpt.keep_every)
-        _barrier()
-        return final
+            try:
+                commit(self.root, tmp, step)
+            except OSError as exc:
+                error = write_error(exc, tmp, step)
+            else:
+                ckpt = self.cfg.checkpoint
+                apply_retention(self.root, ckpt.keep_last, ckpt.keep_every)
+        self._agree(trainer, error, tmp)
+        return done
+
+    @staticmethod
+    def _write(write, tmp: Path, step: int) -> str:
+        """Run a write; -> "" or the message of what it raised (a full disk, a quota...)."""
+        try:
+            write()
+        except (OSError, RuntimeError) as exc:
+            return write_error(exc, tmp, step)
+        return ""
+
+    def _agree(self, trainer, error: str, tmp: Path) -> None:
+        """Every rank learns whether any rank failed; then all raise (rank 0 removes the partial save)."""
+        failed = bool(trainer.engine.all_reduce_max(torch.tensor(float(bool(error)), device=trainer.device)) > 0)
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        message = error or f"rank {self.rank}: another rank failed to save the checkpoint (its message says why)"
+        if message.startswith(NonFiniteWeights.PREFIX):
+            raise NonFiniteWeights(message.removeprefix(NonFiniteWeights.PREFIX))
+        raise CheckpointError(message)
 
     def load(self, path: Path, trainer, loader) -> dict:
         """Restore engine, RNG, step counters and the loader position from `path` (every rank).
@@ -216,6 +320,7 @@ class Checkpointer:
             seed_everything(self.cfg.train.seed + 1000003 * state["step"] + self.rank)
         trainer.state.step = state["step"]
         trainer.state.tokens = state["tokens"]
+        trainer.guard.load_state_dict(state.get("guard"))
         if state["loader"] is not None and hasattr(loader, "load_state_dict"):
             loader.load_state_dict(state["loader"])
         return state

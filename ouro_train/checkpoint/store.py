@@ -20,6 +20,8 @@ import logging
 import os
 import re
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -81,15 +83,80 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def find_latest(root: Path) -> Path | None:
-    """The checkpoint `latest` names, or (if it is missing or broken) the newest complete one."""
+    """The newest usable checkpoint: complete, and whose files are whole (checkpoint_problem).
+    A broken newer one (a truncated engine file, a corrupt train_state.json) is passed over with
+    a warning that names it; resume then continues from the one before."""
     pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if is_complete(named):
-            return named
-        log.warning("%s names %s, which is not a complete checkpoint; falling back", pointer, named)
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+        if not is_complete(named):
+            _warn(f"{pointer} names {named}, which is not a complete checkpoint; falling back")
+    for candidate in reversed(complete_checkpoints(root)):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        _warn(f"skipping checkpoint {candidate}: {problem}; resuming from an earlier one (delete it to silence this)")
+    return None
+
+
+def _warn(message: str) -> None:
+    log.warning(message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a complete checkpoint cannot be resumed from, or None. Reads only headers and the
+    train state: a torch file's zip directory (at its end, so a truncation shows), a safetensors
+    header against the file size, and that every rank's files are there."""
+    try:
+        state = json.loads((path / TRAIN_STATE).read_text())
+        world = int(state["world_size"])
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{path / TRAIN_STATE} is unreadable ({type(error).__name__}: {error})"
+    files = [f for f in path.rglob("*") if f.is_file() and "universal" not in f.relative_to(path).parts]
+    for file in files:
+        problem = None
+        if file.suffix == ".pt":
+            problem = _zip_problem(file)
+        elif file.suffix == ".safetensors":
+            problem = _safetensors_problem(file)
+        if problem:
+            return f"{file} is {problem}"
+    rng = len(list((path / "rng").glob("rank_*.pt")))
+    if rng != world:
+        return f"{path / 'rng'} holds {rng} rank files, the checkpoint was written by {world} processes"
+    shards = list((path / "engine").rglob("*optim_states.pt"))
+    if shards and len(shards) != world:
+        return (
+            f"{path / 'engine'} holds {len(shards)} optimizer shards, the checkpoint was written by {world} processes"
+        )
+    return None
+
+
+def _zip_problem(file: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(file) as archive:
+            size = file.stat().st_size
+            for info in archive.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return "truncated"
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        return f"truncated or corrupt ({error})"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    try:
+        with file.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + length + end != file.stat().st_size:
+            return "truncated"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        return f"truncated or corrupt ({type(error).__name__})"
+    return None
 
 
 def read_train_state(path: Path) -> dict:
@@ -107,12 +174,25 @@ def read_train_state_if_any(path: Path) -> dict:
     return read_train_state(path) if (path / TRAIN_STATE).is_file() else {}
 
 
+def _healthy(path: Path) -> bool:
+    try:
+        return bool(json.loads((path / TRAIN_STATE).read_text()).get("healthy", True))
+    except (OSError, ValueError):
+        return False
+
+
 def apply_retention(root: Path, keep_last: int, keep_every: int) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep_last`, except every `keep_every`-th
-    step (0: none kept for that reason); also leftovers of interrupted saves. Returns what went."""
+    step (0: none kept for that reason) and the newest healthy one; also leftovers of interrupted
+    saves. Returns what went."""
     removed = []
     found = complete_checkpoints(root)
     keep = set(found[-keep_last:]) if keep_last > 0 else set(found)
+    # The newest healthy checkpoint (no skipped bad step pending, see train/guard.py) stays too,
+    # so that a run of bad steps cannot rotate the last good state away.
+    healthy = [p for p in found if _healthy(p)]
+    if healthy:
+        keep.add(healthy[-1])
     for path in found:
         step = int(_NAME.match(path.name).group(1))
         if path in keep or (keep_every > 0 and step % keep_every == 0):

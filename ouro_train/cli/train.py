@@ -15,6 +15,9 @@ from ouro_train.config.schema import Config, ConfigError
 from ouro_train.config.store import RECIPES_DIR, register_configs, to_config
 from ouro_train.model.flops import count_model
 from ouro_train.model.looplm import LoopLM
+from ouro_train.train.guard import TrainingDiverged
+from ouro_train.train.rundir import RunDirError, RunDirLock, prepare_run_dir
+from ouro_train.train.signals import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED
 
 
 def dry_run(cfg: Config) -> dict:
@@ -49,7 +52,7 @@ def dry_run(cfg: Config) -> dict:
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
-    from ouro_train.checkpoint.store import CheckpointError, find_latest, is_complete
+    from ouro_train.checkpoint.store import CheckpointError, checkpoint_problem, find_latest, is_complete
 
     if resume == "none":
         return None
@@ -61,6 +64,9 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
             f"checkpoint.resume={resume}: not a complete checkpoint directory (no COMPLETE "
             "marker, train_state.json or engine/); pick one under <run_dir>/checkpoints"
         )
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"checkpoint.resume={resume}: {problem}; pick an earlier one under <run_dir>/checkpoints")
     return path
 
 
@@ -136,14 +142,24 @@ def train(cfg: Config) -> dict:
     layout = init_parallel(cfg.parallel, cfg.model, cfg.train.device, group=written_by_deepspeed(resume_from))
     main_rank = layout.rank == 0
     say = print if main_rank else (lambda *a, **k: None)
+    lock = None
     try:
+        # Rank 0 checks and locks the run directory; every rank fails alike if it cannot.
+        if main_rank:
+            try:
+                prepare_run_dir(run_dir)
+                lock = RunDirLock(run_dir).acquire()
+                refused = ""
+            except RunDirError as error:
+                refused = str(error)
+        refused = broadcast_from_rank0(refused if main_rank else None)
+        if refused:
+            raise RunDirError(refused)
         cfg.train.resolve_accumulation(layout.dp)
         source = handoff_source(cfg)
         if source is not None and cfg.checkpoint.init_schedule == "keep":
             # Before any hash: the continued LR is part of what this stage trains.
             cfg.optim.lr = float(source["next_lr"])
-        if main_rank:
-            run_dir.mkdir(parents=True, exist_ok=True)
         train_batches, eval_batches = build_data(cfg, layout.dp_rank, layout.dp)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = LoopLM(cfg.model)
@@ -171,27 +187,30 @@ def train(cfg: Config) -> dict:
         elif source is not None:
             say(hand_off(cfg, source, trainer, train_batches))
         if main_rank:
-            # Log lines of steps after the checkpoint (a run killed after it) are replaced, not doubled.
+            # Log lines of steps after the checkpoint (a run killed after it) are replaced, not doubled,
+            # and a line torn by a kill or a full disk is dropped (with a warning naming the file).
             truncate_metrics(metrics_path, trainer.state.step)
         if trainer.state.step >= cfg.train.steps and (resumed or {}).get("final"):
             say(f"nothing to do: {run_dir} already trained {trainer.state.step} of {cfg.train.steps} steps")
             return {}
         # (At the last step without a final checkpoint, e.g. stopped during the final save, the
         # fit below trains nothing and the final evaluation and checkpoint are made.)
-        saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
-        trainer.callbacks.append(saver)
         from ouro_train.train.callbacks import Throughput, WandbLogger, peak_tflops
 
         flops = count_model(cfg.model, cfg.train.seq_len).train_flops_per_token
         trainer.callbacks.insert(
             0, Throughput(flops, layout.world_size, peak_tflops(cfg.logging.peak_tflops, cfg.train.device))
         )
+        if main_rank and cfg.logging.jsonl:
+            trainer.callbacks.append(JsonlLogger(metrics_path))
         if main_rank and cfg.logging.wandb:
             trainer.callbacks.append(WandbLogger(cfg, run_dir, asdict(cfg)))
         if main_rank and cfg.logging.console:
             trainer.callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
-        if main_rank and cfg.logging.jsonl:
-            trainer.callbacks.append(JsonlLogger(metrics_path))
+        # Last: a step is in metrics.jsonl before any checkpoint holds it, so a kill between the two
+        # leaves the step logged, and the resume (from the checkpoint before) replaces that line.
+        saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+        trainer.callbacks.append(saver)
         final = trainer.fit()
         if trainer.stopped_by_signal is not None:
             if cfg.checkpoint.save_on_signal:
@@ -199,8 +218,9 @@ def train(cfg: Config) -> dict:
             say(
                 f"stopped by signal {trainer.stopped_by_signal} after step {trainer.state.step}; "
                 + (f"checkpoint in {checkpoint_root}" if cfg.checkpoint.save_on_signal else "no checkpoint written")
+                + f"; exit status {EXIT_STOPPED}: run the same command again to resume"
             )
-            return final
+            raise StoppedBySignal(trainer.stopped_by_signal)
         if cfg.checkpoint.save_final:
             saver.save(trainer, final=True)
         if not main_rank:
@@ -216,7 +236,24 @@ def train(cfg: Config) -> dict:
             print(f"plot: {plot_loss_per_step(metrics_path, run_dir / 'loss_per_step.png')}")
         return final
     finally:
+        if lock is not None:
+            lock.release()
         destroy_parallel()
+
+
+class StoppedBySignal(Exception):
+    """The stage stopped at a step boundary on SIGTERM / SIGUSR1 (checkpoint saved): exit EXIT_STOPPED."""
+
+
+def broadcast_from_rank0(value):
+    """Rank 0's value on every rank (the value itself on a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @hydra.main(config_path=str(RECIPES_DIR), config_name="config", version_base="1.3")
@@ -230,10 +267,15 @@ def _hydra_main(raw: DictConfig) -> None:
             dry_run(cfg)
         else:
             train(cfg)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, RunDirError) as error:
         # Bad input is the user's to fix: the message names the key or file; no traceback.
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
+    except TrainingDiverged as error:
+        print(f"error: training diverged: {error}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
+    except StoppedBySignal:
+        sys.exit(EXIT_STOPPED)
 
 
 def main() -> None:

@@ -3,26 +3,50 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
+def _records(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    """-> ((line, record) for each whole line, numbers of the lines that are not JSON objects).
+    A line torn by a kill or a full disk mid-write is the usual one of the latter."""
+    good, torn = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            good.append((line, record))
+        elif line.strip():
+            torn.append(number)
+    return good, torn
+
+
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """-> (training records, evaluation records) of a metrics.jsonl file."""
+    """-> (training records, evaluation records) of a metrics.jsonl file (torn lines left out)."""
     train, evaluation = [], []
-    for line in Path(path).read_text().splitlines():
-        record = json.loads(line)
+    for _, record in _records(Path(path))[0]:
         (evaluation if any(key.startswith("eval/") for key in record) else train).append(record)
     return train, evaluation
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Drop records after `last_step` (a resumed run re-trains those steps); atomic rewrite."""
+    """Drop records after `last_step` (a resumed run re-trains those steps) and torn lines (said on
+    stderr, naming the file and line); atomic rewrite."""
     path = Path(path)
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(lines):
+    good, torn = _records(path)
+    if torn:
+        print(
+            f"warning: {path}: dropped {len(torn)} unreadable line(s) ({', '.join(map(str, torn[:5]))}), "
+            "torn by a kill or a full disk while being written",
+            file=sys.stderr,
+            flush=True,
+        )
+    kept = [line for line, record in good if record.get("step", 0) <= last_step]
+    if torn or len(kept) != len(good):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)

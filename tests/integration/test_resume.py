@@ -64,5 +64,9 @@ def test_broken_newest_checkpoint_falls_back_and_config_change_is_refused(tmp_pa
     engine = checkpoints / "step_00000003" / "engine" / "engine.pt"
     engine.write_bytes(engine.read_bytes()[:100])
     truncated = ouro_train(tmp_path, f"run_dir={run}", "checkpoint.resume=" + str(engine.parent.parent), check=False)
-    assert truncated.returncode == 2 and "engine.pt: unreadable" in truncated.stderr
+    assert truncated.returncode == 2 and "engine.pt is truncated" in truncated.stderr
     assert "Traceback" not in truncated.stderr
+    # resume=auto passes over the truncated newest checkpoint, saying which, as the README says.
+    fallback = ouro_train(tmp_path, f"run_dir={run}", "train.max_steps_this_run=1")
+    assert f"skipping checkpoint {checkpoints / 'step_00000003'}" in fallback.stderr
+    assert "step_00000002 at step 2" in fallback.stdout

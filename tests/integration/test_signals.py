@@ -26,7 +26,7 @@ def test_sigusr1_stops_training_cleanly_at_a_step_boundary(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 75, err  # EXIT_STOPPED: stopped, resumable (0 means finished)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert 3 <= steps[-1] < 5000 and steps == list(range(1, steps[-1] + 1))  # whole steps only
     assert f"stopped by signal {int(signal.SIGUSR1)} after step {steps[-1]}" in out

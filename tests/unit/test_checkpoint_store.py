@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from ouro_train.checkpoint.store import (
     TRAIN_STATE,
@@ -13,10 +14,14 @@ from ouro_train.checkpoint.store import (
 )
 
 
-def fake_save(root, step):
+def fake_save(root, step, healthy=True):
+    """A checkpoint as one process writes it, with tiny files in place of the real ones."""
     tmp = temporary_dir(root, step)
     (tmp / "engine").mkdir(parents=True)
-    (tmp / TRAIN_STATE).write_text(json.dumps({"step": step}))
+    (tmp / "rng").mkdir()
+    torch.save({"w": torch.ones(64)}, tmp / "engine" / "engine.pt")
+    torch.save({"torch": torch.zeros(4)}, tmp / "rng" / "rank_00000.pt")
+    (tmp / TRAIN_STATE).write_text(json.dumps({"step": step, "world_size": 1, "healthy": healthy}))
     return commit(root, tmp, step)
 
 
@@ -46,6 +51,39 @@ def test_retention_keeps_last_k_and_every_mth(tmp_path):
     assert kept == ["step_00000300", "step_00000500", "step_00000600"]
     assert sorted(p.name for p in removed) == ["step_00000100", "step_00000200", "step_00000400"]
     assert not temporary_dir(tmp_path, 700).exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (
+            lambda c: (c / "engine" / "engine.pt").write_bytes((c / "engine" / "engine.pt").read_bytes()[:200]),
+            "engine.pt",
+        ),
+        (lambda c: (c / TRAIN_STATE).write_text('{"step": 7, "wor'), TRAIN_STATE),
+        (lambda c: (c / "rng" / "rank_00000.pt").unlink(), "rng"),
+    ],
+    ids=["truncated-engine-file", "corrupt-train-state", "missing-rank-file"],
+)
+def test_a_broken_newest_checkpoint_is_passed_over_with_a_warning_naming_it(tmp_path, capsys, damage, named):
+    older = fake_save(tmp_path, 5)
+    newest = fake_save(tmp_path, 7)
+    damage(newest)
+    assert find_latest(tmp_path) == older
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {newest}" in err and named in err
+
+
+def test_retention_never_deletes_the_newest_healthy_checkpoint(tmp_path):
+    fake_save(tmp_path, 1)
+    good = fake_save(tmp_path, 2)
+    for step in (3, 4, 5):  # saved during a run of skipped (bad) steps
+        fake_save(tmp_path, step, healthy=False)
+        apply_retention(tmp_path, keep_last=1, keep_every=0)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [good.name, "step_00000005"]
+    fake_save(tmp_path, 6)  # healthy again: the old one may go
+    apply_retention(tmp_path, keep_last=1, keep_every=0)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000006"]
 
 
 @pytest.mark.parametrize(

@@ -132,14 +132,20 @@ class NonFiniteWeights(RuntimeError):
     PREFIX = "non-finite weights: "
 
 
-def estimate_checkpoint_bytes(root: Path, module: torch.nn.Module, final: bool) -> int:
+def estimate_checkpoint_bytes(root: Path, module: torch.nn.Module, final: bool, tensor_parallel: int = 1) -> int:
     """About how much a new checkpoint takes: the newest complete one's size, or else (the first
     save) 20 bytes per parameter (fp32 weights + engine's fp32 module, master copy and two Adam
     moments), plus 8 per parameter for a final save's layout-free moments."""
     found = complete_checkpoints(root)
     if found:
         return sum(f.stat().st_size for f in found[-1].rglob("*") if f.is_file() and "universal" not in f.parts)
-    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
+    # ZeRO-3 partitions know their full size; a tensor-parallel shard is one of `tensor_parallel`.
+    params = sum(
+        p.ds_numel
+        if hasattr(p, "ds_numel")
+        else p.numel() * (tensor_parallel if getattr(p, "tensor_model_parallel", False) else 1)
+        for p in module.parameters()
+    )
     return params * (20 + (8 if final else 0))
 
 
@@ -198,7 +204,13 @@ class Checkpointer:
                 self.root.mkdir(parents=True, exist_ok=True)
                 if tmp.exists():  # left by a save that was killed
                     shutil.rmtree(tmp)
-                check_free_space(self.root, estimate_checkpoint_bytes(self.root, trainer.engine.module, final), step)
+                check_free_space(
+                    self.root,
+                    estimate_checkpoint_bytes(
+                        self.root, trainer.engine.module, final, self.cfg.parallel.tensor_parallel
+                    ),
+                    step,
+                )
                 (tmp / "rng").mkdir(parents=True)
             except OSError as exc:
                 error = write_error(exc, tmp, step)

@@ -374,7 +374,7 @@ class Checkpointer:
             )
         from ouro_train.checkpoint.universal import ensure_universal
 
-        universal = ensure_universal(path, self.rank)
+        universal = ensure_universal(path, self.rank, trust=self.cfg.checkpoint.trust_engine_files)
         trainer.engine.load_checkpoint(universal, universal=True)
         if self.rank == 0:
             print(f"resumed {change} (through {universal})")

@@ -13,6 +13,7 @@ merging these layers' slices. The merge patterns are saved anyway, for a fixed c
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import time
@@ -47,10 +48,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def ensure_universal(checkpoint: Path, rank: int) -> Path:
+def ensure_universal(checkpoint: Path, rank: int, trust: bool = False) -> Path:
     """-> the directory to `load_checkpoint(..., tag='state')` with load_universal; converts once.
 
     Collective: every rank calls it; rank 0 converts while the others wait at a barrier.
+    `ds_to_universal` unpickles every engine file with weights_only=False; unless `trust`
+    (checkpoint.trust_engine_files), the files are first checked (the refused one named) and the
+    conversion runs with every torch.load forced to weights-only (safety.restricted_loads).
     """
     target = checkpoint / UNIVERSAL_DIR
     error = ""
@@ -67,11 +71,14 @@ def ensure_universal(checkpoint: Path, rank: int) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             started = time.monotonic()
             try:
-                _convert(source, tmp / TAG)
+                _convert(source, tmp / TAG, trust=trust)
                 if target.exists():  # a cache without its zero/ folder: not usable, replace it
                     shutil.rmtree(target)
                 os.replace(tmp, target)
                 print(f"converted {source} to a universal checkpoint in {time.monotonic() - started:.1f} s: {target}")
+            except CheckpointError as exc:  # a file refused: its own message names it and the way out
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = str(exc)
             except Exception as exc:  # noqa: BLE001 - reported on every rank below
                 shutil.rmtree(tmp, ignore_errors=True)
                 error = f"{checkpoint}: converting to DeepSpeed's universal checkpoint failed: {exc}"
@@ -84,18 +91,36 @@ def ensure_universal(checkpoint: Path, rank: int) -> Path:
     return target
 
 
-def _convert(source: Path, output: Path) -> None:
+def _convert(source: Path, output: Path, trust: bool = False, workers: int | None = None) -> None:
+    """ds_to_universal(source -> output). Unless `trust`: each file is checked first (a refusal names
+    it), then the whole conversion runs inside restricted_loads, so every torch.load it does is
+    weights-only, in this process and in its extraction/merge workers (`_do_parallel_work`, a
+    ProcessPoolExecutor of the default multiprocessing context, created and shut down inside the
+    call). Workers forked inside the block inherit the environment switch and the safe globals;
+    a spawned or forkserver worker would get neither reliably (a forkserver started earlier keeps
+    its old environment), so under another start method the conversion runs in this process."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    workers = max(1, min(8, (os.cpu_count() or 1) // 2))
-    ds_to_universal(
-        argparse.Namespace(
-            input_folder=str(source),
-            output_folder=str(output),
-            num_extract_workers=workers,
-            num_merge_workers=workers,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=False,
-        )
+    from ouro_train.checkpoint.safety import restricted_loads, verify_engine_files
+
+    if workers is None:
+        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+    # The start method ProcessPoolExecutor will use (the first listed is the default), without fixing it.
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if not trust and method != "fork":
+        workers = 1  # _do_parallel_work runs the work items in this process
+    args = argparse.Namespace(
+        input_folder=str(source),
+        output_folder=str(output),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
     )
+    if trust:
+        ds_to_universal(args)
+        return
+    verify_engine_files(source)
+    with restricted_loads(source):
+        ds_to_universal(args)

@@ -418,8 +418,9 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every step that is a multiple of this (0: off)
     save_final: bool = True
     save_on_signal: bool = True  # SIGTERM / SIGUSR1: save at the step boundary, then exit
-    # DeepSpeed unpickles its engine files fully; by default we first check that they reference
-    # nothing but tensors and DeepSpeed's value classes (checkpoint/safety.py). True skips that.
+    # DeepSpeed unpickles its engine files with weights_only=False; by default every such load
+    # (ds_to_universal's included) is forced to torch's weights-only unpickler
+    # (checkpoint/safety.py). True skips that, for files you wrote and trust.
     trust_engine_files: bool = False
 
     def __post_init__(self) -> None:

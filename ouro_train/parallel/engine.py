@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import pickle
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -130,22 +132,28 @@ class DeepSpeedEngine:
     def load_checkpoint(self, directory, universal: bool = False) -> None:
         """Every rank. `universal`: `directory` holds DeepSpeed's universal checkpoint (tag `state`),
         saved at another data-parallel size, ZeRO stage or tensor-parallel size."""
+        from ouro_train.checkpoint.safety import failed_file, restricted_loads
         from ouro_train.checkpoint.store import CheckpointError
 
-        if self.verify_files:
-            from ouro_train.checkpoint.safety import verify_engine_files
-
-            verify_engine_files(Path(directory) / "state")
+        # Every torch.load DeepSpeed does in here (its checkpoint engine, the ZeRO optimizers'
+        # universal loaders) runs torch's weights-only unpickler; trust_engine_files skips that.
+        restriction = restricted_loads(Path(directory) / "state") if self.verify_files else nullcontext()
         config = self.engine._config
         config.load_universal_checkpoint = universal
         try:
-            path, _ = self.engine.load_checkpoint(
-                str(directory), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-        except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as error:
+            with restriction:
+                path, _ = self.engine.load_checkpoint(
+                    str(directory), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+                )
+        except CheckpointError:  # refused by the weights-only unpickler, the file named
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, AssertionError, EOFError, pickle.UnpicklingError) as error:
+            file = failed_file(error)
             raise CheckpointError(
-                f"{directory}: DeepSpeed could not load it ({type(error).__name__}: {error}); a shard is missing or "
-                "truncated, or it was saved by another model: resume from an earlier checkpoint"
+                f"{directory}: DeepSpeed could not load it ({type(error).__name__}: {error}"
+                + (f", reading {file}" if file else "")
+                + "); a shard is missing or truncated, or it was saved by another model: resume from an earlier "
+                "checkpoint"
             ) from error
         finally:
             config.load_universal_checkpoint = False

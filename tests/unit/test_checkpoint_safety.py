@@ -1,36 +1,237 @@
-"""Engine files are checked before DeepSpeed unpickles them (it uses weights_only=False)."""
+"""DeepSpeed's engine files go through torch's weights-only unpickler (checkpoint/safety.py).
 
+Each hostile file below is a valid torch zip whose data.pkl was written opcode by opcode: if a
+full unpickler ran it, `posix.system("touch <marker>")` would create the marker file. The ways
+of naming that global are the ones a string scan of the pickle missed (names stored in the memo
+and fetched back before STACK_GLOBAL, names as SHORT_BINSTRING / BINSTRING) plus a plain GLOBAL;
+the places the call sits are the top level, the argument of an allowed class's REDUCE, the state
+of an allowed object's BUILD, and a tensor's storage record.
+"""
+
+import multiprocessing
 import os
+import pickle
+import struct
+import zipfile
 from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 
-from ouro_train.checkpoint.safety import pickle_globals, verify_engine_files
+from ouro_train.checkpoint.safety import FORCE, FORCE_NOT, restricted_loads, verify_engine_files
 from ouro_train.checkpoint.store import CheckpointError
 
-
-class RunsCode:
-    def __reduce__(self):
-        return (os.getcwd, ())  # harmless here; any callable could be named the same way
+P = pickle  # the opcode constants (pickle.GLOBAL, pickle.STACK_GLOBAL, ...)
 
 
-def test_tensors_and_deepspeed_value_classes_pass(tmp_path):
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+def unicode(text: str) -> bytes:
+    data = text.encode()
+    return P.BINUNICODE + struct.pack("<I", len(data)) + data
 
-    torch.save(
-        {"module": OrderedDict(w=torch.ones(2, 3)), "shape": torch.Size([2]), "scaler": LossScaler(1.0)},
-        tmp_path / "mp_rank_00_model_states.pt",
+
+def short_binstring(text: str) -> bytes:
+    data = text.encode()
+    return P.SHORT_BINSTRING + bytes([len(data)]) + data
+
+
+def binstring(text: str) -> bytes:
+    data = text.encode()
+    return P.BINSTRING + struct.pack("<i", len(data)) + data
+
+
+def global_op(module: str, name: str) -> bytes:
+    return P.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+# How `posix.system` gets onto the stack, after a decoy value: the pair of strings that a scanner
+# pairing STACK_GLOBAL with "the last two strings pushed" takes for the global's name.
+SPELLINGS = {
+    "global": lambda: P.EMPTY_TUPLE + global_op("posix", "system"),
+    "memo": lambda: (
+        P.MARK
+        + unicode("posix")
+        + P.BINPUT
+        + bytes([1])
+        + unicode("system")
+        + P.LONG_BINPUT
+        + struct.pack("<I", 2)
+        + unicode("collections")
+        + unicode("OrderedDict")
+        + P.TUPLE
+        + P.LONG_BINGET
+        + struct.pack("<I", 1)
+        + P.LONG_BINGET
+        + struct.pack("<I", 2)
+        + P.STACK_GLOBAL
+    ),
+    "short_binstring": lambda: (
+        (P.MARK + unicode("torch") + unicode("Size") + P.TUPLE + short_binstring("posix") + short_binstring("system"))
+        + P.STACK_GLOBAL
+    ),
+    "binstring": lambda: (
+        (P.MARK + unicode("torch") + unicode("Size") + P.TUPLE + binstring("posix") + binstring("system"))
+        + P.STACK_GLOBAL
+    ),
+}
+
+
+def call(spelling: str, marker: Path) -> bytes:
+    """Ops that leave (decoy, posix.system(f"touch {marker}")) on the stack."""
+    return SPELLINGS[spelling]() + unicode(f"touch {marker}") + P.TUPLE1 + P.REDUCE + P.TUPLE2
+
+
+def top_level(evil: bytes) -> bytes:
+    return P.EMPTY_DICT + unicode("x") + evil + P.SETITEM
+
+
+def reduce_of_allowed_class(evil: bytes) -> bytes:
+    # LossScaler(scale=<the call>): the class is allowlisted, its argument is not.
+    scaler = global_op("deepspeed.runtime.fp16.loss_scaler", "LossScaler") + evil + P.TUPLE1 + P.REDUCE
+    return P.EMPTY_DICT + unicode("scaler") + scaler + P.SETITEM
+
+
+def build_of_allowed_object(evil: bytes) -> bytes:
+    # An allowlisted object (as DeepSpeed's own files hold it) whose BUILD state holds the call.
+    scaler = global_op("deepspeed.runtime.fp16.loss_scaler", "LossScaler") + P.EMPTY_TUPLE + P.NEWOBJ
+    state = P.EMPTY_DICT + unicode("cur_scale") + evil + P.SETITEM
+    return P.EMPTY_DICT + unicode("scaler") + scaler + state + P.BUILD + P.SETITEM
+
+
+def tensor_storage(evil: bytes) -> bytes:
+    # torch._utils._rebuild_tensor_v2(storage, 0, (2,), (1,), False, OrderedDict()) with the call in
+    # the storage record (as its location) that the persistent load reads.
+    storage = (
+        P.MARK + unicode("storage") + global_op("torch", "FloatStorage") + unicode("0") + evil + P.BININT1 + bytes([2])
     )
-    verify_engine_files(tmp_path)
-    assert "torch._utils._rebuild_tensor_v2" in pickle_globals(tmp_path / "mp_rank_00_model_states.pt")
+    storage += P.TUPLE + P.BINPERSID
+    args = storage + P.BININT1 + bytes([0]) + P.BININT1 + bytes([2]) + P.TUPLE1 + P.BININT1 + bytes([1]) + P.TUPLE1
+    args += P.NEWFALSE + global_op("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE
+    tensor = global_op("torch._utils", "_rebuild_tensor_v2") + P.MARK + args + P.TUPLE + P.REDUCE
+    return P.EMPTY_DICT + unicode("w") + tensor + P.SETITEM
 
 
-def test_a_file_that_would_run_code_is_refused_without_running_it(tmp_path):
-    (tmp_path / "sub").mkdir()
-    torch.save({"state": torch.zeros(1), "payload": RunsCode()}, tmp_path / "sub" / "x.pt")
-    with pytest.raises(CheckpointError, match="getcwd.*trust_engine_files=true"):
-        verify_engine_files(tmp_path)
+SHAPES = {
+    "top_level": top_level,
+    "reduce_of_allowed_class": reduce_of_allowed_class,
+    "build_of_allowed_object": build_of_allowed_object,
+    "tensor_storage": tensor_storage,
+}
+
+
+def write_with_pickle(path: Path, data_pkl: bytes) -> Path:
+    """A torch.save zip file (one float tensor under key '0') whose data.pkl is `data_pkl`."""
+    torch.save({"w": torch.zeros(2)}, path)
+    with zipfile.ZipFile(path) as source:
+        entries = [(info.filename, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for name, data in entries:
+            target.writestr(name, data_pkl if name.endswith("/data.pkl") else data)
+    return path
+
+
+def hostile_file(directory: Path, spelling: str, shape: str) -> tuple[Path, Path]:
+    """-> (file, marker): `file` creates `marker` if fully unpickled."""
+    marker = directory / f"ran-{spelling}-{shape}"
+    directory.mkdir(parents=True, exist_ok=True)
+    body = SHAPES[shape](call(spelling, marker))
+    path = write_with_pickle(directory / "mp_rank_00_model_states.pt", P.PROTO + bytes([2]) + body + P.STOP)
+    return path, marker
+
+
+CASES = [(spelling, shape) for shape in SHAPES for spelling in SPELLINGS]
+REFUSED = {
+    "global": "posix.system",
+    "memo": "STACK_GLOBAL",
+    "short_binstring": "STACK_GLOBAL",
+    "binstring": "BINSTRING",
+}
+
+
+@pytest.mark.parametrize("spelling,shape", CASES)
+def test_each_payload_runs_under_a_full_unpickler(tmp_path, spelling, shape):
+    """The premise: these files do run code when loaded the way DeepSpeed 0.19.8 loads them."""
+    path, marker = hostile_file(tmp_path, spelling, shape)
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - some fail after the payload ran (e.g. a storage location of 0)
+        pass
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("spelling,shape", CASES)
+def test_the_check_refuses_each_file_and_names_it(tmp_path, spelling, shape):
+    path, marker = hostile_file(tmp_path / "state", spelling, shape)
+    with pytest.raises(CheckpointError) as refused:
+        verify_engine_files(tmp_path / "state")
+    message = str(refused.value)
+    assert str(path) in message and REFUSED[spelling] in message
+    assert "checkpoint.trust_engine_files=true" in message and "earlier checkpoint" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("spelling,shape", CASES)
+def test_a_full_load_inside_restricted_loads_is_weights_only(tmp_path, spelling, shape):
+    """What DeepSpeed does (torch.load(weights_only=False)) runs the weights-only unpickler in the block."""
+    path, marker = hostile_file(tmp_path, spelling, shape)
+    with pytest.raises(CheckpointError) as refused, restricted_loads(tmp_path):
+        torch.load(str(path), map_location="cpu", weights_only=False)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: refused by torch's weights-only unpickler") and REFUSED[spelling] in message
+    assert "checkpoint.trust_engine_files=true" in message
+    assert not marker.exists()
+
+
+def _full_load(path: str) -> None:
+    torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_the_restriction_reaches_forked_workers(tmp_path):
+    """ds_to_universal unpickles in ProcessPoolExecutor workers, forked inside the block."""
+    path, marker = hostile_file(tmp_path, "global", "top_level")
+    context = multiprocessing.get_context("fork")
+    with pytest.raises(CheckpointError, match="posix.system"), restricted_loads(tmp_path):
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            pool.submit(_full_load, str(path)).result()
+    assert not marker.exists()
+
+
+def test_deepspeed_value_classes_and_tensors_load(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    state = {
+        "module": OrderedDict(w=torch.ones(2, 3), b=torch.zeros(3, dtype=torch.bfloat16)),
+        "param": torch.nn.Parameter(torch.ones(2)),
+        "shapes": [OrderedDict(w=torch.Size([2, 3]))],
+        "scaler": LossScaler(1.0),
+        "stage": ZeroStageEnum.optimizer_states,
+        "slices": [{"w": fragment_address(numel=6, start=0)}],
+        "names": {"a", "b"},
+        "ds_version": "0.19.8",
+        "step": 3,
+    }
+    (tmp_path / "state").mkdir()
+    torch.save(state, tmp_path / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    verify_engine_files(tmp_path / "state")
+    with restricted_loads(tmp_path):
+        loaded = torch.load(tmp_path / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    assert loaded["stage"] is ZeroStageEnum.optimizer_states and loaded["slices"][0]["w"].numel == 6
+    assert loaded["scaler"].cur_scale == 1.0 and torch.equal(loaded["module"]["w"], state["module"]["w"])
+
+
+def test_the_switch_is_set_in_the_block_and_restored(tmp_path, monkeypatch):
+    monkeypatch.setenv(FORCE_NOT, "1")  # torch refuses both at once: unset inside the block
+    monkeypatch.delenv(FORCE, raising=False)
+    with restricted_loads(tmp_path):
+        assert os.environ[FORCE] == "1" and FORCE_NOT not in os.environ
+    assert FORCE not in os.environ and os.environ[FORCE_NOT] == "1"
+    path, _ = hostile_file(tmp_path, "global", "top_level")
+    with pytest.raises(CheckpointError), restricted_loads(tmp_path):
+        torch.load(path, weights_only=False)
+    assert FORCE not in os.environ and os.environ[FORCE_NOT] == "1"
 
 
 def test_a_truncated_file_is_named(tmp_path):

@@ -1,0 +1,164 @@
+"""A real ZeRO-1 checkpoint (2 gloo processes, 2 steps) whose engine file is replaced by one that
+would run `touch <marker>` if unpickled fully, as DeepSpeed 0.19.8 does (torch.load with
+weights_only=False). Resuming refuses it, names the file and the way out, and the marker never
+appears: at the saved layout (DeepSpeed's load_checkpoint) and at another world size (DeepSpeed's
+ds_to_universal, also when the file changes after the check, in forked workers). With
+checkpoint.trust_engine_files=true the benign original still loads.
+"""
+
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON = [
+    "train.steps=3",
+    "train.seq_len=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=4",
+    "train.eval_batches=1",
+    "model.vocab_size=512",
+    "data.tokenizer_vocab_size=512",
+    "logging.progress_bar=false",
+    "parallel.zero_stage=1",
+]
+STATE = Path("engine") / "state"
+
+
+def launch(nproc: int, tmp: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"OURO_CACHE_DIR": str(tmp / "cache"), "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"}
+    command = [str(ROOT / "launch" / "torchrun.sh"), str(nproc)]
+    if nproc == 1:
+        command = [str(Path(sys.executable).with_name("ouro-train"))]
+    return subprocess.run(
+        [*command, f"run_dir={run_dir}", *COMMON, *overrides], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """A 2-process ZeRO-1 checkpoint after 2 of 3 steps."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    done = launch(2, tmp, tmp / "run", "train.max_steps_this_run=2")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    checkpoint = tmp / "run" / "checkpoints" / "step_00000002"
+    assert (checkpoint / STATE / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    return checkpoint
+
+
+def unicode(text: str) -> bytes:
+    data = text.encode()
+    return pickle.BINUNICODE + struct.pack("<I", len(data)) + data
+
+
+def plant(path: Path, marker: Path, spelling: str) -> None:
+    """Replace the pickle (data.pkl) of the torch file `path` with {"x": posix.system("touch marker")}:
+    `global`: a plain GLOBAL opcode; `memo`: the names stored with BINPUT / LONG_BINPUT and fetched
+    with LONG_BINGET before STACK_GLOBAL, after a decoy pair of allowed names."""
+    if spelling == "global":
+        system = pickle.GLOBAL + b"posix\nsystem\n"
+    else:
+        system = (
+            pickle.MARK
+            + unicode("posix")
+            + pickle.BINPUT
+            + b"\x01"
+            + unicode("system")
+            + pickle.LONG_BINPUT
+            + struct.pack("<I", 2)
+            + unicode("torch")
+            + unicode("Size")
+            + pickle.TUPLE
+            + pickle.LONG_BINGET
+            + struct.pack("<I", 1)
+            + pickle.LONG_BINGET
+            + struct.pack("<I", 2)
+            + pickle.STACK_GLOBAL
+        )
+    run = system + unicode(f"touch {marker}") + pickle.TUPLE1 + pickle.REDUCE
+    if spelling != "global":
+        run += pickle.TUPLE2  # (decoy names, result)
+    data_pkl = pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + unicode("x") + run + pickle.SETITEM + pickle.STOP
+    with zipfile.ZipFile(path) as source:
+        entries = [(info.filename, source.read(info)) for info in source.infolist()]
+    assert any(name.endswith("/data.pkl") for name, _ in entries)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for name, data in entries:
+            target.writestr(name, data_pkl if name.endswith("/data.pkl") else data)
+
+
+def copy_with_hostile(saved: Path, tmp: Path, name: str, spelling: str) -> tuple[Path, Path, Path]:
+    """-> (checkpoint copy, the replaced file, marker)."""
+    checkpoint = tmp / "checkpoints" / saved.name
+    shutil.copytree(saved, checkpoint)
+    marker = tmp / "payload-ran"
+    plant(checkpoint / STATE / name, marker, spelling)
+    return checkpoint, checkpoint / STATE / name, marker
+
+
+def assert_refused(done: subprocess.CompletedProcess, path: Path, refused: str) -> None:
+    assert done.returncode != 0, done.stdout[-2000:]
+    assert f"{path}: refused by torch's weights-only unpickler" in done.stderr, done.stderr[-4000:]
+    assert refused in done.stderr and "checkpoint.trust_engine_files=true" in done.stderr
+
+
+def test_same_layout_resume_refuses_a_hostile_engine_file(saved, tmp_path):
+    checkpoint, path, marker = copy_with_hostile(saved, tmp_path, "mp_rank_00_model_states.pt", "memo")
+    done = launch(2, saved.parents[2], tmp_path / "resumed", f"checkpoint.resume={checkpoint}")
+    assert not marker.exists(), "the payload ran"
+    assert_refused(done, path, "STACK_GLOBAL")
+
+
+def test_resume_at_another_world_size_refuses_it_before_converting(saved, tmp_path):
+    """1 process from 2: the universal conversion (ds_to_universal) would unpickle every engine file."""
+    checkpoint, path, marker = copy_with_hostile(saved, tmp_path, "zero_pp_rank_1_mp_rank_00_optim_states.pt", "global")
+    done = launch(1, saved.parents[2], tmp_path / "one", f"checkpoint.resume={checkpoint}")
+    assert not marker.exists(), "the payload ran"
+    assert_refused(done, path, "posix.system")
+    assert not (checkpoint / "universal").exists()
+
+
+def test_the_restricted_conversion_of_the_benign_original_in_forked_workers(saved, tmp_path):
+    from ouro_train.checkpoint import universal
+
+    universal._convert(saved / STATE, tmp_path / "universal", workers=2)
+    assert (tmp_path / "universal" / "zero" / "optimizer_state.pt").is_file()
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+def test_the_conversion_itself_is_weights_only_in_its_workers(saved, tmp_path, monkeypatch, name):
+    """A file replaced after the check (the check skipped here) is still refused, also in the
+    conversion's forked extraction workers (rank 1's shard is read only there)."""
+    from ouro_train.checkpoint import safety, universal
+    from ouro_train.checkpoint.store import CheckpointError
+
+    checkpoint, path, marker = copy_with_hostile(saved, tmp_path, name, "global")
+    monkeypatch.setattr(safety, "verify_engine_files", lambda directory: None)
+    with pytest.raises(CheckpointError) as refused:
+        universal._convert(checkpoint / STATE, tmp_path / "universal", workers=2)
+    assert not marker.exists(), "the payload ran"
+    message = str(refused.value)
+    assert str(checkpoint / STATE) in message and "refused by torch's weights-only unpickler" in message
+    assert "posix.system" in message and "checkpoint.trust_engine_files=true" in message
+    # The model states are read in this process (the file is named); rank 1's shard only in a
+    # worker, whose traceback does not come back (the directory is named).
+    assert message.startswith(str(path) if name.startswith("mp_rank") else f"a file under {checkpoint / STATE}")
+
+
+@pytest.mark.parametrize("trust", ["false", "true"])
+def test_the_benign_original_resumes_at_the_same_layout(saved, tmp_path, trust):
+    """Untrusted: DeepSpeed's ZeRO-1 files (LossScaler, ZeroStageEnum, fragment_address inside) load
+    with the weights-only unpickler. Trusted (checkpoint.trust_engine_files=true): no restriction."""
+    checkpoint = tmp_path / "checkpoints" / saved.name
+    shutil.copytree(saved, checkpoint)
+    run = tmp_path / "resumed"
+    done = launch(2, saved.parents[2], run, f"checkpoint.resume={checkpoint}", f"checkpoint.trust_engine_files={trust}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "at step 2" in done.stdout and (run / "checkpoints" / "step_00000003" / "COMPLETE").is_file()

@@ -16,7 +16,9 @@ else
     export DS_ACCELERATOR=cpu
 fi
 export WANDB_MODE=${WANDB_MODE:-offline}
-# torchrun forwards only these signals to the workers; SIGUSR1 asks for a clean stop.
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+# torchrun passes on to the workers only the signals of --signals-to-handle (its default lacks
+# SIGUSR1, of which torchrun would die at once, leaving the workers training), then waits
+# --shutdown-timeout seconds for them to save and exit before it kills them.
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" \
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT:-300}" \
     -m ouro_train.cli.train "${extra[@]}" "$@"

@@ -119,7 +119,15 @@ class Throughput(Callback):
 
 
 class WandbLogger(Callback):
-    """One wandb run per stage, grouped by pipeline; offline unless configured (rank 0 only)."""
+    """One wandb run per stage, grouped by pipeline; offline unless configured (rank 0 only).
+
+    Logging never takes the training (or the checkpoint a signal asks for) down with it: wandb
+    writes through a service process (wandb-core), and a scheduler's SIGTERM reaches every
+    process of a job step, that one included (SLURM's scancel / requeue / preemption), so the next
+    `log` raises (ConnectionResetError). A failed log or finish is reported once, on stderr, and
+    the run carries on without wandb; metrics.jsonl still has every step. (wandb starts its
+    service in a session of its own, so a signal to the trainer's process group, e.g. torchrun
+    forwarding it, does not reach it; a SLURM step signals each of its processes.)"""
 
     def __init__(self, cfg, run_dir: Path, config: dict) -> None:
         import os
@@ -128,6 +136,7 @@ class WandbLogger(Callback):
 
         log = cfg.logging
         mode = os.environ.get("WANDB_MODE", log.wandb_mode)
+        self.failure: str | None = None  # what went wrong, once wandb is given up
         self.run = wandb.init(
             project=log.wandb_project,
             group=log.wandb_group or run_dir.name,
@@ -141,14 +150,54 @@ class WandbLogger(Callback):
             settings=wandb.Settings(quiet=True, console="off"),
         )
 
+    def _guarded(self, what: str, call) -> None:
+        if self.run is None:  # given up after an earlier failure (or finished)
+            return
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 -- whatever wandb raises, training goes on
+            self._give_up(what, error)
+
+    def _give_up(self, what: str, error: BaseException) -> None:
+        import sys
+
+        self.run = None
+        self.failure = f"{what}: {type(error).__name__}: {error}"
+        print(
+            f"warning: wandb {what} failed ({type(error).__name__}: {error}); continuing without wandb "
+            "(metrics.jsonl still logs every step). Its service process has probably been stopped, e.g. "
+            "by a SIGTERM that SLURM sends to every process of the job step.",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:  # drop wandb's connection and its exit hook, which would fail the same way at exit
+            import wandb
+
+            wandb.teardown()
+        except (Exception, SystemExit):  # noqa: BLE001 -- teardown re-raises the broken connection
+            pass
+
     def on_step_end(self, trainer: Trainer, metrics: dict) -> None:
-        self.run.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=metrics["step"])
+        record = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        self._guarded(f"log of step {metrics['step']}", lambda: self.run.log(record, step=metrics["step"]))
 
     def on_eval_end(self, trainer: Trainer, metrics: dict) -> None:
-        self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+        record = {k: v for k, v in metrics.items() if k != "step"}
+        self._guarded(f"log of the eval at step {metrics['step']}", lambda: self.run.log(record, step=metrics["step"]))
 
     def on_train_end(self, trainer: Trainer) -> None:
-        self.run.finish()
+        if getattr(trainer, "stopped_by_signal", None) is not None:
+            # The checkpoint the signal asks for comes first: finish (which may wait for uploads)
+            # at exit, after the save.
+            import atexit
+
+            atexit.register(self._finish)
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        self._guarded("finish", lambda: self.run.finish())
+        self.run = None
 
 
 def _stable_run_id(run_dir: Path) -> str:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 LOCK = "run.lock"
 HEARTBEAT_S = 30.0
-STALE_AFTER_S = 600.0
+STALE_AFTER_S = 300.0  # ten missed heartbeats
 
 
 class RunDirError(ValueError):

@@ -1,6 +1,6 @@
 """The stability guard: a bad step's update is skipped (weights and Adam state untouched, the
 counters in the metrics), spikes are judged against recent losses, and too many bad steps in a
-row stop the run. Multi-rank agreement is in tests/distributed/test_guard.py."""
+row stop the run. Multi-rank agreement is in tests/distributed/test_guard_ranks.py."""
 
 import itertools
 import math

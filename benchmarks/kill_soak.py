@@ -70,8 +70,16 @@ def trial(run: Path, steps: int, nproc: int, zero: int, rng: random.Random, env:
             env=env,
             start_new_session=True,
         )
-        if len(kills) < 2:
-            time.sleep(rng.uniform(4.0, 14.0))  # start-up (imports, data) takes a few seconds
+        done = len(losses(run)) if (run / "metrics.jsonl").exists() else 0
+        if len(kills) < 2 and done < steps - 1:
+            # Past start-up, at a random step, at a random moment within it (saves included).
+            target = rng.randint(done + 1, steps - 1)
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                if (run / "metrics.jsonl").exists() and len(losses(run)) >= target:
+                    break
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.3))
             if proc.poll() is None:
                 how = rng.choice([signal.SIGKILL, signal.SIGTERM])
                 os.killpg(proc.pid, how)  # the whole process group, as a scheduler would

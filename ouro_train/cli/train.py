@@ -17,7 +17,7 @@ from ouro_train.model.flops import count_model
 from ouro_train.model.looplm import LoopLM
 from ouro_train.train.guard import TrainingDiverged
 from ouro_train.train.rundir import RunDirError, RunDirLock, prepare_run_dir
-from ouro_train.train.signals import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED
+from ouro_train.train.signals import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED, StopOnSignal
 
 
 def dry_run(cfg: Config) -> dict:
@@ -139,6 +139,10 @@ def train(cfg: Config) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint_root = run_dir / "checkpoints"
     resume_from = resolve_resume(cfg.checkpoint.resume, checkpoint_root)
+    # From here to the end a SIGTERM / SIGUSR1 is recorded, never fatal: in start-up the first step
+    # boundary stops the run (with a checkpoint); during the final evaluation and save the stage
+    # finishes (the signal came when nothing was left to stop).
+    signals = StopOnSignal().__enter__()
     layout = init_parallel(cfg.parallel, cfg.model, cfg.train.device, group=written_by_deepspeed(resume_from))
     main_rank = layout.rank == 0
     say = print if main_rank else (lambda *a, **k: None)
@@ -211,7 +215,7 @@ def train(cfg: Config) -> dict:
         # leaves the step logged, and the resume (from the checkpoint before) replaces that line.
         saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         trainer.callbacks.append(saver)
-        final = trainer.fit()
+        final = trainer.fit(signals)
         if trainer.stopped_by_signal is not None:
             if cfg.checkpoint.save_on_signal:
                 saver.save(trainer)
@@ -239,6 +243,7 @@ def train(cfg: Config) -> dict:
         if lock is not None:
             lock.release()
         destroy_parallel()
+        signals.__exit__(None, None, None)
 
 
 class StoppedBySignal(Exception):

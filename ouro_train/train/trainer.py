@@ -219,9 +219,11 @@ class Trainer:
         batch["labels"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         return batch
 
-    def fit(self) -> dict:
+    def fit(self, signals: StopOnSignal | None = None) -> dict:
         """Train to `train.steps` (or `train.max_steps_this_run` more); returns the final eval metrics.
-        SIGTERM / SIGUSR1 end the run at the next step boundary, on every rank at the same step."""
+        SIGTERM / SIGUSR1 end the run at the next step boundary, on every rank at the same step.
+        `signals`: a StopOnSignal the caller holds (from before start-up to after the final save,
+        so that no signal in those windows kills the process); by default fit holds its own."""
         cfg = self.cfg.train
         stop = cfg.steps
         if cfg.max_steps_this_run is not None:
@@ -229,7 +231,7 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_start(self)
         self.stopped_by_signal: int | None = None
-        with StopOnSignal() as signals:
+        with StopOnSignal() if signals is None else contextlib.nullcontext(signals) as signals:
             while self.state.step < stop:
                 metrics = self.train_step()
                 diverged = None

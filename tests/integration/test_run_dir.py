@@ -216,3 +216,34 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tm
         "train.max_steps_this_run=1",
     )
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+
+
+def test_a_signal_during_start_up_or_the_final_save_is_never_fatal(tmp_path, monkeypatch):
+    import signal as signals
+
+    import ouro_train.checkpoint.manager as manager
+    import ouro_train.parallel as parallel
+    from ouro_train.cli.train import StoppedBySignal
+
+    real_save, real_init = manager.Checkpointer.save, parallel.init_parallel
+
+    def save(self, trainer, loader_state, final=False):
+        if final:
+            signals.raise_signal(signals.SIGTERM)  # arrives while the final checkpoint is written
+        return real_save(self, trainer, loader_state, final=final)
+
+    monkeypatch.setattr(manager.Checkpointer, "save", save)
+    run = tmp_path / "run"
+    in_process(tmp_path, run, "train.steps=3")
+    state = json.loads((run / "checkpoints" / "step_00000003" / "train_state.json").read_text())
+    assert state["final"] and logged_steps(run) == [1, 2, 3]  # the stage finished
+
+    def init(*args, **kwargs):
+        signals.raise_signal(signals.SIGUSR1)  # arrives during start-up
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(parallel, "init_parallel", init)
+    with pytest.raises(StoppedBySignal):  # stops at the first step boundary, with a checkpoint
+        in_process(tmp_path, tmp_path / "early", "train.steps=3")
+    assert logged_steps(tmp_path / "early") == [1]
+    assert (tmp_path / "early" / "checkpoints" / "step_00000001" / "COMPLETE").is_file()

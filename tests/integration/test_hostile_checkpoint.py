@@ -7,15 +7,13 @@ checkpoint.trust_engine_files=true the benign original still loads.
 """
 
 import os
-import pickle
 import shutil
-import struct
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
+from hostile_pickles import hostile_pickle, replace_pickle
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = [
@@ -53,53 +51,12 @@ def saved(tmp_path_factory) -> Path:
     return checkpoint
 
 
-def unicode(text: str) -> bytes:
-    data = text.encode()
-    return pickle.BINUNICODE + struct.pack("<I", len(data)) + data
-
-
-def plant(path: Path, marker: Path, spelling: str) -> None:
-    """Replace the pickle (data.pkl) of the torch file `path` with {"x": posix.system("touch marker")}:
-    `global`: a plain GLOBAL opcode; `memo`: the names stored with BINPUT / LONG_BINPUT and fetched
-    with LONG_BINGET before STACK_GLOBAL, after a decoy pair of allowed names."""
-    if spelling == "global":
-        system = pickle.GLOBAL + b"posix\nsystem\n"
-    else:
-        system = (
-            pickle.MARK
-            + unicode("posix")
-            + pickle.BINPUT
-            + b"\x01"
-            + unicode("system")
-            + pickle.LONG_BINPUT
-            + struct.pack("<I", 2)
-            + unicode("torch")
-            + unicode("Size")
-            + pickle.TUPLE
-            + pickle.LONG_BINGET
-            + struct.pack("<I", 1)
-            + pickle.LONG_BINGET
-            + struct.pack("<I", 2)
-            + pickle.STACK_GLOBAL
-        )
-    run = system + unicode(f"touch {marker}") + pickle.TUPLE1 + pickle.REDUCE
-    if spelling != "global":
-        run += pickle.TUPLE2  # (decoy names, result)
-    data_pkl = pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + unicode("x") + run + pickle.SETITEM + pickle.STOP
-    with zipfile.ZipFile(path) as source:
-        entries = [(info.filename, source.read(info)) for info in source.infolist()]
-    assert any(name.endswith("/data.pkl") for name, _ in entries)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
-        for name, data in entries:
-            target.writestr(name, data_pkl if name.endswith("/data.pkl") else data)
-
-
 def copy_with_hostile(saved: Path, tmp: Path, name: str, spelling: str) -> tuple[Path, Path, Path]:
     """-> (checkpoint copy, the replaced file, marker)."""
     checkpoint = tmp / "checkpoints" / saved.name
     shutil.copytree(saved, checkpoint)
     marker = tmp / "payload-ran"
-    plant(checkpoint / STATE / name, marker, spelling)
+    replace_pickle(checkpoint / STATE / name, hostile_pickle(spelling, "top_level", marker))
     return checkpoint, checkpoint / STATE / name, marker
 
 

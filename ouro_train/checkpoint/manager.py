@@ -116,10 +116,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def engine_kind(engine) -> str:
-    return "deepspeed" if hasattr(engine, "engine") else "local"
-
-
 def saved_layout(path: Path, state: dict) -> tuple:
     """(world size, tensor parallel, ZeRO stage, engine kind) that wrote the checkpoint."""
     kind = state.get("engine") or ("local" if (path / "engine" / "engine.pt").is_file() else "deepspeed")
@@ -265,7 +261,7 @@ class Checkpointer:
                 "world_size": self.world_size,
                 "tensor_parallel": self.cfg.parallel.tensor_parallel,
                 "zero_stage": self.cfg.parallel.zero_stage,
-                "engine": engine_kind(trainer.engine),
+                "engine": trainer.engine.kind,
             }
             error = self._write(
                 lambda: (tmp / TRAIN_STATE).write_text(json.dumps(state, indent=1, default=str)), tmp, step
@@ -319,7 +315,7 @@ class Checkpointer:
             self.world_size,
             self.cfg.parallel.tensor_parallel,
             self.cfg.parallel.zero_stage,
-            engine_kind(trainer.engine),
+            trainer.engine.kind,
         )
         if saved == now:
             trainer.engine.load_checkpoint(path / "engine")

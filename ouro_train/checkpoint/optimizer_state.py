@@ -26,7 +26,7 @@ KEYS = ("exp_avg", "exp_avg_sq")
 
 def _torch_optimizer(engine) -> torch.optim.Optimizer | None:
     """The plain torch optimizer when the engine has no ZeRO (local engine, DeepSpeed stage 0)."""
-    if hasattr(engine, "engine"):
+    if engine.kind == "deepspeed":
         if engine.stage > 0:
             return None
         optimizer = engine.optimizer

@@ -6,6 +6,7 @@ import math
 import pickle
 from contextlib import nullcontext
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,9 @@ def tensor_parallel_grad_norm(model: nn.Module, tp_group) -> float:
 
 
 class DeepSpeedEngine:
-    """Adapts deepspeed.DeepSpeedEngine to the LocalEngine surface the trainer uses."""
+    """Adapts deepspeed.DeepSpeedEngine to the `Engine` protocol the trainer uses (train/engine.py)."""
+
+    kind: ClassVar[Literal["deepspeed"]] = "deepspeed"
 
     def __init__(self, model: nn.Module, cfg: Config, dp_size: int, mpu) -> None:
         import deepspeed

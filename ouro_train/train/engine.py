@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -53,7 +54,40 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> SkippableAdamW:
     )
 
 
+class Engine(Protocol):
+    """What the trainer and the checkpointer drive: `LocalEngine` (one process) or
+    `ouro_train.parallel.engine.DeepSpeedEngine` (ZeRO 0-3, tensor parallel). `kind` names the
+    checkpoint layout it writes ("local": engine/engine.pt; "deepspeed": DeepSpeed's files)."""
+
+    kind: ClassVar[Literal["local", "deepspeed"]]
+    module: nn.Module
+    dp_size: int
+    update_skipped: bool
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def is_gradient_accumulation_boundary(self) -> bool: ...
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def step(self, skip: bool = False) -> None: ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def get_global_grad_norm(self) -> float | None: ...
+
+    def save_checkpoint(self, directory: Path) -> None: ...
+
+
 class LocalEngine:
+    """The `Engine` of a single process: plain torch, gradient accumulation and clipping here."""
+
+    kind: ClassVar[Literal["local"]] = "local"
+
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, grad_accum_steps: int
     ) -> None:

@@ -2,7 +2,7 @@
 
 Plug-in points for the later layers of the stack:
   * data: any iterator of batch dicts {input_ids, labels[, position_ids, doc_ids, loss_mask]};
-  * engine: `LocalEngine` here, a DeepSpeed engine from `ouro_train.parallel` (same surface);
+  * engine: any `Engine` (train/engine.py): `LocalEngine` here, a DeepSpeed engine from `ouro_train.parallel`;
   * callbacks: logging, checkpointing, profiling attach via `Callback` hooks.
 """
 
@@ -20,7 +20,7 @@ from ouro_train.config.schema import Config
 from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX
 from ouro_train.model.looplm import LoopLM
 from ouro_train.model.objective import LossOutput, gate_loss, looplm_loss
-from ouro_train.train.engine import LocalEngine, build_optimizer
+from ouro_train.train.engine import Engine, LocalEngine, build_optimizer
 from ouro_train.train.guard import NONFINITE_GRAD, StabilityGuard, TrainingDiverged
 from ouro_train.train.schedules import lr_at
 from ouro_train.train.signals import StopOnSignal
@@ -67,13 +67,13 @@ class Trainer:
         train_batches: Iterator[Batch],
         eval_batches: Callable[[], Iterable[Batch]] | None = None,
         callbacks: list[Callback] | None = None,
-        engine: LocalEngine | None = None,
+        engine: Engine | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(cfg.train.device)
         self.model = model.to(self.device)
         freeze_for_objective(self.model, cfg.objective.kind)
-        self.engine = engine or LocalEngine(
+        self.engine: Engine = engine or LocalEngine(
             self.model,
             build_optimizer(self.model, cfg.optim),
             cfg.optim.grad_clip,

@@ -20,9 +20,9 @@ from ouro_train.data.manifest import DataError
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
-    from data_tools.demo_corpus import demo_documents
-    from data_tools.tokenize import expand_inputs, read_documents
-    from data_tools.tokenizer import save_tokenizer, train_bpe_tokenizer
+    from ouro_train.data.demo_corpus import demo_documents
+    from ouro_train.data.tokenize import expand_inputs, read_documents
+    from ouro_train.data.tokenizer import save_tokenizer, train_bpe_tokenizer
 
     if args.input:
         docs = []
@@ -42,7 +42,7 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _demo_tokenizer(args: argparse.Namespace) -> int:
-    from data_tools.tokenizer import demo_tokenizer_path, load_or_train_demo_tokenizer
+    from ouro_train.data.tokenizer import demo_tokenizer_path, load_or_train_demo_tokenizer
 
     load_or_train_demo_tokenizer(args.vocab_size, args.cache_dir)
     print(demo_tokenizer_path(args.vocab_size, args.cache_dir))
@@ -50,7 +50,7 @@ def _demo_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from data_tools.tokenize import TokenizeOptions, tokenize
+    from ouro_train.data.tokenize import TokenizeOptions, tokenize
 
     options = TokenizeOptions(
         source=args.source,
@@ -71,7 +71,7 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from data_tools.sft import build_sft_shards
+    from ouro_train.data.sft import build_sft_shards
 
     manifest = build_sft_shards(args.inputs, args.tokenizer, args.out, args.source, thinking=args.thinking)
     print(
@@ -114,7 +114,7 @@ def _inspect(args: argparse.Namespace) -> int:
             upper = str(high) if high != np.inf else "inf"
             print(f"  [{low:>6}, {upper:>6}) {count:>9,} {bar}")
     if args.tokenizer and manifest.documents:
-        from data_tools.tokenizer import load_tokenizer
+        from ouro_train.data.tokenizer import load_tokenizer
 
         shard = manifest.shards[0]
         reader = ShardReader(

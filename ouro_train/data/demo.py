@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from data_tools.demo_corpus import demo_documents, split_documents
-from data_tools.tokenizer import encode_documents, load_or_train_demo_tokenizer
 from ouro_train.config.schema import Config, ConfigError
+from ouro_train.data.demo_corpus import demo_documents, split_documents
+from ouro_train.data.tokenizer import encode_documents, load_or_train_demo_tokenizer
 
 
 class RandomWindowBatches(Iterator[dict[str, torch.Tensor]]):

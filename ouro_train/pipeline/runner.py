@@ -337,7 +337,7 @@ def run(
             return EXIT_STOPPED
 
         if spec.prepare == "demo":
-            from data_tools.demo_data import build_demo_shards
+            from ouro_train.data.demo_shards import build_demo_shards
 
             vocab = next(p.cfg for p in planned if p.cfg is not None).data.tokenizer_vocab_size
             build_demo_shards(run_dir / "data", vocab)

@@ -68,7 +68,7 @@ def test_demo_tokenizer_is_cached_and_a_corrupt_cache_is_replaced(tmp_path, monk
     path = demo_tokenizer_path(300, tmp_path)
     assert path.is_file() and path.name.startswith("tokenizer-")
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
-    import data_tools.tokenizer as module
+    import ouro_train.data.tokenizer as module
 
     monkeypatch.setattr(module, "train_bpe_tokenizer", lambda *a, **k: pytest.fail("retrained despite cache"))
     assert load_or_train_demo_tokenizer(300, cache_dir=tmp_path).get_vocab() == first.get_vocab()

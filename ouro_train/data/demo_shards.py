@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_tools.demo_corpus import demo_documents, split_documents
-from data_tools.tokenizer import demo_tokenizer_path, load_or_train_demo_tokenizer
+from ouro_train.data.demo_corpus import demo_documents, split_documents
+from ouro_train.data.tokenizer import demo_tokenizer_path, load_or_train_demo_tokenizer
 
 
 def demo_conversations() -> list[tuple[str, dict]]:
@@ -48,8 +48,8 @@ def demo_conversations() -> list[tuple[str, dict]]:
 
 
 def build_demo_shards(out: Path, vocab_size: int, cache_dir: str | None = None) -> Path:
-    from data_tools.sft import build_sft_shards
-    from data_tools.tokenize import TokenizeOptions, tokenize
+    from ouro_train.data.sft import build_sft_shards
+    from ouro_train.data.tokenize import TokenizeOptions, tokenize
 
     out = Path(out)
     load_or_train_demo_tokenizer(vocab_size, cache_dir=cache_dir)

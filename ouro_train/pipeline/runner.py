@@ -39,7 +39,7 @@ from ouro_train.config.schema import Config, ConfigError
 from ouro_train.config.store import compose_config
 from ouro_train.pipeline.memory import estimate_memory
 from ouro_train.pipeline.spec import PipelineSpec, StageSpec
-from ouro_train.train.signals import EXIT_STOPPED
+from ouro_train.train.signals import EXIT_STOPPED, StopOnSignal
 
 
 @dataclass
@@ -257,17 +257,17 @@ def stage_command(spec: PipelineSpec, stage: PlannedStage, nproc: int, for_displ
     return launcher + ([f"'{a}'" if any(c in a for c in " {}[]") else a for a in args] if for_display else args)
 
 
-class _Forward:
-    """Pass SIGTERM / SIGUSR1 / SIGINT on to the running stage (which saves and exits), once per
-    stage, and remember. With no stage running (between stages, during an upcycle) the signal is
-    only remembered: `run` checks `received` before it starts anything."""
+class _Forward(StopOnSignal):
+    """StopOnSignal for the runner: SIGINT counts too, and each signal is passed on to the running
+    stage (which saves and exits), once per stage. With no stage running (between stages, during
+    an upcycle) the signal is only recorded: `run` checks `requested` before it starts anything."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
+        super().__init__(on_signal=lambda signum: self._tell())
         self._child: subprocess.Popen | None = None
         self._told = False  # the current child has been sent its stop signal
-        self.received: int | None = None
 
     @property
     def child(self) -> subprocess.Popen | None:
@@ -276,7 +276,7 @@ class _Forward:
     @child.setter
     def child(self, child: subprocess.Popen | None) -> None:
         self._child, self._told = child, False
-        if child is not None and self.received is not None:
+        if child is not None and self.requested is not None:
             self._tell()  # the signal came while the child was being started
 
     def _tell(self) -> None:
@@ -286,19 +286,7 @@ class _Forward:
             return
         self._told = True
         # SIGINT becomes SIGTERM: a clean save-and-exit rather than a KeyboardInterrupt.
-        self._child.send_signal(signal.SIGTERM if self.received == signal.SIGINT else self.received)
-
-    def __enter__(self) -> _Forward:
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = self.received or signum
-        self._tell()
+        self._child.send_signal(signal.SIGTERM if self.requested == signal.SIGINT else self.requested)
 
 
 def _select(planned: list[PlannedStage], start_at: str | None, stop_after: str | None) -> list[PlannedStage]:
@@ -330,7 +318,7 @@ def run(
 
         def stopped(where: str) -> int:
             print(
-                f"[pipeline] stopped by signal {forward.received} ({signal.Signals(forward.received).name}) {where}; "
+                f"[pipeline] stopped by signal {forward.requested} ({signal.Signals(forward.requested).name}) {where}; "
                 "run the same command again to continue",
                 flush=True,
             )
@@ -346,7 +334,7 @@ def run(
             if stage_done(stage):
                 print(f"[pipeline] {name}: finished earlier ({stage.output}), skipped", flush=True)
                 continue
-            if forward.received is not None:  # between two stages: start nothing more
+            if forward.requested is not None:  # between two stages: start nothing more
                 return stopped(f"before {name}")
             if stage.input is not None and not _input_ready(planned, stage):
                 raise CheckpointError(
@@ -357,7 +345,7 @@ def run(
             if stage.spec.kind == "upcycle":
                 # In process and committed by one rename: a signal during it is handled once it is complete.
                 _upcycle(stage)
-                if forward.received is not None:
+                if forward.requested is not None:
                     return stopped(f"during {name} (its output is complete)")
                 continue
             command = stage_command(spec, stage, nproc)
@@ -365,7 +353,7 @@ def run(
             forward.child = subprocess.Popen(command, env=_child_env())
             code = forward.child.wait()
             forward.child = None
-            if forward.received is not None:
+            if forward.requested is not None:
                 return stopped(f"during {name} (exit code {code})")
             if code == EXIT_STOPPED:
                 print(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ouro_train.train.report import read_metrics
+from ouro_train.train.report import moving_average, read_metrics
 
 
 def _stage_records(stage) -> tuple[list[dict], dict]:
@@ -61,7 +61,7 @@ def write_report(spec, planned, run_dir: Path) -> Path:
             recurrent = sorted(int(k[len("ce_step") :]) for k in train[0] if k.startswith("ce_step"))
             xs = [offset + r["step"] for r in train]
             for t in recurrent:
-                ax_ce.plot(xs, _smooth([r[f"ce_step{t}"] for r in train]), color=f"C{t - 1}", linewidth=1)
+                ax_ce.plot(xs, moving_average([r[f"ce_step{t}"] for r in train]), color=f"C{t - 1}", linewidth=1)
             ax_ce.axvline(offset, color="grey", linestyle=":", linewidth=1)
             ax_ce.text(
                 offset,
@@ -111,11 +111,3 @@ def _source_name(stage) -> str:
         return "scratch"
     # <run>/<stage>/checkpoints/step_N -> the stage's name; an upcycle output is its own directory.
     return stage.input.parent.parent.name if stage.input.name.startswith("step_") else stage.input.name
-
-
-def _smooth(values: list[float], window: int = 10) -> list[float]:
-    out, recent = [], []
-    for value in values:
-        recent = (recent + [value])[-window:]
-        out.append(sum(recent) / len(recent))
-    return out

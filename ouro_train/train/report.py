@@ -52,6 +52,17 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
         tmp.replace(path)
 
 
+def moving_average(values: list[float], window: int = 10) -> list[float]:
+    """Trailing mean: point i is the mean of values[i - window + 1 .. i] (fewer at the start), so
+    the curve starts at the first value and lags, never leads. One smoothing for every loss plot
+    (a run's and the pipeline report's), so their curves compare."""
+    out, recent = [], []
+    for value in values:
+        recent = (recent + [value])[-window:]
+        out.append(sum(recent) / len(recent))
+    return out
+
+
 def plot_loss_per_step(metrics_path: str | Path, out_path: str | Path, smooth: int = 10) -> Path:
     import matplotlib
 
@@ -64,17 +75,10 @@ def plot_loss_per_step(metrics_path: str | Path, out_path: str | Path, smooth: i
     steps = [r["step"] for r in train]
     recurrent = sorted(int(k[len("ce_step") :]) for k in train[0] if k.startswith("ce_step"))
 
-    def smoothed(values: list[float]) -> list[float]:
-        out, window = [], []
-        for value in values:
-            window = (window + [value])[-smooth:]
-            out.append(sum(window) / len(window))
-        return out
-
     fig, (ax_ce, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
     for t in recurrent:
-        ax_ce.plot(steps, smoothed([r[f"ce_step{t}"] for r in train]), label=f"step {t}")
-        ax_p.plot(steps, smoothed([r[f"p_step{t}"] for r in train]), label=f"p({t})")
+        ax_ce.plot(steps, moving_average([r[f"ce_step{t}"] for r in train], smooth), label=f"step {t}")
+        ax_p.plot(steps, moving_average([r[f"p_step{t}"] for r in train], smooth), label=f"p({t})")
     ax_ce.set(xlabel="optimizer step", ylabel="cross-entropy (nats)", title="CE per recurrent step")
     ax_p.set(xlabel="optimizer step", ylabel="mean exit probability", title="exit distribution", ylim=(0, 1))
     ax_ce.legend()

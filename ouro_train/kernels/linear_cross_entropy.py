@@ -6,6 +6,14 @@ A LoopLM reads logits after every recurrent step: 4 steps x 49,152 vocab x 64K t
 instead of saving them. It returns per-token losses so that the objective can weight them by
 the exit probabilities p(t) (and differentiate through those weights).
 
+Vocabulary split over a tensor-parallel group (`group`, `vocab_start`): each rank holds rows
+[vocab_start, vocab_start + V/tp) of the LM head and computes its slice of every chunk's
+logits; the log-sum-exp (max, then sum of exponentials) and the target logit (from the shard
+that owns it) are completed with all-reduces over (chunk,) vectors, never over logits.
+Backward recomputes the local logits; d hidden sums every vocabulary shard, so it is
+all-reduced. At most `chunk x V/tp` logits exist at once. Without a group (or with a group of
+one) this is the single-device loss.
+
 Cost: one extra (tokens x hidden x vocab) matmul per call versus the naive loss (the forward
 logits are recomputed in backward); memory: O(chunk x vocab) instead of O(tokens x vocab).
 `linear_cross_entropy_reference` is the plain torch version the tests compare against.
@@ -14,6 +22,7 @@ logits are recomputed in backward); memory: O(chunk x vocab) instead of O(tokens
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
@@ -33,31 +42,55 @@ def _softmax_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
+def _log_sum_exp(logits: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """(C, V_local) -> (C,) log-sum-exp over the whole vocabulary, every shard of `group`."""
+    if group is None:
+        return torch.logsumexp(logits, dim=-1)
+    row_max = logits.max(dim=-1).values
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    sum_exp = (logits - row_max[:, None]).exp().sum(-1)
+    dist.all_reduce(sum_exp, group=group)
+    return row_max + sum_exp.log()
+
+
+def _local_targets(
+    targets: torch.Tensor, valid: torch.Tensor, vocab_start: int, vocab_local: int, sharded: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (targets as indices into this shard, 0 where not owned; which tokens this shard owns).
+    Unsharded, every valid token is owned: an out-of-range target then fails in `gather`."""
+    local = targets - vocab_start
+    mine = valid & (local >= 0) & (local < vocab_local) if sharded else valid
+    return torch.where(mine, local, 0), mine
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int, vocab_start: int, group):
         num_tokens = hidden.shape[0]
         compute = _softmax_dtype(hidden)
-        losses = torch.empty(num_tokens, dtype=compute, device=hidden.device)
         # Per-token log-sum-exp, kept for backward: softmax there is exp(logits - lse), one pass.
         lse = torch.empty(num_tokens, dtype=compute, device=hidden.device)
+        target_logit = torch.empty(num_tokens, dtype=compute, device=hidden.device)
         valid = targets != ignore_index
-        safe_targets = torch.where(valid, targets, 0)
+        local_targets, mine = _local_targets(targets, valid, vocab_start, weight.shape[0], group is not None)
         for start in range(0, num_tokens, chunk_size):
             end = min(start + chunk_size, num_tokens)
-            logits = (hidden[start:end] @ weight.t()).to(compute)  # (C, V)
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
-            losses[start:end] = lse[start:end] - logits.gather(1, safe_targets[start:end, None]).squeeze(1)
-        losses = losses * valid
-        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
-        ctx.chunk_size = chunk_size
-        return losses
+            logits = (hidden[start:end] @ weight.t()).to(compute)  # (C, V_local)
+            lse[start:end] = _log_sum_exp(logits, group)
+            picked = logits.gather(1, local_targets[start:end, None]).squeeze(1)
+            target_logit[start:end] = torch.where(mine[start:end], picked, 0.0)
+        if group is not None:
+            dist.all_reduce(target_logit, group=group)  # each target logit comes from its owner
+        ctx.save_for_backward(hidden, weight, local_targets, mine, valid, lse)
+        ctx.chunk_size, ctx.group = chunk_size, group
+        return (lse - target_logit) * valid
 
     @staticmethod
     def backward(ctx, grad_losses):
-        hidden, weight, targets, valid, lse = ctx.saved_tensors
+        hidden, weight, local_targets, mine, valid, lse = ctx.saved_tensors
         chunk_size = ctx.chunk_size
         grad_scale = (grad_losses * valid).to(lse.dtype)  # (T,)
+        target_scale = grad_scale * mine  # the one-hot term, only where this shard owns the target
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # Accumulate the weight gradient in fp32 across chunks: summing many bf16 partial
         # products would lose the small ones.
@@ -70,18 +103,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             end = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:end]
             rows = torch.arange(end - start, device=h.device)
-            scale = grad_scale[start:end, None]
             # d CE / d logits = softmax - one_hot(target), times the upstream gradient; in place.
-            dlogits = (h @ weight.t()).to(lse.dtype).sub_(lse[start:end, None]).exp_().mul_(scale)
-            dlogits[rows, targets[start:end]] -= scale.squeeze(1)
+            dlogits = (h @ weight.t()).to(lse.dtype).sub_(lse[start:end, None]).exp_().mul_(grad_scale[start:end, None])
+            dlogits[rows, local_targets[start:end]] -= target_scale[start:end]
             dlogits = dlogits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = dlogits @ weight
             if grad_weight is not None:
                 grad_weight += (dlogits.t() @ h).to(grad_weight.dtype)
+        if grad_hidden is not None and ctx.group is not None:
+            # The hidden state is replicated over the group; its gradient sums every vocab shard.
+            dist.all_reduce(grad_hidden, group=ctx.group)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -90,18 +125,26 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     chunk_size: int = 4096,
     ignore_index: int = IGNORE_INDEX,
+    *,
+    vocab_start: int = 0,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """hidden (T, H), weight (V, H), targets (T,) -> per-token CE (T,) in fp32 (0 where ignored)."""
+    """hidden (T, H), weight (V, H), targets (T,) -> per-token CE (T,) in fp32 (0 where ignored).
+
+    With `group`, hidden is replicated over the group and `weight` holds this rank's vocabulary
+    rows [vocab_start, vocab_start + weight.shape[0]); every rank gets the full per-token CE."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
             f"expected hidden (T, H) and targets (T,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
         )
+    if group is not None and dist.get_world_size(group) == 1:
+        group = None
     if torch.is_autocast_enabled(hidden.device.type):
         # Under autocast, run the matmuls in the autocast dtype explicitly: autocast does not
         # reach inside autograd.Function.backward, and both passes must agree.
         dtype = torch.get_autocast_dtype(hidden.device.type)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return _ChunkedLinearCrossEntropy.apply(
-                hidden.to(dtype), weight.to(dtype), targets, chunk_size, ignore_index
+                hidden.to(dtype), weight.to(dtype), targets, chunk_size, ignore_index, vocab_start, group
             )
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index, vocab_start, group)

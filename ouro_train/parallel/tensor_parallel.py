@@ -25,8 +25,8 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
+from ouro_train.kernels.linear_cross_entropy import linear_cross_entropy
 from ouro_train.model.looplm import LoopLM
-from ouro_train.parallel.vocab_cross_entropy import vocab_parallel_linear_cross_entropy
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -52,8 +52,8 @@ class VocabParallelHead(ColumnParallelLinear):
         group = parallel_state.get_tensor_model_parallel_group()
         if targets is not None:
             rank = parallel_state.get_tensor_model_parallel_rank()
-            return vocab_parallel_linear_cross_entropy(
-                x, self.weight, targets, vocab_start=rank * self.weight.shape[0], group=group, chunk_size=chunk_size
+            return linear_cross_entropy(
+                x, self.weight, targets, chunk_size, vocab_start=rank * self.weight.shape[0], group=group
             )
         from torch.distributed.nn.functional import all_gather
 

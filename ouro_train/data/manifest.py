@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ouro_train.utils.atomic import atomic_write_text
 
 FORMAT = "ouro-shards/1"
 MANIFEST = "manifest.json"
@@ -78,11 +79,7 @@ class Manifest:
 
     def save(self, directory: str | Path) -> Path:
         """Atomic: a reader sees the old manifest or the new one, never half of one."""
-        path = Path(directory) / MANIFEST
-        tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(Path(directory) / MANIFEST, self.to_json())
 
 
 def token_extension(dtype: str) -> str:

@@ -21,7 +21,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ from ouro_train.data.manifest import (
     dtype_for_vocab,
     token_extension,
 )
+from ouro_train.utils.atomic import atomic_write_bytes, atomic_write_text
 
 DONE_DIR = ".done"
 
@@ -131,8 +131,6 @@ def _write_shard(
     """Write one tar atomically; returns its manifest entry."""
     import webdataset as wds
 
-    final = out_dir / name
-    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     extension = token_extension(dtype)
     buffer = io.BytesIO()
     # A fixed mtime makes shards byte-reproducible: the same input gives the same sha256.
@@ -146,11 +144,8 @@ def _write_shard(
                 sample["mask.u8"] = masks[index].astype(np.uint8).tobytes()
             writer.write(sample)
     data = buffer.getvalue()
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    # Durable: the done-record written after it says the shard exists, so it must survive a crash.
+    atomic_write_bytes(out_dir / name, data, durable=True)
     return ShardInfo(
         name=name,
         documents=len(docs),
@@ -166,9 +161,7 @@ def _done_record(out_dir: Path, file_index: int) -> Path:
 
 
 def _commit_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record))
 
 
 def tokenize_file(file_index: int, path: str, options: TokenizeOptions) -> dict:

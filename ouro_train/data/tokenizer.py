@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ouro_train.data.demo_corpus import corpus_fingerprint, demo_documents
+from ouro_train.utils.atomic import atomic_path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 EOS_ID, IM_START_ID, IM_END_ID, THINK_ID, END_THINK_ID = range(5)
@@ -52,15 +52,9 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory; give a file path such as {path / 'tokenizer.json'}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as the target, so os.replace is a rename on one filesystem (atomic).
-    # A unique name per writer, so two processes filling one cache never share a temp file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    # A temporary name unique per writer: two processes filling one cache never share one.
+    with atomic_path(path) as tmp:
         tokenizer.save(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

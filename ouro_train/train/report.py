@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from ouro_train.utils.atomic import atomic_write_text
+
 
 def _records(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
     """-> ((line, record) for each whole line, numbers of the lines that are not JSON objects).
@@ -47,9 +49,7 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
         )
     kept = [line for line, record in good if record.get("step", 0) <= last_step]
     if torn or len(kept) != len(good):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def moving_average(values: list[float], window: int = 10) -> list[float]:

@@ -60,8 +60,11 @@ class ShardReader:
         with_mask: bool,
         expected_bytes: int | None = None,
         expected_sha256: str | None = None,
+        max_token_id: int | None = None,
     ) -> None:
-        """`expected_bytes`: checked by a stat; `expected_sha256`: the whole file is hashed first."""
+        """`expected_bytes`: checked by a stat; `expected_sha256`: the whole file is hashed first.
+        `max_token_id`: the shard's largest id when it is known (its documents checked once by
+        `check_token_ids`), bounded by `vocab_size` here instead of every document at `read`."""
         from wids.wids import IndexedTarSamples
 
         self.path = path
@@ -90,6 +93,12 @@ class ShardReader:
                 f"{path}: holds {len(self.samples)} documents but the manifest says {documents}; "
                 "the shard is truncated or corrupt, delete it and re-run `ouro-data tokenize`"
             )
+        self.max_token_id = max_token_id
+        if max_token_id is not None and max_token_id >= vocab_size:
+            raise DataError(
+                f"{path}: has token id {max_token_id} >= vocabulary size {vocab_size}; "
+                "the shard does not match its manifest"
+            )
 
     def lengths(self) -> np.ndarray:
         """Tokens per document, from the tar headers alone (the wids index keeps each member's
@@ -114,17 +123,38 @@ class ShardReader:
         if self.extension not in sample:
             raise DataError(f"{self.path}: document {sample.get('__key__')} has no {self.extension} member")
         tokens = np.frombuffer(sample[self.extension].getbuffer(), dtype=self.dtype)
-        if tokens.size and int(tokens.max()) >= self.vocab_size:
-            raise DataError(
-                f"{self.path}: document {sample['__key__']} has token id {int(tokens.max())} >= "
-                f"vocabulary size {self.vocab_size}; the shard does not match its manifest"
-            )
+        if self.max_token_id is None:  # ids not checked at open: check this document's
+            self._check_ids(tokens, sample["__key__"])
         mask = None
         if self.with_mask:
             if ".mask.u8" not in sample:
                 raise DataError(f"{self.path}: SFT document {sample['__key__']} has no .mask.u8 member")
             mask = np.frombuffer(sample[".mask.u8"].getbuffer(), dtype=np.uint8)
         return tokens, mask
+
+    def check_token_ids(self) -> int:
+        """Bound every document's ids by the vocabulary, once, and skip that check in `read`
+        from then on. -> the shard's largest id (-1 when empty). A pass over the token bytes in
+        place (the mmap), next to the sha256's over the whole file."""
+        reader = self.samples.reader
+        largest = -1
+        for members in self.samples.samples:
+            for member in members:
+                name, offset, size = reader.by_index[member]
+                if name.endswith(self.extension) and size >= self.dtype.itemsize:
+                    count = size // self.dtype.itemsize
+                    tokens = np.frombuffer(reader.mmapped_file, self.dtype, count=count, offset=offset + 512)
+                    self._check_ids(tokens, name.removesuffix(self.extension))
+                    largest = max(largest, int(tokens.max()))
+        self.max_token_id = largest
+        return largest
+
+    def _check_ids(self, tokens: np.ndarray, key: str) -> None:
+        if tokens.size and int(tokens.max()) >= self.vocab_size:
+            raise DataError(
+                f"{self.path}: document {key} has token id {int(tokens.max())} >= "
+                f"vocabulary size {self.vocab_size}; the shard does not match its manifest"
+            )
 
 
 def _seed_for(seed: int, source: str, epoch: int, shard: int = -1) -> list[int]:
@@ -156,9 +186,10 @@ class TokenSource:
         self.epoch_documents = self.manifest.documents
         self._lengths: dict[int, np.ndarray] = {}
         self.verify_checksums = verify_checksums
-        # Shards whose sha256 this process has checked: once each, however often the reader
-        # cache below closes and reopens them. (A loader worker gets its own copy of the set.)
-        self._verified: set[int] = set()
+        # Shards whose sha256 and token ids this process has checked, with their largest id: once
+        # each, however often the reader cache below closes and reopens them. (A loader worker
+        # gets its own copy.)
+        self._verified: dict[int, int] = {}
         # Per-instance caches (a class-level lru_cache would keep every instance alive).
         self._reader = lru_cache(maxsize=max_open_shards)(self._open)
         self._shard_order = lru_cache(maxsize=4)(self._compute_shard_order)
@@ -200,9 +231,12 @@ class TokenSource:
             self.with_mask,
             expected_bytes=info.bytes,
             expected_sha256=info.sha256 if verify else None,
+            max_token_id=self._verified.get(shard),
         )
         if verify:
-            self._verified.add(shard)
+            # With the bytes proven, every id is bounded once here rather than in each window read;
+            # without verify_checksums, `read` checks each document it returns (bytes unproven).
+            self._verified[shard] = reader.check_token_ids()
         return reader
 
     # --- reading ----------------------------------------------------------------------------

@@ -4,10 +4,12 @@
     ouro-pipeline pipeline=demo                             # every stage at toy scale on CPU
     ouro-pipeline pipeline=ouro_2p6b nproc=8 data_root=/lustre/shards start_at=upcycle stop_after=stable2
 
-Pipeline keys: pipeline, dry_run, run_dir, start_at, stop_after, nproc (processes per stage,
-launched with torchrun), world_size (GPUs the dry run's memory estimate assumes). Any other
-key=value is a hydra override given to every training stage (e.g. train.device=cuda), and
-STAGE:key=value to one stage only (e.g. sft:train.tokens=1000000000).
+Pipeline keys (typed, parsed with OmegaConf: a bad value fails naming its key): pipeline,
+dry_run (bool), run_dir, start_at, stop_after, nproc (processes per stage, launched with
+torchrun), world_size (GPUs the dry run's memory estimate assumes). Any other key=value is a
+hydra override given to every training stage (e.g. train.device=cuda), and STAGE:key=value to one
+stage only (e.g. sft:train.tokens=1000000000); an unknown key fails naming the key and the stage.
+A recipe's `${run_dir}` is the run directory (run_dir= here, else the recipe's).
 Running it again skips finished stages and resumes an interrupted one.
 
 SIGTERM / SIGUSR1 / SIGINT: the running stage saves a checkpoint and exits, and no further stage
@@ -19,32 +21,55 @@ command continues; ouro-train says the same with 75); 2 bad input or a stage fai
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ouro_train.checkpoint.store import CheckpointError
 from ouro_train.config.schema import ConfigError
 from ouro_train.data.manifest import DataError
 
-KEYS = ("pipeline", "dry_run", "run_dir", "start_at", "stop_after", "nproc", "world_size")
+
+@dataclass
+class PipelineOptions:
+    """The runner's own keys; None: the recipe's value (run_dir, world_size = plan_world_size)."""
+
+    pipeline: str = MISSING
+    dry_run: bool = False
+    run_dir: str | None = None
+    start_at: str | None = None
+    stop_after: str | None = None
+    nproc: int = 1
+    world_size: int | None = None
 
 
-def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    options: dict[str, str] = {}
+KEYS = tuple(f.name for f in fields(PipelineOptions))
+
+
+def parse(argv: list[str]) -> tuple[PipelineOptions, list[str]]:
+    """-> (the pipeline keys, typed, and the stages' hydra overrides, `STAGE:key=value` included)."""
+    options: list[str] = []
     overrides: list[str] = []
     for arg in argv:
         if arg in ("-h", "--help"):
             print(__doc__)
             sys.exit(0)
-        key, sep, value = arg.partition("=")
+        key, sep, _ = arg.partition("=")
         if not sep:
             raise ConfigError(f"argument {arg!r}: expected key=value (see ouro-pipeline --help)")
-        if key in KEYS:
-            options[key] = value
-        else:
-            overrides.append(arg)
-    if "pipeline" not in options:
-        raise ConfigError("pipeline=NAME is required (a recipe in recipes/pipeline/: demo, ouro_1p4b, ouro_2p6b)")
-    return options, overrides
+        (options if key in KEYS else overrides).append(arg)
+    try:
+        parsed = OmegaConf.merge(OmegaConf.structured(PipelineOptions), OmegaConf.from_dotlist(options))
+        return OmegaConf.to_object(parsed), overrides  # type: ignore[return-value]
+    except MissingMandatoryValue as error:
+        raise ConfigError(
+            "pipeline=NAME is required (a recipe in recipes/pipeline/: demo, ouro_1p4b, ouro_2p6b)"
+        ) from error
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "argument"
+        raise ConfigError(f"{key}: {str(error).splitlines()[0]} (see ouro-pipeline --help)") from error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,14 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         options, overrides = parse(sys.argv[1:] if argv is None else argv)
-        spec = load_pipeline(options["pipeline"])
-        run_dir = Path(options.get("run_dir", spec.run_dir)).absolute()
-        nproc = int(options.get("nproc", 1))
-        if options.get("dry_run", "false").lower() in ("true", "1", "yes"):
-            world = int(options.get("world_size", spec.plan_world_size))
-            print(describe(spec, plan(spec, run_dir, overrides), world, nproc))
+        spec = load_pipeline(options.pipeline)
+        run_dir = Path(options.run_dir or spec.run_dir).absolute()
+        if options.dry_run:
+            world = options.world_size or spec.plan_world_size
+            print(describe(spec, plan(spec, run_dir, overrides), world, options.nproc))
             return 0
-        return run(spec, run_dir, overrides, nproc, options.get("start_at"), options.get("stop_after"))
+        return run(spec, run_dir, overrides, options.nproc, options.start_at, options.stop_after)
     except (ConfigError, DataError, CheckpointError, PipelineError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ from ouro_train.checkpoint.store import CheckpointError, is_complete, read_train
 from ouro_train.config.schema import Config, ConfigError
 from ouro_train.config.store import compose_config
 from ouro_train.pipeline.memory import estimate_memory
-from ouro_train.pipeline.spec import PipelineSpec, StageSpec
+from ouro_train.pipeline.spec import PipelineSpec, StageSpec, resolve_spec, split_overrides
 from ouro_train.train.signals import EXIT_STOPPED, StopOnSignal
 
 
@@ -58,19 +58,13 @@ class PipelineError(RuntimeError):
     """A stage failed or cannot start; the message names the stage and what to do."""
 
 
-def _format(overrides: list[str], run_dir: Path) -> list[str]:
-    return [o.replace("{run_dir}", str(run_dir)) for o in overrides]
-
-
 def plan(spec: PipelineSpec, run_dir: Path, extra: list[str]) -> list[PlannedStage]:
     """Compose and validate every stage's config (nothing is read from disk but recipes).
 
-    `extra` overrides go to every training stage; `NAME:key=value` only to stage NAME."""
-    names = [stage.name for stage in spec.stages]
-    for override in extra:
-        target, colon, _ = override.partition("=")[0].partition(":")
-        if colon and target not in names:
-            raise ConfigError(f"override {override!r}: no stage {target!r}; the stages are {', '.join(names)}")
+    `extra` overrides go to every training stage; `NAME:key=value` only to stage NAME. The
+    recipe's `${run_dir}` is `run_dir`."""
+    common, per_stage = split_overrides(extra, [stage.name for stage in spec.stages])
+    resolved = resolve_spec(spec, run_dir)
     planned: list[PlannedStage] = []
     for index, stage in enumerate(spec.stages):
         source = spec.input_of(index)
@@ -86,10 +80,10 @@ def plan(spec: PipelineSpec, run_dir: Path, extra: list[str]) -> list[PlannedSta
             )
             continue
         overrides = [
-            *_format(spec.overrides, run_dir),
-            *_format(stage.overrides, run_dir),
-            *[o for o in extra if ":" not in o.partition("=")[0]],
-            *[o.split(":", 1)[1] for o in extra if o.partition("=")[0].startswith(f"{stage.name}:")],
+            *resolved.overrides,
+            *resolved.stages[index].overrides,
+            *common,
+            *per_stage[stage.name],
             f"stage_name={stage.name}",
             f"run_dir={directory}",
             f"logging.wandb_group={run_dir.name}",

@@ -1,4 +1,4 @@
-"""A pipeline recipe (recipes/pipeline/*.yaml): stages in order, each a set of hydra overrides.
+r"""A pipeline recipe (recipes/pipeline/*.yaml): stages in order, each a set of hydra overrides.
 
     name: ouro_2p6b
     run_dir: runs/ouro_2p6b
@@ -11,7 +11,10 @@
 
 Each stage starts from the final checkpoint of the stage before it (or `from`); what it takes
 from it (weights, optimizer, learning rate, data position) is its stage recipe's
-`checkpoint.init_*`. `{run_dir}` in an override is the pipeline's run directory.
+`checkpoint.init_*`. Overrides are OmegaConf strings: `${run_dir}` in one is the pipeline's run
+directory (the recipe's `run_dir`, or `run_dir=` on the command line), resolved when the stages
+are planned (`resolve_spec`); `${name}` and any other recipe key work alike, and `\${...}`
+passes an interpolation on to the stage's own config.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, SCMode
 from omegaconf.errors import OmegaConfBaseException
 
 from ouro_train.config.schema import ConfigError
@@ -63,8 +66,12 @@ class PipelineSpec:
             raise ConfigError(f"{where}: stage names repeat: {names}")
         if self.prepare not in (None, "demo"):
             raise ConfigError(f"{where}: prepare={self.prepare!r}, expected null or demo")
+        for override in self.overrides:
+            _refuse_old_template(override, f"{where}: overrides")
         for index, stage in enumerate(self.stages):
             key = f"{where}: stages[{index}] ({stage.name})"
+            for override in stage.overrides:
+                _refuse_old_template(override, key)
             if stage.kind not in ("train", "upcycle"):
                 raise ConfigError(f"{key}: kind={stage.kind!r}, expected train or upcycle")
             if stage.from_stage is not None and stage.from_stage not in names[:index]:
@@ -95,8 +102,50 @@ def load_pipeline(name: str) -> PipelineSpec:
     try:
         raw = OmegaConf.load(path)
         merged = OmegaConf.merge(OmegaConf.structured(PipelineSpec), raw)
-        spec: PipelineSpec = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        # Checked against the schema, interpolations kept: `${run_dir}` is the run directory the
+        # stages are planned in (resolve_spec), which the command line may change.
+        fields = OmegaConf.to_container(merged, resolve=False, structured_config_mode=SCMode.DICT)
+        stages = [StageSpec(**stage) for stage in fields.pop("stages")]  # type: ignore[union-attr]
+        spec = PipelineSpec(**fields, stages=stages)  # type: ignore[arg-type]
     except OmegaConfBaseException as error:
         raise ConfigError(f"{path}: {error}".splitlines()[0] + f" ({type(error).__name__})") from error
     spec.validate(str(path))
     return spec
+
+
+def resolve_spec(spec: PipelineSpec, run_dir: Path) -> PipelineSpec:
+    """The recipe with its interpolations resolved, `${run_dir}` being `run_dir`."""
+    try:
+        node = OmegaConf.structured(spec)
+        node.run_dir = str(run_dir)
+        return OmegaConf.to_object(node)  # type: ignore[return-value]
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        raise ConfigError(
+            f"pipeline {spec.name}: {key or 'recipe'}: {str(error).splitlines()[0]}; an override may use "
+            "${run_dir} or another key of the recipe (write \\${...} for the stage config's own)"
+        ) from error
+
+
+def split_overrides(overrides: list[str], stage_names: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Command-line overrides -> (those for every training stage, those for one stage each).
+
+    `STAGE:key=value` is `key=value` for stage STAGE only; an unknown STAGE is refused, naming the
+    stages. The overrides themselves are hydra's (parsed and checked when each stage is composed)."""
+    common: list[str] = []
+    per_stage: dict[str, list[str]] = {name: [] for name in stage_names}
+    for override in overrides:
+        stage, colon, rest = override.partition("=")[0].partition(":")
+        if not colon:
+            common.append(override)
+        elif stage in per_stage:
+            per_stage[stage].append(override.split(":", 1)[1])
+        else:
+            raise ConfigError(f"override {override!r}: no stage {stage!r}; the stages are {', '.join(stage_names)}")
+    return common, per_stage
+
+
+def _refuse_old_template(override: str, where: str) -> None:
+    """`{run_dir}` (before OmegaConf interpolation) would now reach the stage as literal text."""
+    if "{run_dir}" in override.replace("${run_dir}", ""):
+        raise ConfigError(f"{where}: {override!r} uses {{run_dir}}; write ${{run_dir}} (OmegaConf interpolation)")

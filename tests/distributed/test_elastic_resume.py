@@ -8,40 +8,19 @@ which we measured at 1e-7 relative over 3 steps; a lost optimizer state or a shi
 order moves the loss by more than 1e-3.
 """
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import TINY, run_cli
 
 from ouro_train.train.report import read_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
-COMMON = [
-    "train.steps=6",
-    "train.seq_len=32",
-    "train.micro_batch_size=2",
-    "train.global_batch_size=8",
-    "train.eval_batches=1",
-    "model.vocab_size=512",
-    "data.tokenizer_vocab_size=512",
-    "optim.lr=3e-3",
-    "logging.progress_bar=false",
-    "checkpoint.every_steps=3",
-]
+COMMON = [*TINY, "train.steps=6", "train.global_batch_size=8", "optim.lr=3e-3", "checkpoint.every_steps=3"]
 
 
-def launch(nproc: int, run_dir: Path, tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"OURO_CACHE_DIR": str(tmp / "cache"), "PYTHON": sys.executable}
-    command = [str(ROOT / "launch" / "torchrun.sh"), str(nproc)]
-    if nproc == 1:
-        command = [str(Path(sys.executable).with_name("ouro-train"))]
-    done = subprocess.run(
-        [*command, f"run_dir={run_dir}", *COMMON, *overrides], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
+def launch(nproc: int, run_dir: Path, tmp: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_cli(tmp, f"run_dir={run_dir}", *COMMON, *overrides, nproc=nproc, check=check)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -83,18 +62,6 @@ def test_zero_0_and_single_process_checkpoints(tmp_path):
 
     launch(1, tmp_path / "local", tmp_path, "train.max_steps_this_run=3")
     local = tmp_path / "local" / "checkpoints" / "step_00000003"
-    env = os.environ | {"OURO_CACHE_DIR": str(tmp_path / "cache"), "PYTHON": sys.executable}
-    refused = subprocess.run(
-        [
-            str(ROOT / "launch" / "torchrun.sh"),
-            "2",
-            f"run_dir={tmp_path / 'two'}",
-            *COMMON,
-            f"checkpoint.resume={local}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    refused = launch(2, tmp_path / "two", tmp_path, f"checkpoint.resume={local}", check=False)
     assert refused.returncode != 0
     assert "single-process engine" in refused.stderr and "checkpoint.init_from" in refused.stderr

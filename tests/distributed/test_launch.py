@@ -2,22 +2,13 @@
 training as one process with the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import TINY, run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
-COMMON = [
-    "train.steps=3",
-    "train.seq_len=32",
-    "train.eval_batches=1",
-    "model.vocab_size=512",
-    "data.tokenizer_vocab_size=512",
-    "logging.progress_bar=false",
-]
+# The micro-batch (4 rows on one process, 2 on each of two) comes after, and wins.
+COMMON = [*TINY, "train.steps=3"]
 
 
 def losses(run_dir: Path) -> list[tuple[float, float]]:
@@ -26,31 +17,16 @@ def losses(run_dir: Path) -> list[tuple[float, float]]:
 
 
 def test_torchrun_data_parallel_matches_one_process(tmp_path):
-    env = os.environ | {"OURO_CACHE_DIR": str(tmp_path), "PYTHON": sys.executable}
-    single = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("ouro-train")),
-            f"run_dir={tmp_path / 'one'}",
-            "train.micro_batch_size=4",
-            *COMMON,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    single = run_cli(tmp_path, f"run_dir={tmp_path / 'one'}", *COMMON, "train.micro_batch_size=4", check=False)
     assert single.returncode == 0, single.stderr
-    launched = subprocess.run(
-        [
-            str(ROOT / "launch" / "torchrun.sh"),
-            "2",
-            f"run_dir={tmp_path / 'two'}",
-            "train.micro_batch_size=2",
-            "parallel.zero_stage=1",
-            *COMMON,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    launched = run_cli(
+        tmp_path,
+        f"run_dir={tmp_path / 'two'}",
+        *COMMON,
+        "train.micro_batch_size=2",
+        "parallel.zero_stage=1",
+        nproc=2,
+        check=False,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "tensor parallel 1 x data parallel 2, ZeRO 1" in launched.stdout
@@ -59,12 +35,6 @@ def test_torchrun_data_parallel_matches_one_process(tmp_path):
 
 
 def test_torchrun_with_a_world_size_tp_does_not_divide_fails_clearly(tmp_path):
-    env = os.environ | {"OURO_CACHE_DIR": str(tmp_path), "PYTHON": sys.executable}
-    out = subprocess.run(
-        [str(ROOT / "launch" / "torchrun.sh"), "3", f"run_dir={tmp_path}", "parallel.tensor_parallel=2", *COMMON],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    out = run_cli(tmp_path, f"run_dir={tmp_path}", "parallel.tensor_parallel=2", *COMMON, nproc=3, check=False)
     assert out.returncode != 0
     assert "tensor_parallel=2 does not divide the world size 3" in out.stdout + out.stderr

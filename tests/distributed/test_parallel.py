@@ -14,8 +14,9 @@ import os
 
 import pytest
 import torch
+from tiny_models import TRAINABLE, tiny_config
 
-from ouro_train.config import Config, ConfigError, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from ouro_train.config import Config, ConfigError, OptimConfig, ParallelConfig, TrainConfig
 from ouro_train.model import LoopLM, looplm_loss
 from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
 from ouro_train.parallel.testing import run_distributed
@@ -26,16 +27,7 @@ VOCAB, SEQ, GLOBAL_ROWS = 64, 16, 4
 
 def make_config(tp: int = 1, zero: int = 0, checkpointing: str = "none", rows: int = GLOBAL_ROWS) -> Config:
     return Config(
-        model=ModelConfig(
-            name="t",
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate_size=128,
-            recurrent_steps=3,
-        ),
+        model=tiny_config(**TRAINABLE, vocab_size=VOCAB),
         optim=OptimConfig(lr=1e-2, grad_clip=1.0),
         train=TrainConfig(steps=5, micro_batch_size=rows, seq_len=SEQ),
         parallel=ParallelConfig(tensor_parallel=tp, zero_stage=zero, activation_checkpointing=checkpointing),

@@ -1,17 +1,14 @@
 """The two CLIs end to end, as a user runs them (subprocesses, tiny sizes)."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from cli_runs import TINY, run_cli
 
 
-def run(*args: str, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"OURO_CACHE_DIR": str(cache), "WANDB_MODE": "offline"}
-    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env, check=check)
+def run(program: str, *args: str, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run_cli(cache, *args, program=program, check=check)
 
 
 def test_demo_data_training_writes_metrics_and_plot(tmp_path):
@@ -20,15 +17,12 @@ def test_demo_data_training_writes_metrics_and_plot(tmp_path):
         "--config-name",
         "demo",
         f"run_dir={tmp_path / 'run'}",
+        *TINY,
+        "train.micro_batch_size=4",
+        "train.eval_batches=2",
         "train.steps=6",
         "train.log_every=3",
-        "train.micro_batch_size=4",
-        "train.seq_len=32",
-        "train.eval_batches=2",
         "schedule.warmup_steps=2",
-        "data.tokenizer_vocab_size=512",
-        "model.vocab_size=512",
-        "logging.progress_bar=false",
         cache=tmp_path,
     )
     assert "step 6 | loss" in out.stdout and "eval step 6" in out.stdout
@@ -48,6 +42,11 @@ def test_tokenizer_that_does_not_fit_the_model_fails_fast(tmp_path):
         check=False,
     )
     assert out.returncode == 2 and "'model.vocab_size'" in out.stderr and "600" in out.stderr
+
+
+# The shards' own 400-token tokenizer, 64-token rows: 3 steps x 2 rows x 64 tokens = 384 tokens.
+SHARDS_RUN = ["model.vocab_size=400", "train.steps=3", "train.micro_batch_size=2", "train.seq_len=64"]
+SHARDS_RUN += ["train.eval_batches=1", "logging.progress_bar=false"]
 
 
 def test_shards_to_training(tmp_path):
@@ -78,12 +77,7 @@ def test_shards_to_training(tmp_path):
         "data.source=shards",
         f"data.sources=[{source}]",
         f"data.eval_sources=[{source}]",
-        "model.vocab_size=400",
-        "train.steps=3",
-        "train.micro_batch_size=2",
-        "train.seq_len=64",
-        "train.eval_batches=1",
-        "logging.progress_bar=false",
+        *SHARDS_RUN,
         cache=tmp_path,
     )
     assert "step 3 | loss" in out.stdout and "eval step 3" in out.stdout

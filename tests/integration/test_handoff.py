@@ -2,26 +2,15 @@
 previous stage's final checkpoint continues exactly as one uninterrupted run; taking weights
 only does not (so the equality is not vacuous); and on 2 ZeRO ranks the same hand-off works."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import TINY, run_cli
 
 from ouro_train.train.report import read_metrics
 
-BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[2]
-COMMON = [
-    "train.micro_batch_size=2",
-    "train.seq_len=32",
-    "train.eval_batches=1",
-    "model.vocab_size=512",
-    "data.tokenizer_vocab_size=512",
-    "logging.progress_bar=false",
-    "optim.lr=3e-3",
-]
+COMMON = [*TINY, "optim.lr=3e-3"]
 CARRY = [
     "checkpoint.init_optimizer=true",
     "checkpoint.init_schedule=keep",
@@ -30,12 +19,7 @@ CARRY = [
 
 
 def run(tmp: Path, name: str, *args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"OURO_CACHE_DIR": str(tmp / "cache"), "PYTHON": sys.executable}
-    command = [str(BIN / "ouro-train")] if nproc == 1 else [str(ROOT / "launch" / "torchrun.sh"), str(nproc)]
-    out = subprocess.run([*command, *COMMON, f"run_dir={tmp / name}", *args], capture_output=True, text=True, env=env)
-    if check:
-        assert out.returncode == 0, out.stdout[-1500:] + out.stderr[-3000:]
-    return out
+    return run_cli(tmp, *COMMON, f"run_dir={tmp / name}", *args, nproc=nproc, check=check)
 
 
 def losses(run_dir: Path) -> list[float]:

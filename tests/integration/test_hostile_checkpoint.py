@@ -6,37 +6,28 @@ ds_to_universal, also when the file changes after the check, in forked workers).
 checkpoint.trust_engine_files=true the benign original still loads.
 """
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import TINY, run_cli
 from hostile_pickles import hostile_pickle, replace_pickle
 
-ROOT = Path(__file__).resolve().parents[2]
-COMMON = [
-    "train.steps=3",
-    "train.seq_len=32",
-    "train.micro_batch_size=2",
-    "train.global_batch_size=4",
-    "train.eval_batches=1",
-    "model.vocab_size=512",
-    "data.tokenizer_vocab_size=512",
-    "logging.progress_bar=false",
-    "parallel.zero_stage=1",
-]
+COMMON = [*TINY, "train.steps=3", "train.global_batch_size=4", "parallel.zero_stage=1"]
 STATE = Path("engine") / "state"
 
 
 def launch(nproc: int, tmp: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"OURO_CACHE_DIR": str(tmp / "cache"), "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"}
-    command = [str(ROOT / "launch" / "torchrun.sh"), str(nproc)]
-    if nproc == 1:
-        command = [str(Path(sys.executable).with_name("ouro-train"))]
-    return subprocess.run(
-        [*command, f"run_dir={run_dir}", *COMMON, *overrides], env=env, capture_output=True, text=True, timeout=300
+    return run_cli(
+        tmp,
+        f"run_dir={run_dir}",
+        *COMMON,
+        *overrides,
+        nproc=nproc,
+        check=False,
+        env={"DS_ACCELERATOR": "cpu"},
+        timeout=300,
     )
 
 

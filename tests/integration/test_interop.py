@@ -1,32 +1,18 @@
 """Checkpoint weights <-> the released Ouro Hugging Face layout, and weights-only starts."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from cli_runs import TINY, run_cli
 from safetensors.torch import load_file
 
-BIN = Path(sys.executable).parent
-TRAIN = [
-    "train.steps=2",
-    "train.micro_batch_size=2",
-    "train.seq_len=32",
-    "train.eval_batches=1",
-    "model.vocab_size=512",
-    "data.tokenizer_vocab_size=512",
-    "logging.progress_bar=false",
-]
+TRAIN = [*TINY, "train.steps=2"]
 
 
-def run(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"OURO_CACHE_DIR": str(tmp / "cache")}
-    out = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env)
-    if check:
-        assert out.returncode == 0, out.stderr[-2000:]
-    return out
+def run(tmp: Path, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_cli(tmp, *args, program=program, check=check)
 
 
 def test_export_import_round_trip_and_init_from(tmp_path):

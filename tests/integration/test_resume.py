@@ -1,32 +1,17 @@
 """Checkpoints through the CLI: bitwise resume, and what a broken or foreign checkpoint does."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
-COMMON = [
-    "train.steps=8",
-    "train.micro_batch_size=2",
-    "train.seq_len=32",
-    "train.eval_batches=1",
-    "model.vocab_size=512",
-    "data.tokenizer_vocab_size=512",
-    "logging.progress_bar=false",
-    "schedule.kind=cosine",
-    "schedule.warmup_steps=2",
-]
+from cli_runs import TINY, run_cli
+
+COMMON = [*TINY, "train.steps=8", "schedule.kind=cosine", "schedule.warmup_steps=2"]
 
 
 def ouro_train(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"OURO_CACHE_DIR": str(tmp / "cache")}
-    out = subprocess.run([str(BIN / "ouro-train"), *COMMON, *args], capture_output=True, text=True, env=env)
-    if check:
-        assert out.returncode == 0, out.stderr[-2000:]
-    return out
+    return run_cli(tmp, *COMMON, *args, check=check)
 
 
 def losses(run: Path) -> dict[int, float]:

@@ -11,19 +11,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "train.steps=100000",
-    "train.seq_len=32",
-    "train.micro_batch_size=2",
-    "model.vocab_size=512",
-    "data.tokenizer_vocab_size=512",
-    "logging.progress_bar=false",
-]
+from cli_runs import TINY, start_cli
+
+ENDLESS = [*TINY, "train.steps=100000"]
 
 
 def children(pid: int) -> list[int]:
@@ -67,14 +60,8 @@ def last_logged_step(run_dir: Path) -> int:
 
 def test_term_to_the_trainer_and_its_wandb_service_still_saves(tmp_path):
     run_dir = tmp_path / "run"
-    env = os.environ | {"OURO_CACHE_DIR": str(tmp_path), "WANDB_MODE": "offline"}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ouro-train")), f"run_dir={run_dir}", *TINY],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    proc = start_cli(tmp_path, f"run_dir={run_dir}", *ENDLESS, **pipes)
     try:
         wait_for_steps(run_dir / "metrics.jsonl", 3, proc)
         service = [pid for pid in children(proc.pid) if "wandb-core" in command_line(pid)]
@@ -94,15 +81,10 @@ def test_term_to_the_trainer_and_its_wandb_service_still_saves(tmp_path):
 
 def test_usr1_to_torchrun_reaches_the_workers_which_save_and_stop(tmp_path):
     run_dir = tmp_path / "run"
-    env = os.environ | {"OURO_CACHE_DIR": str(tmp_path), "PYTHON": sys.executable}
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen(
-            [str(ROOT / "launch" / "torchrun.sh"), "2", f"run_dir={run_dir}", "logging.wandb=false", *TINY],
-            stdout=stdout,
-            stderr=stderr,
-            env=env,
-        )
+        wandb_off = "logging.wandb=false"
+        proc = start_cli(tmp_path, f"run_dir={run_dir}", wandb_off, *ENDLESS, nproc=2, stdout=stdout, stderr=stderr)
     workers: list[int] = []
     try:
         wait_for_steps(run_dir / "metrics.jsonl", 3, proc)

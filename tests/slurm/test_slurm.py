@@ -151,10 +151,17 @@ def test_stage_finishes_on_one_node_and_on_two_nodes_with_the_same_losses(submit
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
 
 
-def test_scontrol_requeue_with_wandb_saves_requeues_and_logs_every_step_once(submit_dir):
-    job = Job(submit_dir, "requeue", ["--nodes=1"], ["train.steps=300"])
+def signalled_after_3_steps(submit_dir: Path, name: str, steps: int, *command: str) -> Job:
+    """A one-node job of `steps` steps, to which `command` (scontrol / scancel, the job id appended)
+    is sent once it has logged 3 steps."""
+    job = Job(submit_dir, name, ["--nodes=1"], [f"train.steps={steps}"])
     job.wait_steps(3)
-    subprocess.run(["scontrol", "requeue", job.id], check=True)
+    subprocess.run([*command, job.id], check=True)
+    return job
+
+
+def test_scontrol_requeue_with_wandb_saves_requeues_and_logs_every_step_once(submit_dir):
+    job = signalled_after_3_steps(submit_dir, "requeue", 300, "scontrol", "requeue")
     # SLURM's TERM reaches every process of the step, wandb's service too: rank 0 must still save.
     assert job.wait_done() == "COMPLETED", job.log()[-3000:]
     log = job.log()
@@ -194,9 +201,7 @@ def test_time_limit_lead_saves_and_requeues_and_scancel_then_cancels(submit_dir)
 
 
 def test_scancel_usr1_to_the_batch_script_saves_and_requeues(submit_dir):
-    job = Job(submit_dir, "usr1-batch", ["--nodes=1"], ["train.steps=300"])
-    job.wait_steps(3)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True)
+    job = signalled_after_3_steps(submit_dir, "usr1-batch", 300, "scancel", "--signal=USR1", "--batch")
     assert job.wait_done() == "COMPLETED", job.log()[-3000:]
     log = job.log()
     assert job.info()["Restarts"] == "1"
@@ -207,9 +212,7 @@ def test_scancel_usr1_to_the_batch_script_saves_and_requeues(submit_dir):
 
 
 def test_scancel_usr1_to_the_steps_saves_and_ends_without_requeue(submit_dir):
-    job = Job(submit_dir, "usr1-steps", ["--nodes=1"], ["train.steps=100000"])
-    job.wait_steps(3)
-    subprocess.run(["scancel", "--signal=USR1", job.id], check=True)
+    job = signalled_after_3_steps(submit_dir, "usr1-steps", 100000, "scancel", "--signal=USR1")
     assert job.wait_done() == "FAILED", job.log()[-3000:]
     info = job.info()
     assert info["ExitCode"] == "75:0"

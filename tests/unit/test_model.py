@@ -2,36 +2,13 @@ import math
 
 import pytest
 import torch
+from tiny_models import randomized
+from tiny_models import tiny_config as tiny
 
 from ouro_train.config import ConfigError, ModelConfig
 from ouro_train.config.store import compose_config
 from ouro_train.model import LoopLM
 from ouro_train.model.flops import count_model
-
-
-def tiny(**overrides) -> ModelConfig:
-    base = dict(
-        name="t",
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=48,
-        recurrent_steps=3,
-        rope_theta=10000.0,
-    )
-    return ModelConfig(**(base | overrides))
-
-
-def randomized(cfg: ModelConfig, seed: int = 0) -> LoopLM:
-    """A model whose norms and gate bias are not trivially 1 / 0, so they are really exercised."""
-    torch.manual_seed(seed)
-    model = LoopLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / math.sqrt(p.shape[-1]))
-    return model
 
 
 @pytest.mark.parametrize("model_name, expected", [("ouro_1p4b", 1_434_652_673), ("ouro_2p6b", 2_667_974_657)])

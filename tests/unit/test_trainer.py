@@ -2,8 +2,9 @@ import itertools
 
 import pytest
 import torch
+from tiny_models import TRAINABLE, tiny_config
 
-from ouro_train.config import Config, ModelConfig, ObjectiveConfig, OptimConfig, ScheduleConfig, TrainConfig
+from ouro_train.config import Config, ObjectiveConfig, OptimConfig, ScheduleConfig, TrainConfig
 from ouro_train.model import LoopLM
 from ouro_train.train.trainer import Trainer
 
@@ -12,16 +13,7 @@ VOCAB = 64
 
 def config(**train) -> Config:
     return Config(
-        model=ModelConfig(
-            name="t",
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate_size=128,
-            recurrent_steps=4,
-        ),
+        model=tiny_config(**TRAINABLE, recurrent_steps=4),
         objective=ObjectiveConfig(beta=0.05),
         optim=OptimConfig(lr=3e-3),
         schedule=ScheduleConfig(kind="constant", warmup_steps=5),

@@ -1,32 +1,14 @@
-import math
-
 import pytest
 import torch
+from tiny_models import randomized, tiny_config
 from torch import nn
 
 from ouro_train.checkpoint.upcycle import layer_order, upcycle_config, upcycle_state_dict
-from ouro_train.config import ModelConfig
 from ouro_train.model import LoopLM
 
 
 def source_model(steps: int = 4) -> LoopLM:
-    torch.manual_seed(0)
-    model = LoopLM(
-        ModelConfig(
-            name="s",
-            vocab_size=64,
-            hidden_size=32,
-            num_layers=3,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate_size=48,
-            recurrent_steps=steps,
-        )
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / math.sqrt(p.shape[-1]))
-    return model
+    return randomized(tiny_config(name="s", num_layers=3, recurrent_steps=steps))
 
 
 def grown(model: LoopLM, order: str, steps: int | None = None) -> LoopLM:

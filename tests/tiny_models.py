@@ -1,0 +1,39 @@
+"""The tiny LoopLM the unit and distributed tests build: 2 layers, 4 query heads over 2 key-value
+heads, a 64-token vocabulary. Model tests use it as is; training tests widen it (`TRAINABLE`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ouro_train.config import ModelConfig
+from ouro_train.model import LoopLM
+
+# Wide enough to overfit a batch and to split over 2 tensor-parallel ranks.
+TRAINABLE = {"hidden_size": 64, "intermediate_size": 128}
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(
+        name="t",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=48,
+        recurrent_steps=3,
+        rope_theta=10000.0,
+    )
+    return ModelConfig(**(base | overrides))
+
+
+def randomized(cfg: ModelConfig, seed: int = 0) -> LoopLM:
+    """A model whose norms and gate bias are not trivially 1 / 0, so they are really exercised."""
+    torch.manual_seed(seed)
+    model = LoopLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    return model

@@ -24,6 +24,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from ouro_train.utils.atomic import atomic_write_text, fsync_dir
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -47,27 +49,27 @@ def temporary_dir(root: Path, step: int) -> Path:
 def commit(root: Path, tmp: Path, step: int) -> Path:
     """Rank 0, after every rank wrote its part into `tmp`: mark complete, rename, move `latest`."""
     (tmp / COMPLETE).write_text(str(step))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     final = root / step_name(step)
     old = root / f".old-{step_name(step)}"
     if final.exists():  # a re-save of the same step (the final save, a resume): swap, then delete
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    pointer = root / f".{LATEST}.tmp-{os.getpid()}"
-    pointer.write_text(step_name(step))
-    os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
+    # Durable: fsyncs the pointer and then `root`, which makes both renames (step and pointer) stick.
+    atomic_write_text(root / LATEST, step_name(step), durable=True)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove what an atomic write of `path` (utils/atomic.py) left beside it when it was killed
+    mid-way. Only for a path that one process at a time writes (rank 0 of the run holding the lock)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def is_complete(path: Path) -> bool:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch.distributed as dist
 
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.store import CheckpointError, remove_stale_temporaries
+from ouro_train.utils.atomic import atomic_path
 
 UNIVERSAL_DIR = "universal"
 TAG = "state"
@@ -67,20 +67,16 @@ def ensure_universal(checkpoint: Path, rank: int, trust: bool = False) -> Path:
                 f"checkpoint.init_from={checkpoint}"
             )
         else:
-            tmp = checkpoint / f".{UNIVERSAL_DIR}-tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_stale_temporaries(target)  # a conversion that was killed
             started = time.monotonic()
             try:
-                _convert(source, tmp / TAG, trust=trust)
-                if target.exists():  # a cache without its zero/ folder: not usable, replace it
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
+                # Replaces a cache without its zero/ folder (not usable); a failure removes the temporary.
+                with atomic_path(target) as tmp:
+                    _convert(source, tmp / TAG, trust=trust)
                 print(f"converted {source} to a universal checkpoint in {time.monotonic() - started:.1f} s: {target}")
             except CheckpointError as exc:  # a file refused: its own message names it and the way out
-                shutil.rmtree(tmp, ignore_errors=True)
                 error = str(exc)
             except Exception as exc:  # noqa: BLE001 - reported on every rank below
-                shutil.rmtree(tmp, ignore_errors=True)
                 error = f"{checkpoint}: converting to DeepSpeed's universal checkpoint failed: {exc}"
     if dist.is_available() and dist.is_initialized():
         box = [error]

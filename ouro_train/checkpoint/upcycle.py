@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
 from ouro_train.checkpoint.optimizer_state import OPTIMIZER, read_optimizer_state, save_optimizer_state
-from ouro_train.checkpoint.store import TRAIN_STATE, read_train_state_if_any
+from ouro_train.checkpoint.store import TRAIN_STATE, read_train_state_if_any, remove_stale_temporaries
 from ouro_train.checkpoint.weights import WEIGHTS, save_weights
 from ouro_train.config.schema import ModelConfig
+from ouro_train.utils.atomic import atomic_path
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -79,12 +78,6 @@ def write_upcycled(
     moments = None
     if optimizer == "duplicate":
         moments = upcycle_optimizer_state(read_optimizer_state(checkpoint), source.num_layers, order)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(upcycle_state_dict(state, source.num_layers, order), tmp / WEIGHTS, target)
-    if moments is not None:
-        save_optimizer_state(moments, tmp / OPTIMIZER)
     previous = read_train_state_if_any(checkpoint)
     record = {
         "upcycled_from": str(checkpoint),
@@ -96,7 +89,11 @@ def write_upcycled(
         "loader": previous.get("loader"),
         "tokens": previous.get("tokens"),
     }
-    (tmp / TRAIN_STATE).write_text(json.dumps(record, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    remove_stale_temporaries(out)  # left by an upcycle that was killed
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:  # replaces an earlier output; a failure removes the temporary
+        tmp.mkdir()
+        save_weights(upcycle_state_dict(state, source.num_layers, order), tmp / WEIGHTS, target)
+        if moments is not None:
+            save_optimizer_state(moments, tmp / OPTIMIZER)
+        (tmp / TRAIN_STATE).write_text(json.dumps(record, indent=1) + "\n")

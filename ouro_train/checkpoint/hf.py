@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.weights import read_safetensors
 from ouro_train.config.schema import ModelConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -103,7 +103,6 @@ def import_hf(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], st
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{path}: weight file missing")
-        with safe_open(str(path), framework="pt") as f:
-            state |= {key: f.get_tensor(key) for key in f.keys()}
+        state |= read_safetensors(path)[0]
     dtype = next(iter(state.values())).dtype
     return cfg, state, {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))

@@ -32,12 +32,11 @@ class ParallelLayout:
         return f"world {self.world_size} = tensor parallel {self.tp} x data parallel {self.dp}"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def host_store(world_size: int) -> dist.TCPStore:
+    """A rendezvous store served on a port the kernel picks as it binds (port 0), as torchrun's
+    agent does. Picking a free port first and binding it later races: between the two, a
+    concurrent launch (another pytest-xdist worker, another run on the host) can take it."""
+    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
 
 
 def launcher_world() -> tuple[int, int, int]:
@@ -60,12 +59,18 @@ def init_parallel(cfg: ParallelConfig, model: ModelConfig, device: str, group: b
     for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)):
         os.environ.setdefault(key, str(value))  # what torchrun sets; DeepSpeed reads LOCAL_RANK
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
+        # Several processes meet at the launcher's MASTER_ADDR:MASTER_PORT (env://); one process
+        # meets no one, so it serves its own store wherever the kernel binds it.
+        store = None
+        if world == 1:
+            store = host_store(1)
+            os.environ["MASTER_PORT"] = str(store.port)  # DeepSpeed's start-up checks it is set
+        timeout = timedelta(minutes=30)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, store=store)
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():

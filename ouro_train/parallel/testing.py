@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.multiprocessing as mp
 
-from ouro_train.parallel.groups import free_port
+from ouro_train.parallel.groups import host_store
 
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, args: tuple, queue) -> None:
@@ -20,6 +20,9 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, args: tuple, que
         LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        # Every rank is a client of the store this launcher serves (torchrun's agent store does
+        # the same), instead of rank 0 binding MASTER_PORT itself.
+        TORCHELASTIC_USE_AGENT_STORE="True",
         DS_ACCELERATOR="cpu",
     )
     try:
@@ -37,8 +40,10 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300.0
     by rank, or raises with the traceback of the first rank that failed."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, args, queue)) for rank in range(world_size)]
+    store = host_store(world_size)  # served as long as this function runs
+    procs = [
+        ctx.Process(target=_entry, args=(fn, rank, world_size, store.port, args, queue)) for rank in range(world_size)
+    ]
     for proc in procs:
         proc.start()
     results: dict[int, object] = {}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -61,3 +63,22 @@ def run_cli(
 def start_cli(tmp: Path, *args: str, nproc: int = 1, **popen) -> subprocess.Popen:
     """Start it in the background (a test that signals it while it trains)."""
     return subprocess.Popen([*cli_command(nproc), *args], env=cli_env(tmp), **popen)
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, proc: subprocess.Popen | None = None, timeout: float = 180
+) -> None:
+    """Return as soon as `condition()` holds (checked every 50 ms). Fail naming `what` when `proc`
+    exits first, or after `timeout` s: only a bound for a hung run, nothing waits that long."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            output = proc.communicate()[1][-3000:] if proc.stderr else ""
+            raise AssertionError(f"waiting for {what}: the process exited first ({proc.returncode})\n{output}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def logged_lines(metrics: Path) -> int:
+    """Lines in a run's metrics.jsonl so far (0 before it exists): one per logged step."""
+    return metrics.read_text().count("\n") if metrics.exists() else 0

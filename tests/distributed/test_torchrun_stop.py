@@ -1,17 +1,18 @@
 """ouro_train.pipeline.torchrun (the pipeline's torchrun for nproc > 1) on two tiny worker
-processes that stand in for ouro-train: on SIGTERM/SIGUSR1 they "save" (a short wait, then a
-file) and exit 75. Stock torch 2.13 torchrun exits 1 for a stop and for a failure alike, dies of
-SIGUSR1 unless --signals-to-handle lists it, and exits mid-save on a third signal."""
+processes that stand in for ouro-train: on SIGTERM/SIGUSR1 they "save" (until the test lets
+them finish, then a file) and exit 75. Stock torch 2.13 torchrun exits 1 for a stop and for a
+failure alike, dies of SIGUSR1 unless --signals-to-handle lists it, and exits mid-save on a
+third signal."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from cli_runs import wait_until
 
 from ouro_train.pipeline.torchrun import SIGNALS_TO_HANDLE, stopped_by_signal
 from ouro_train.train.signals import EXIT_STOPPED
@@ -29,7 +30,9 @@ if mode != "wait" and rank == "1":
 while not got:
     time.sleep(0.01)
 (here / f"got{rank}").write_text(str(got[0]))
-time.sleep(1.5 if mode == "wait" else 0)  # saving a checkpoint
+deadline = time.monotonic() + 120
+while mode == "wait" and not (here / "save-ends").exists() and time.monotonic() < deadline:
+    time.sleep(0.01)  # saving a checkpoint: as long as the test says
 (here / f"saved{rank}").write_text("")
 sys.exit(75)
 """
@@ -49,11 +52,8 @@ def finish(proc: subprocess.Popen, tmp_path: Path) -> str:
     return (tmp_path / "output.txt").read_text()[-3000:]
 
 
-def wait_for(*paths: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(p.exists() for p in paths):
-        assert time.monotonic() < deadline, f"none of {paths} after {timeout}s"
-        time.sleep(0.02)
+def wait_for(*paths: Path, proc: subprocess.Popen) -> None:
+    wait_until(lambda: all(p.exists() for p in paths), f"all of {[p.name for p in paths]}", proc)
 
 
 @pytest.mark.parametrize("mode, expected", [("75", EXIT_STOPPED), ("1", 1)])
@@ -72,13 +72,19 @@ def test_which_worker_exit_codes_mean_stopped():
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_signal_reaches_the_workers_and_repeats_do_not_cut_their_save_short(tmp_path, signum):
     proc = launch(tmp_path, "wait")
-    wait_for(tmp_path / "up0", tmp_path / "up1")
-    proc.send_signal(signum)
-    wait_for(tmp_path / "got0", tmp_path / "got1")  # torchrun passed it on and now waits for them
-    for _ in range(2):  # e.g. SLURM's own to every process, then a second Ctrl-C
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # apart, so that they are not merged into one (the result is the same either way)
-    output = finish(proc, tmp_path)
+    try:
+        wait_for(tmp_path / "up0", tmp_path / "up1", proc=proc)
+        proc.send_signal(signum)
+        wait_for(tmp_path / "got0", tmp_path / "got1", proc=proc)  # torchrun passed it on and waits for them
+        log = tmp_path / "output.txt"
+        for repeat in (1, 2):  # while they save: e.g. SLURM's own to every process, then a second Ctrl-C
+            proc.send_signal(signal.SIGTERM)
+            # One at a time (two pending ones would merge into one): torchrun says it ignored it.
+            wait_until(lambda n=repeat: log.read_text().count("ignored: already stopping") >= n, "the repeat", proc)
+        (tmp_path / "save-ends").write_text("")  # only now, after both repeats
+        output = finish(proc, tmp_path)
+    finally:
+        proc.kill()
     # torchrun waited for both workers to finish saving (else they would still be running now).
     assert (tmp_path / "saved0").exists() and (tmp_path / "saved1").exists(), output
     assert proc.returncode == EXIT_STOPPED, output

@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from cli_runs import wait_until
 
 from ouro_train.train.report import read_metrics
 from ouro_train.train.signals import EXIT_STOPPED
@@ -75,9 +76,7 @@ def test_demo_pipeline_runs_every_stage_skips_and_resumes(tmp_path):
         text=True,
         env=_env(tmp_path),
     )
-    deadline = time.monotonic() + 120
-    while not (run / "ct_anneal" / "metrics.jsonl").is_file() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until((run / "ct_anneal" / "metrics.jsonl").is_file, "the ct_anneal stage's first step", runner)
     runner.send_signal(signal.SIGTERM)
     output = runner.communicate(timeout=120)[0]
     assert runner.returncode == EXIT_STOPPED == 75, output[-3000:]

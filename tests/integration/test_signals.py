@@ -1,29 +1,15 @@
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
+
+from cli_runs import TINY, logged_lines, start_cli, wait_until
 
 
 def test_sigusr1_stops_training_cleanly_at_a_step_boundary(tmp_path):
-    env = os.environ | {"OURO_CACHE_DIR": str(tmp_path)}
-    cmd = [
-        str(Path(sys.executable).with_name("ouro-train")),
-        f"run_dir={tmp_path / 'run'}",
-        "train.steps=5000",
-        "train.micro_batch_size=2",
-        "train.seq_len=32",
-        "model.vocab_size=512",
-        "data.tokenizer_vocab_size=512",
-        "logging.progress_bar=false",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    proc = start_cli(tmp_path, f"run_dir={tmp_path / 'run'}", *TINY, "train.steps=5000", **pipes)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
+    wait_until(lambda: logged_lines(metrics) >= 3, "3 logged steps", proc)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err  # EXIT_STOPPED: stopped, resumable (0 means finished)

@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from cli_runs import TINY, start_cli
+from cli_runs import TINY, logged_lines, start_cli, wait_until
 
 ENDLESS = [*TINY, "train.steps=100000"]
 
@@ -38,14 +38,8 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def wait_for_steps(metrics: Path, count: int, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
-            return
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"no {count} steps in {metrics} within {timeout} s")
+def wait_for_steps(metrics: Path, count: int, proc: subprocess.Popen) -> None:
+    wait_until(lambda: logged_lines(metrics) >= count, f"{count} steps in {metrics}", proc)
 
 
 def newest_checkpoint_step(run_dir: Path) -> int:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from ouro_train.checkpoint.optimizer_state import check_deepspeed_version
 from ouro_train.config.schema import Config
 from ouro_train.model.looplm import LoopLM
 from ouro_train.parallel.checkpointing import apply_activation_checkpointing
@@ -25,6 +26,8 @@ def parallelize(model: LoopLM, cfg: Config, layout: ParallelLayout):
     model = apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     if not layout.distributed:
         return None
+    if cfg.parallel.zero_stage > 0:
+        check_deepspeed_version()  # ZeRO's optimizer hand-off uses DeepSpeed internals of one version
     from ouro_train.parallel.engine import DeepSpeedEngine
 
     mpu = MegatronMPU() if layout.distributed else None

@@ -7,7 +7,10 @@ size loads with `load_universal`, at ZeRO 1 or 2 from ZeRO 1/2 shards, at ZeRO 3
 The conversion runs once, on rank 0, into `<checkpoint>/universal` (a cache, committed by
 rename like the checkpoint itself), so a second resume at a new size does not convert again.
 A new tensor-parallel size is refused by the manager: ds_to_universal (deepspeed 0.19.8) fails
-merging these layers' slices. The merge patterns are saved anyway, for a fixed converter.
+merging these layers' slices (and, measured, so does a same tensor-parallel size > 1 at a new
+data-parallel size, which the manager lets through). The merge patterns stay: ds_to_universal
+reads them on every conversion (at tensor parallel 1 they change nothing), and checkpoints
+written now carry them for a converter that merges megatron-core slices.
 """
 
 from __future__ import annotations
@@ -41,11 +44,6 @@ def universal_checkpoint_info(vocab_size: int) -> dict:
         "original_vocab_size": vocab_size,
         "padded_vocab_size": vocab_size,
     }
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def ensure_universal(checkpoint: Path, rank: int, trust: bool = False) -> Path:

@@ -30,8 +30,7 @@ def parallelize(model: LoopLM, cfg: Config, layout: ParallelLayout):
         check_deepspeed_version()  # ZeRO's optimizer hand-off uses DeepSpeed internals of one version
     from ouro_train.parallel.engine import DeepSpeedEngine
 
-    mpu = MegatronMPU() if layout.distributed else None
-    return DeepSpeedEngine(model.to(cfg.train.device), cfg, layout.dp, mpu)
+    return DeepSpeedEngine(model.to(cfg.train.device), cfg, layout.dp, MegatronMPU())
 
 
 __all__ = ["ParallelLayout", "destroy_parallel", "init_parallel", "parallelize"]

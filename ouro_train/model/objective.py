@@ -57,14 +57,22 @@ def exit_log_distribution(gate_logits: torch.Tensor) -> torch.Tensor:
     return log_exit_here + log_survival_before
 
 
+def loss_token_mask(
+    labels: torch.Tensor, loss_mask: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Which tokens carry loss: a label that is not `ignore_index`, inside `loss_mask` when given.
+    The one definition for the losses here and the trainer's token count that normalises them."""
+    valid = labels != ignore_index
+    if loss_mask is not None:
+        valid = valid & loss_mask.bool()
+    return valid
+
+
 def _select_loss_tokens(
     labels: torch.Tensor, loss_mask: torch.Tensor | None, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (flat indices of loss tokens, their labels). Tokens outside the loss cost nothing."""
-    valid = labels != ignore_index
-    if loss_mask is not None:
-        valid = valid & loss_mask.bool()
-    index = valid.flatten().nonzero().squeeze(1)
+    index = loss_token_mask(labels, loss_mask, ignore_index).flatten().nonzero().squeeze(1)
     return index, labels.flatten()[index]
 
 

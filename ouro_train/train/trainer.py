@@ -19,7 +19,7 @@ from torch import nn
 from ouro_train.config.schema import Config
 from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX
 from ouro_train.model.looplm import LoopLM
-from ouro_train.model.objective import LossOutput, gate_loss, looplm_loss
+from ouro_train.model.objective import LossOutput, gate_loss, looplm_loss, loss_token_mask
 from ouro_train.train.engine import Engine, LocalEngine, build_optimizer
 from ouro_train.train.guard import NONFINITE_GRAD, StabilityGuard, TrainingDiverged
 from ouro_train.train.schedules import lr_at
@@ -47,10 +47,8 @@ class Callback:
 
 
 def count_loss_tokens(batch: Batch) -> int:
-    valid = batch["labels"] != IGNORE_INDEX
-    if "loss_mask" in batch:
-        valid = valid & batch["loss_mask"].bool()
-    return int(valid.sum())
+    """Loss tokens of a batch, by the objective's own definition (`loss_token_mask`)."""
+    return int(loss_token_mask(batch["labels"], batch.get("loss_mask")).sum())
 
 
 def freeze_for_objective(model: nn.Module, kind: str) -> None:

@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-slurm demo demo-single check lint format dry-run clean
+.PHONY: setup test test-fast test-slurm demo demo-single check lint format dry-run clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests
+
+# The inner loop: unit and parity tests, less those marked slow (subprocess CLI runs, spawned
+# processes, anything over ~5 s). `make test` still runs everything.
+test-fast: setup
+	$(PY) -m pytest -q -n 2 -m "not slow" tests/unit tests/parity
 
 # launch/slurm.sbatch on a real two-node SLURM cluster started here (Debian's slurm-wlm and munge,
 # installed by apt-get when missing; root). tests/slurm/test_slurm.py, which `make test` skips.

@@ -16,6 +16,8 @@ from cli_runs import TINY, run_cli
 
 from ouro_train.train.report import read_metrics
 
+pytestmark = pytest.mark.slow  # torchrun on 1-4 processes
+
 COMMON = [*TINY, "train.steps=6", "train.global_batch_size=8", "optim.lr=3e-3", "checkpoint.every_steps=3"]
 
 

@@ -14,6 +14,8 @@ from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
 from ouro_train.parallel.testing import run_distributed
 from ouro_train.train.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # 2 spawned processes
+
 VOCAB, SEQ, ROWS, STEPS, BAD_STEP = 64, 16, 4, 5, 3
 
 

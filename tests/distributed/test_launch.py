@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from cli_runs import TINY, run_cli
 
+pytestmark = pytest.mark.slow  # torchrun on 2-3 processes
+
 # The micro-batch (4 rows on one process, 2 on each of two) comes after, and wins.
 COMMON = [*TINY, "train.steps=3"]
 

@@ -93,6 +93,7 @@ def assert_same_run(got, expected, label):
         assert norm == pytest.approx(ref_norm, rel=5e-5), f"{label} step {step + 1}: grad norm"
 
 
+@pytest.mark.slow
 def test_zero_0_to_3_with_two_ranks_match_one_process(reference):
     results = run_distributed(zero_sweep, 2)
     assert results[0] == results[1] or all(  # both ranks report the same (all-reduced) metrics
@@ -102,12 +103,14 @@ def test_zero_0_to_3_with_two_ranks_match_one_process(reference):
         assert_same_run(run, reference, label)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_2_x_data_parallel_2_on_four_processes(reference):
     results = run_distributed(train_losses, 4, 2, 1, "step")
     for rank, run in enumerate(results):
         assert_same_run(run, reference, f"tp2xdp2 rank {rank}")
 
 
+@pytest.mark.slow
 def test_tensor_and_sequence_parallel_training_matches_one_process(reference):
     # ZeRO-2 + layer checkpointing on top: the norm-gradient hooks must fire once per use.
     results = run_distributed(train_losses, 2, 2, 2, "layer", 5, True, True)
@@ -150,6 +153,7 @@ def forward_backward(model) -> dict:
     return {"loss": loss.loss.item(), "logits": logits, "grads": grads}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
 def test_tensor_parallel_forward_and_gradients_equal_single_process(sequence_parallel):
     torch.manual_seed(0)
@@ -206,6 +210,7 @@ def stop_on_one_rank() -> int:
         destroy_parallel()
 
 
+@pytest.mark.slow
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step():
     assert run_distributed(stop_on_one_rank, 2) == [2, 2]
 
@@ -252,6 +257,7 @@ def resume_once(zero: int, tp: int, tmp: str) -> tuple[list, list, dict]:
     return expected, got, load_file(saved / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_deepspeed_checkpoint_resume_continues_exactly_and_saves_full_weights(tmp_path):
     """ZeRO-1 and ZeRO-3 on DP=2, and TP=2: resume continues exactly; the consolidated weights
     (gathered from ZeRO-3 partitions / TP shards) are the full model's, equal in every layout."""

@@ -56,6 +56,7 @@ def wait_for(*paths: Path, proc: subprocess.Popen) -> None:
     wait_until(lambda: all(p.exists() for p in paths), f"all of {[p.name for p in paths]}", proc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, expected", [("75", EXIT_STOPPED), ("1", 1)])
 def test_workers_exit_codes(tmp_path, mode, expected):
     """Workers that exit 75 (stopped by a signal sent to them): 75. A worker failing: 1."""
@@ -69,6 +70,7 @@ def test_which_worker_exit_codes_mean_stopped():
     assert not stopped_by_signal([75, 1]) and not stopped_by_signal([-15]) and not stopped_by_signal([2, -15])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_signal_reaches_the_workers_and_repeats_do_not_cut_their_save_short(tmp_path, signum):
     proc = launch(tmp_path, "wait")

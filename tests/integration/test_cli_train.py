@@ -4,7 +4,10 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from cli_runs import TINY, run_cli
+
+pytestmark = pytest.mark.slow  # CLI subprocesses
 
 
 def run(program: str, *args: str, cache: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -10,6 +10,8 @@ from cli_runs import TINY, run_cli
 
 from ouro_train.train.report import read_metrics
 
+pytestmark = pytest.mark.slow  # CLI subprocesses, on 2 processes too
+
 COMMON = [*TINY, "optim.lr=3e-3"]
 CARRY = [
     "checkpoint.init_optimizer=true",

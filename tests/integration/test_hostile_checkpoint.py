@@ -14,6 +14,8 @@ import pytest
 from cli_runs import TINY, run_cli
 from hostile_pickles import hostile_pickle, replace_pickle
 
+pytestmark = pytest.mark.slow  # CLI subprocesses on 1 and 2 processes
+
 COMMON = [*TINY, "train.steps=3", "train.global_batch_size=4", "parallel.zero_stage=1"]
 STATE = Path("engine") / "state"
 

@@ -4,9 +4,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from cli_runs import TINY, run_cli
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow  # CLI subprocesses
 
 TRAIN = [*TINY, "train.steps=2"]
 

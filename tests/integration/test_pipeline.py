@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cli_runs import wait_until
 
 from ouro_train.train.report import read_metrics
 from ouro_train.train.signals import EXIT_STOPPED
+
+pytestmark = pytest.mark.slow  # the demo pipeline's CLI, every stage
 
 BIN = Path(sys.executable).parent
 SMALL = [

@@ -5,7 +5,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from cli_runs import TINY, run_cli
+
+pytestmark = pytest.mark.slow  # CLI subprocesses
 
 COMMON = [*TINY, "train.steps=8", "schedule.kind=cosine", "schedule.warmup_steps=2"]
 

@@ -2,7 +2,10 @@ import json
 import signal
 import subprocess
 
+import pytest
 from cli_runs import TINY, logged_lines, start_cli, wait_until
+
+pytestmark = pytest.mark.slow  # a CLI subprocess
 
 
 def test_sigusr1_stops_training_cleanly_at_a_step_boundary(tmp_path):

@@ -14,7 +14,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from cli_runs import TINY, logged_lines, start_cli, wait_until
+
+pytestmark = pytest.mark.slow  # CLI subprocesses and torchrun
 
 ENDLESS = [*TINY, "train.steps=100000"]
 

@@ -23,9 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 CLUSTER = os.environ.get("OURO_SLURM_CLUSTER", "")
 
-pytestmark = pytest.mark.skipif(
-    not CLUSTER, reason="needs a SLURM cluster: `make test-slurm` starts one (OURO_SLURM_CLUSTER is unset)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not CLUSTER, reason="needs a SLURM cluster: `make test-slurm` starts one (OURO_SLURM_CLUSTER is unset)"
+    ),
+    pytest.mark.slow,  # SLURM jobs
+]
 
 TINY = [
     "train.seq_len=32",

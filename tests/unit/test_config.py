@@ -53,6 +53,7 @@ def test_unknown_key_without_plus_is_rejected_by_hydra():
         compose_config(["model.hiden=64"])
 
 
+@pytest.mark.slow
 def test_cli_dry_run_prints_exact_counts_and_rejects_bad_keys(tmp_path: Path):
     cli = Path(sys.executable).with_name("ouro-train")
     out = subprocess.run(

@@ -53,6 +53,7 @@ def test_stage1_loss_by_hand():
     torch.testing.assert_close(out.exit_prob_per_step, torch.tensor(p))
 
 
+@pytest.mark.slow
 def test_stage1_loss_gradcheck_float64():
     torch.manual_seed(0)
     steps, batch, seq, hidden, vocab = 3, 2, 3, 4, 5

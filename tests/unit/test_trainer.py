@@ -30,6 +30,7 @@ def batch(seed: int, size: int = 4, seq: int = 32, masked: bool = False) -> dict
     return out
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     cfg = config(steps=120)

@@ -29,6 +29,7 @@ from ouro_train.checkpoint.store import (
     temporary_dir,
 )
 from ouro_train.checkpoint.weights import WEIGHTS, full_state_dict, save_weights
+from ouro_train.config.resolve import Resolved, resolve
 from ouro_train.config.schema import Config
 
 # Keys that may change between a save and a resume without changing what is being trained.
@@ -65,16 +66,20 @@ def flatten(config: dict, prefix: str = "") -> dict:
 BATCH_SPLIT = ("train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size")
 
 
-def training_config(cfg: Config, dp_size: int = 1) -> dict:
-    """The part of the config that defines the training itself (hashed and compared on resume)."""
+def training_config(cfg: Config, resolved: Resolved) -> dict:
+    """The part of the config that defines the training itself (hashed and compared on resume),
+    with what start-up resolved: the steps, the peak LR (a hand-off may continue the previous
+    stage's) and the sequences per optimizer step."""
     flat = flatten(dataclasses.asdict(cfg))
     flat = {k: v for k, v in flat.items() if k not in BATCH_SPLIT}
-    flat["train.global_batch_rows"] = cfg.train.global_rows(dp_size)
+    flat["train.steps"] = resolved.steps
+    flat["optim.lr"] = resolved.lr
+    flat["train.global_batch_rows"] = resolved.global_batch_rows
     return {k: v for k, v in sorted(flat.items()) if not k.startswith(RESUMABLE_CHANGES)}
 
 
-def config_hash(cfg: Config, dp_size: int = 1) -> str:
-    payload = json.dumps(training_config(cfg, dp_size), sort_keys=True, default=str)
+def config_hash(cfg: Config, resolved: Resolved) -> str:
+    payload = json.dumps(training_config(cfg, resolved), sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -175,12 +180,15 @@ def write_error(exc: Exception, tmp: Path, step: int) -> str:
 
 
 class Checkpointer:
-    def __init__(self, cfg: Config, root: Path, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, cfg: Config, root: Path, rank: int = 0, world_size: int = 1, resolved: Resolved | None = None
+    ) -> None:
         self.cfg = cfg
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
         self.dp_size = world_size // cfg.parallel.tensor_parallel
+        self.resolved = resolved or resolve(cfg, self.dp_size)
 
     def save(self, trainer, loader_state: dict | None, final: bool = False) -> Path:
         """`final`: the stage's last checkpoint, which also carries the layout-free optimizer state
@@ -245,18 +253,18 @@ class Checkpointer:
             state = {
                 "stage": self.cfg.stage_name,
                 "step": step,
-                "steps": self.cfg.train.steps,
+                "steps": self.resolved.steps,
                 "tokens": trainer.state.tokens,
                 # The learning rate the schedule gives the next step: where init_schedule=keep starts.
-                "next_lr": lr_at(step, self.cfg.optim.lr, self.cfg.train.steps, self.cfg.schedule),
+                "next_lr": lr_at(step, self.resolved.lr, self.resolved.steps, self.cfg.schedule),
                 "final": final,
                 "loader": loader_state,
                 # Healthy: no skipped (bad) step since the last accepted one; retention keeps the
                 # newest healthy checkpoint whatever keep_last says.
                 "healthy": trainer.guard.healthy,
                 "guard": trainer.guard.state_dict(),
-                "config_hash": config_hash(self.cfg, self.dp_size),
-                "config": training_config(self.cfg, self.dp_size),
+                "config_hash": config_hash(self.cfg, self.resolved),
+                "config": training_config(self.cfg, self.resolved),
                 "code_version": code_version(),
                 "world_size": self.world_size,
                 "tensor_parallel": self.cfg.parallel.tensor_parallel,
@@ -376,9 +384,9 @@ class Checkpointer:
             print(f"resumed {change} (through {universal})")
 
     def check_compatible(self, path: Path, state: dict) -> None:
-        if state.get("config_hash") == config_hash(self.cfg, self.dp_size):
+        if state.get("config_hash") == config_hash(self.cfg, self.resolved):
             return
-        saved, now = state.get("config", {}), training_config(self.cfg, self.dp_size)
+        saved, now = state.get("config", {}), training_config(self.cfg, self.resolved)
         changed = sorted(k for k in set(saved) | set(now) if str(saved.get(k)) != str(now.get(k)))
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
         raise CheckpointError(

@@ -1,264 +1,22 @@
-"""`ouro-train`: the hydra entry point. `ouro-train model=ouro_1p4b dry_run=true`, `ouro-train --config-name demo`."""
+"""`ouro-train`: the hydra entry point. `ouro-train model=ouro_1p4b dry_run=true`, `ouro-train --config-name demo`.
+
+It parses the recipe into a typed config, runs `ouro_train.train.stage.run_stage` (or `dry_run`)
+and turns the outcome into an exit status (train/signals.py); the work is all in the library.
+"""
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import asdict
-from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
-from ouro_train.config.schema import Config, ConfigError
+from ouro_train.config.schema import ConfigError
 from ouro_train.config.store import RECIPES_DIR, register_configs, to_config
-from ouro_train.model.flops import count_model
-from ouro_train.model.looplm import LoopLM
 from ouro_train.train.guard import TrainingDiverged
-from ouro_train.train.rundir import RunDirError, RunDirLock, prepare_run_dir
-from ouro_train.train.signals import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED, StopOnSignal
-
-
-def dry_run(cfg: Config) -> dict:
-    """Build the model on the meta device (no memory), print its exact size and cost, return them."""
-    with torch.device("meta"):
-        model = LoopLM(cfg.model)
-    counts = count_model(cfg.model, cfg.train.seq_len)
-    built = model.num_parameters()
-    if built != counts.total_params:  # the formula and the module tree must agree
-        raise AssertionError(f"parameter count mismatch: built {built:,}, formula {counts.total_params:,}")
-    m = cfg.model
-    print(
-        f"model {m.name}: {m.num_layers} layers x {m.recurrent_steps} recurrent steps, hidden {m.hidden_size}, "
-        f"heads {m.num_heads}/{m.num_kv_heads} (kv), head dim {m.resolved_head_dim}, "
-        f"intermediate {m.intermediate_size}, vocab {m.vocab_size}, rope theta {m.rope_theta:g}"
-    )
-    print(
-        f"parameters: {built:,} (layers {counts.layer_params:,}, embedding {counts.embedding_params:,}, "
-        f"head {counts.head_params:,})"
-    )
-    print(
-        f"FLOPs per token at seq len {cfg.train.seq_len}, all {m.recurrent_steps} steps: "
-        f"forward {counts.forward_flops_per_token / 1e9:.3f} GFLOP, "
-        f"train (3x forward) {counts.train_flops_per_token / 1e9:.3f} GFLOP"
-    )
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.train.seq_len
-    print(
-        f"batch: {tokens_per_step:,} tokens per optimizer step; {cfg.train.steps:,} steps "
-        f"= {tokens_per_step * cfg.train.steps:,} tokens"
-    )
-    return {"parameters": built, **asdict(counts)}
-
-
-def resolve_resume(resume: str, root: Path) -> Path | None:
-    from ouro_train.checkpoint.store import CheckpointError, checkpoint_problem, find_latest, is_complete
-
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return find_latest(root)
-    path = Path(resume)
-    if not is_complete(path):
-        raise CheckpointError(
-            f"checkpoint.resume={resume}: not a complete checkpoint directory (no COMPLETE "
-            "marker, train_state.json or engine/); pick one under <run_dir>/checkpoints"
-        )
-    problem = checkpoint_problem(path)
-    if problem:
-        raise CheckpointError(f"checkpoint.resume={resume}: {problem}; pick an earlier one under <run_dir>/checkpoints")
-    return path
-
-
-def written_by_deepspeed(checkpoint: Path | None) -> bool:
-    if checkpoint is None:
-        return False
-    from ouro_train.checkpoint.manager import saved_layout
-    from ouro_train.checkpoint.store import read_train_state
-
-    return saved_layout(checkpoint, read_train_state(checkpoint))[3] == "deepspeed"
-
-
-def handoff_source(cfg: Config) -> dict | None:
-    """The train state of `checkpoint.init_from` (a stage's final checkpoint or an ouro-upcycle
-    output), checked to hold what this stage's hand-off options take from it."""
-    from ouro_train.checkpoint.store import CheckpointError, read_train_state_if_any
-    from ouro_train.checkpoint.weights import WEIGHTS
-
-    if not cfg.checkpoint.init_from:
-        return None
-    path = Path(cfg.checkpoint.init_from)
-    if not (path / WEIGHTS).is_file():
-        raise CheckpointError(
-            f"checkpoint.init_from={path}: no {WEIGHTS} there; this stage starts from a previous stage's final "
-            "checkpoint (or an ouro-import / ouro-upcycle output): run that stage first or fix the path"
-        )
-    state = read_train_state_if_any(path)
-    wants = {
-        "next_lr": cfg.checkpoint.init_schedule == "keep",
-        "loader": cfg.checkpoint.init_data_position,
-    }
-    for key, wanted in wants.items():
-        if wanted and state.get(key) is None:
-            option = "init_schedule=keep" if key == "next_lr" else "init_data_position=true"
-            raise CheckpointError(
-                f"checkpoint.{option}: {path} records no {key} (weights only, e.g. an ouro-import output); "
-                f"set checkpoint.{'init_schedule=reset' if key == 'next_lr' else 'init_data_position=false'}"
-            )
-    return state
-
-
-def hand_off(cfg: Config, source: dict, trainer, train_batches) -> str:
-    """A new stage takes from the previous one what its recipe says; -> a line saying what."""
-    path = Path(cfg.checkpoint.init_from)
-    taken = ["weights"]
-    if cfg.checkpoint.init_optimizer:
-        from ouro_train.checkpoint.optimizer_state import load_optimizer_state, read_optimizer_state
-
-        load_optimizer_state(trainer.engine, read_optimizer_state(path), path)
-        taken.append("optimizer")
-    if cfg.checkpoint.init_schedule == "keep":
-        taken.append(f"learning rate {cfg.optim.lr:.3g}")
-    if cfg.checkpoint.init_data_position:
-        offsets = train_batches.continue_from(source["loader"])
-        taken.append(f"data position {offsets}")
-    return f"stage {cfg.stage_name} starts from {path}: " + ", ".join(taken)
-
-
-def train(cfg: Config) -> dict:
-    """One stage on 1 process, or on every process torchrun / srun started (same code)."""
-    from ouro_train.checkpoint.callback import CheckpointCallback
-    from ouro_train.checkpoint.manager import Checkpointer
-    from ouro_train.data.build import build_data
-    from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
-    from ouro_train.train.callbacks import ConsoleLogger, JsonlLogger
-    from ouro_train.train.report import plot_loss_per_step, truncate_metrics
-    from ouro_train.train.trainer import Trainer, freeze_for_objective
-
-    run_dir = Path(cfg.run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-    checkpoint_root = run_dir / "checkpoints"
-    resume_from = resolve_resume(cfg.checkpoint.resume, checkpoint_root)
-    # From here to the end a SIGTERM / SIGUSR1 is recorded, never fatal: in start-up the first step
-    # boundary stops the run (with a checkpoint); during the final evaluation and save the stage
-    # finishes (the signal came when nothing was left to stop).
-    signals = StopOnSignal().__enter__()
-    layout = init_parallel(cfg.parallel, cfg.model, cfg.train.device, group=written_by_deepspeed(resume_from))
-    main_rank = layout.rank == 0
-    say = print if main_rank else (lambda *a, **k: None)
-    lock = None
-    try:
-        # Rank 0 checks and locks the run directory; every rank fails alike if it cannot.
-        if main_rank:
-            try:
-                prepare_run_dir(run_dir)
-                lock = RunDirLock(run_dir).acquire()
-                refused = ""
-            except RunDirError as error:
-                refused = str(error)
-        refused = broadcast_from_rank0(refused if main_rank else None)
-        if refused:
-            raise RunDirError(refused)
-        cfg.train.resolve_accumulation(layout.dp)
-        source = handoff_source(cfg)
-        if source is not None and cfg.checkpoint.init_schedule == "keep":
-            # Before any hash: the continued LR is part of what this stage trains.
-            cfg.optim.lr = float(source["next_lr"])
-        train_batches, eval_batches = build_data(cfg, layout.dp_rank, layout.dp)
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = LoopLM(cfg.model)
-        parameters = model.num_parameters()
-        if resume_from is None and cfg.checkpoint.init_from:
-            from ouro_train.checkpoint.weights import load_into, read_weights
-
-            state, _ = read_weights(Path(cfg.checkpoint.init_from))
-            load_into(model, state, Path(cfg.checkpoint.init_from))
-            say(f"initialised weights from {cfg.checkpoint.init_from}")
-            del state
-        freeze_for_objective(model, cfg.objective.kind)
-        engine = parallelize(model, cfg, layout)
-        say(
-            f"model {cfg.model.name}: {parameters:,} parameters; data {cfg.data.source}; "
-            f"{layout.describe()}, ZeRO {cfg.parallel.zero_stage}; run dir {run_dir}"
-        )
-        trainer = Trainer(cfg, model, train_batches, eval_batches, engine=engine)
-        checkpointer = Checkpointer(cfg, checkpoint_root, layout.rank, layout.world_size)
-        loader_state = (lambda: train_batches.state_dict()) if hasattr(train_batches, "state_dict") else (lambda: None)
-        resumed = None
-        if resume_from is not None:
-            resumed = checkpointer.load(resume_from, trainer, train_batches)
-            say(f"resumed from {resume_from} at step {trainer.state.step}")
-        elif source is not None:
-            say(hand_off(cfg, source, trainer, train_batches))
-        if main_rank:
-            # Log lines of steps after the checkpoint (a run killed after it) are replaced, not doubled,
-            # and a line torn by a kill or a full disk is dropped (with a warning naming the file).
-            truncate_metrics(metrics_path, trainer.state.step)
-        if trainer.state.step >= cfg.train.steps and (resumed or {}).get("final"):
-            say(f"nothing to do: {run_dir} already trained {trainer.state.step} of {cfg.train.steps} steps")
-            return {}
-        # (At the last step without a final checkpoint, e.g. stopped during the final save, the
-        # fit below trains nothing and the final evaluation and checkpoint are made.)
-        from ouro_train.train.callbacks import Throughput, WandbLogger, peak_tflops
-
-        flops = count_model(cfg.model, cfg.train.seq_len).train_flops_per_token
-        trainer.callbacks.insert(
-            0, Throughput(flops, layout.world_size, peak_tflops(cfg.logging.peak_tflops, cfg.train.device))
-        )
-        if main_rank and cfg.logging.jsonl:
-            trainer.callbacks.append(JsonlLogger(metrics_path))
-        if main_rank and cfg.logging.wandb:
-            trainer.callbacks.append(WandbLogger(cfg, run_dir, asdict(cfg)))
-        if main_rank and cfg.logging.console:
-            trainer.callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
-        # Last: a step is in metrics.jsonl before any checkpoint holds it, so a kill between the two
-        # leaves the step logged, and the resume (from the checkpoint before) replaces that line.
-        saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
-        trainer.callbacks.append(saver)
-        final = trainer.fit(signals)
-        if trainer.stopped_by_signal is not None:
-            if cfg.checkpoint.save_on_signal:
-                saver.save(trainer)
-            say(
-                f"stopped by signal {trainer.stopped_by_signal} after step {trainer.state.step}; "
-                + (f"checkpoint in {checkpoint_root}" if cfg.checkpoint.save_on_signal else "no checkpoint written")
-                + f"; exit status {EXIT_STOPPED}: run the same command again to resume"
-            )
-            raise StoppedBySignal(trainer.stopped_by_signal)
-        if cfg.checkpoint.save_final:
-            saver.save(trainer, final=True)
-        if not main_rank:
-            return final
-        (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
-        if hasattr(train_batches, "report"):
-            report = train_batches.report()
-            (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
-            for name, seen in report.items():
-                samples, epochs = seen["samples"], seen["epochs"]
-                print(f"data {name}: {seen['tokens']:,} tokens seen ({samples:,} samples, {epochs:.3f} epochs)")
-        if cfg.logging.plot and cfg.logging.jsonl:
-            print(f"plot: {plot_loss_per_step(metrics_path, run_dir / 'loss_per_step.png')}")
-        return final
-    finally:
-        if lock is not None:
-            lock.release()
-        destroy_parallel()
-        signals.__exit__(None, None, None)
-
-
-class StoppedBySignal(Exception):
-    """The stage stopped at a step boundary on SIGTERM / SIGUSR1 (checkpoint saved): exit EXIT_STOPPED."""
-
-
-def broadcast_from_rank0(value):
-    """Rank 0's value on every rank (the value itself on a single process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+from ouro_train.train.rundir import RunDirError
+from ouro_train.train.signals import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED
+from ouro_train.train.stage import StoppedBySignal, dry_run, run_stage
 
 
 @hydra.main(config_path=str(RECIPES_DIR), config_name="config", version_base="1.3")
@@ -271,7 +29,7 @@ def _hydra_main(raw: DictConfig) -> None:
         if cfg.dry_run:
             dry_run(cfg)
         else:
-            train(cfg)
+            run_stage(cfg)
     except (ConfigError, DataError, CheckpointError, RunDirError) as error:
         # Bad input is the user's to fix: the message names the key or file; no traceback.
         print(f"error: {error}", file=sys.stderr)

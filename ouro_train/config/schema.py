@@ -254,20 +254,26 @@ class DataConfig:
         )
 
 
+# Optimizer steps of a stage that sets neither train.steps nor train.tokens.
+DEFAULT_STEPS = 100
+
+
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    # Stage length and batch in tokens, as the paper states them. When set, they define
-    # steps = tokens / global_batch_tokens (rounded up) and global_batch_size = global_batch_tokens /
-    # seq_len, replacing `steps` / `global_batch_size`.
+    # Optimizer steps of the stage. None: from `tokens` when that is set, else DEFAULT_STEPS.
+    steps: int | None = None
+    # Stage length and batch in tokens, as the paper states them. `tokens` gives the steps
+    # (tokens / global_batch_tokens, rounded up) and `global_batch_tokens` the global batch in
+    # sequences (global_batch_tokens / seq_len); each excludes its counterpart (`steps`,
+    # `global_batch_size`): set one of each pair.
     tokens: int | None = None
     global_batch_tokens: int | None = None
     # Sequences per rank per forward pass (a memory knob).
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
-    # Sequences per optimizer step over all ranks. When set, grad_accum_steps is derived from it
-    # at start-up (global / (micro_batch_size x data-parallel size)), so the same recipe trains
-    # the same batches at any world size, and a resume at another world size sees the same data.
+    # Sequences per optimizer step over all ranks. When set, the accumulation steps are derived
+    # from it at start-up (global / (micro_batch_size x data-parallel size)), so the same recipe
+    # trains the same batches at any world size, and a resume at another world size sees the same data.
     global_batch_size: int | None = None
     seq_len: int = 128
     # Autocast dtype for the forward pass; parameters and optimizer state stay fp32.
@@ -284,13 +290,26 @@ class TrainConfig:
         self.validate()
 
     def validate(self, section: str = "train") -> None:
+        """Checks the fields as written; changes nothing (what they imply: `total_steps`,
+        `global_batch_rows` and ouro_train/config/resolve.py)."""
+        _require(
+            self.tokens is None or self.steps is None,
+            f"{section}.steps",
+            f"train.tokens={self.tokens} already sets the number of steps (tokens / global_batch_tokens); "
+            "set only one of them (e.g. train.tokens=null to give train.steps)",
+        )
+        _require(
+            self.global_batch_tokens is None or self.global_batch_size is None,
+            f"{section}.global_batch_size",
+            f"train.global_batch_tokens={self.global_batch_tokens} already sets the global batch "
+            f"(global_batch_tokens / seq_len sequences); set only one of them (e.g. train.global_batch_tokens=null)",
+        )
         if self.global_batch_tokens is not None:
             _require(
                 self.global_batch_tokens >= self.seq_len and self.global_batch_tokens % self.seq_len == 0,
                 f"{section}.global_batch_tokens",
                 f"{self.global_batch_tokens} is not a whole number of sequences of seq_len {self.seq_len}",
             )
-            self.global_batch_size = self.global_batch_tokens // self.seq_len
         if self.tokens is not None:
             _require(self.tokens >= 1, f"{section}.tokens", f"must be >= 1, got {self.tokens}")
             _require(
@@ -298,8 +317,9 @@ class TrainConfig:
                 f"{section}.tokens",
                 "needs train.global_batch_tokens (the tokens per optimizer step) to give the number of steps",
             )
-            self.steps = -(-self.tokens // self.global_batch_tokens)
-        for key in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "eval_batches", "log_every"):
+        if self.steps is not None:
+            _require(self.steps >= 1, f"{section}.steps", f"must be >= 1, got {self.steps}")
+        for key in ("micro_batch_size", "grad_accum_steps", "seq_len", "eval_batches", "log_every"):
             _require(getattr(self, key) >= 1, f"{section}.{key}", f"must be >= 1, got {getattr(self, key)}")
         _require(self.eval_every >= 0, f"{section}.eval_every", f"must be >= 0, got {self.eval_every}")
         _one_of(self.precision, ("fp32", "bf16"), f"{section}.precision")
@@ -310,29 +330,20 @@ class TrainConfig:
                 f"must be >= 1, got {self.global_batch_size}",
             )
 
-    def resolve_accumulation(self, dp_size: int, section: str = "train") -> int:
-        """Set and return grad_accum_steps for `dp_size` data-parallel ranks (from global_batch_size)."""
-        if self.global_batch_size is None:
-            return self.grad_accum_steps
-        per_pass = self.micro_batch_size * dp_size
-        _require(
-            self.global_batch_size % per_pass == 0,
-            f"{section}.global_batch_size",
-            f"{self.global_batch_size} sequences do not split into {dp_size} data-parallel ranks x micro-batches of "
-            f"{self.micro_batch_size}; choose a global batch divisible by {per_pass} or change train.micro_batch_size",
-        )
-        accum = self.global_batch_size // per_pass
-        _require(
-            self.grad_accum_steps in (1, accum),
-            f"{section}.grad_accum_steps",
-            f"{self.grad_accum_steps} disagrees with global_batch_size={self.global_batch_size} at data parallel "
-            f"{dp_size} (which needs {accum}); set only one of them",
-        )
-        self.grad_accum_steps = accum
-        return accum
+    @property
+    def total_steps(self) -> int:
+        """The stage's optimizer steps: `steps`, or `tokens` / `global_batch_tokens` rounded up."""
+        if self.tokens is not None:
+            return -(-self.tokens // self.global_batch_tokens)
+        return DEFAULT_STEPS if self.steps is None else self.steps
 
-    def global_rows(self, dp_size: int) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * dp_size
+    @property
+    def global_batch_rows(self) -> int | None:
+        """Sequences per optimizer step over all ranks when the recipe fixes them (`global_batch_size`
+        or `global_batch_tokens`); None: micro_batch_size x grad_accum_steps x data-parallel size."""
+        if self.global_batch_tokens is not None:
+            return self.global_batch_tokens // self.seq_len
+        return self.global_batch_size
 
 
 @dataclass
@@ -536,7 +547,7 @@ class Config:
             "checkpoint.init_schedule=keep continues the previous stage's learning rate: set warmup_steps to 0",
         )
         _require(
-            self.schedule.warmup_steps <= self.train.steps,
+            self.schedule.warmup_steps <= self.train.total_steps,
             "schedule.warmup_steps",
-            f"warmup ({self.schedule.warmup_steps}) must not exceed train.steps ({self.train.steps})",
+            f"warmup ({self.schedule.warmup_steps}) must not exceed train.steps ({self.train.total_steps})",
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+from ouro_train.config.resolve import resolve
 from ouro_train.config.schema import Config, SourceConfig
 from ouro_train.data.loader import ShardedLoader
 from ouro_train.data.manifest import DataError
@@ -42,7 +43,6 @@ def build_data(
         train, evaluation, _ = build_demo_data(cfg, dp_rank, dp_size)
         return train, lambda: evaluation
     data, train_cfg = cfg.data, cfg.train
-    global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum_steps * dp_size
     common = dict(
         micro_batch_size=train_cfg.micro_batch_size,
         dp_rank=dp_rank,
@@ -55,7 +55,7 @@ def build_data(
     train = ShardedLoader(
         train_sources,
         [s.weight for s in data.sources],
-        global_batch_size=global_batch,
+        global_batch_size=resolve(cfg, dp_size).global_batch_rows,
         num_workers=data.num_workers,
         **common,
     )

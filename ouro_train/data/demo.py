@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ouro_train.config.resolve import resolve
 from ouro_train.config.schema import Config, ConfigError
 from ouro_train.data.demo_corpus import demo_documents, split_documents
 from ouro_train.data.tokenizer import encode_documents, load_or_train_demo_tokenizer
@@ -105,7 +106,7 @@ def build_demo_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> tuple[Ra
         cfg.train.seed,
         dp_rank=dp_rank,
         dp_size=dp_size,
-        grad_accum_steps=cfg.train.grad_accum_steps,
+        grad_accum_steps=resolve(cfg, dp_size).grad_accum_steps,
     )
     evaluation = contiguous_windows(val_tokens, cfg.train.seq_len, micro * dp_size, cfg.train.eval_batches)
     rows = slice(dp_rank * micro, (dp_rank + 1) * micro)

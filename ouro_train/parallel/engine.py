@@ -12,20 +12,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ouro_train.config.resolve import resolve
 from ouro_train.config.schema import Config
 from ouro_train.train.engine import build_optimizer
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    resolved = resolve(cfg, dp_size)
     zero: dict = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if cfg.parallel.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
     return {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
-        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size,
+        "train_micro_batch_size_per_gpu": resolved.micro_batch_size,
+        "gradient_accumulation_steps": resolved.grad_accum_steps,
+        "train_batch_size": resolved.global_batch_rows,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         # DeepSpeed checks the exact optimizer type against those it tested; ours is torch's AdamW

@@ -52,7 +52,7 @@ def write_report(spec, planned, run_dir: Path) -> Path:
         tokens = train[-1]["tokens"] if train else 0
         lines.append(
             f"| {stage.spec.name} | {cfg.model.num_layers} layers x {cfg.model.recurrent_steps} | "
-            f"{cfg.train.steps} | {tokens:,} | {cfg.train.seq_len} | {_lr_range(train, cfg)} | "
+            f"{cfg.train.total_steps} | {tokens:,} | {cfg.train.seq_len} | {_lr_range(train, cfg)} | "
             f"{cfg.objective.beta:g} | {cfg.model.rope_theta:g} | {' / '.join(f'{v:.3f}' for v in ce) or 'n/a'} | "
             f"{' / '.join(f'{v:.2f}' for v in p) or 'n/a'} | "
             f"{_source_name(stage)} |"

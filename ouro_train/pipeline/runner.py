@@ -105,7 +105,7 @@ def plan(spec: PipelineSpec, run_dir: Path, extra: list[str]) -> list[PlannedSta
                     f"steps but the upcycle stage {source.name} writes {grown.model_layers} x {grown.recurrent_steps}; "
                     "give the stage the grown model (e.g. model=ouro_2p6b)"
                 )
-        output = directory / "checkpoints" / step_name(cfg.train.steps)
+        output = directory / "checkpoints" / step_name(cfg.train.total_steps)
         planned.append(
             PlannedStage(
                 stage, directory, input_path, output, overrides, cfg, cfg.model.num_layers, cfg.model.recurrent_steps
@@ -120,7 +120,7 @@ def stage_done(stage: PlannedStage) -> bool:
     if not is_complete(stage.output):
         return False
     state = read_train_state(stage.output)
-    return bool(state.get("final")) and state.get("step") == stage.cfg.train.steps
+    return bool(state.get("final")) and state.get("step") == stage.cfg.train.total_steps
 
 
 def _human(n: float) -> str:
@@ -180,7 +180,7 @@ def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, n
             continue
         cfg = stage.cfg
         t = cfg.train
-        batch_tokens = t.global_batch_size * t.seq_len if t.global_batch_size else t.micro_batch_size * t.seq_len
+        batch_tokens = (t.global_batch_rows or t.micro_batch_size) * t.seq_len
         sched = cfg.schedule
         lr = f"{cfg.optim.lr:.3g}"
         if sched.kind != "constant":
@@ -196,10 +196,10 @@ def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, n
             (
                 stage.spec.name,
                 f"{cfg.model.name} {cfg.model.num_layers}x{cfg.model.recurrent_steps}",
-                _human(t.steps * batch_tokens),
+                _human(t.total_steps * batch_tokens),
                 _human(t.seq_len),
                 _human(batch_tokens),
-                f"{t.steps:,}",
+                f"{t.total_steps:,}",
                 lr,
                 f"{cfg.objective.beta:g}",
                 f"{cfg.model.rope_theta:g}",

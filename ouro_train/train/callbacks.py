@@ -47,7 +47,7 @@ class ConsoleLogger(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         if self.progress_bar:
-            total = trainer.cfg.train.steps
+            total = trainer.resolved.steps
             self.bar = tqdm(total=total, initial=trainer.state.step, desc="train", unit="step", dynamic_ncols=True)
 
     def on_step_end(self, trainer: Trainer, metrics: dict) -> None:

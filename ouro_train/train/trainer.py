@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ouro_train.config.resolve import Resolved, resolve
 from ouro_train.config.schema import Config
 from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX
 from ouro_train.model.looplm import LoopLM
@@ -66,16 +67,20 @@ class Trainer:
         eval_batches: Callable[[], Iterable[Batch]] | None = None,
         callbacks: list[Callback] | None = None,
         engine: Engine | None = None,
+        resolved: Resolved | None = None,
     ) -> None:
+        """`resolved`: what start-up derived (config/resolve.py); None: from `cfg` at the engine's
+        data-parallel size."""
         self.cfg = cfg
         self.device = torch.device(cfg.train.device)
         self.model = model.to(self.device)
         freeze_for_objective(self.model, cfg.objective.kind)
+        self.resolved = resolved or resolve(cfg, engine.dp_size if engine is not None else 1)
         self.engine: Engine = engine or LocalEngine(
             self.model,
             build_optimizer(self.model, cfg.optim),
             cfg.optim.grad_clip,
-            cfg.train.grad_accum_steps,
+            self.resolved.grad_accum_steps,
         )
         self.train_batches = train_batches
         self.eval_batches = eval_batches
@@ -114,14 +119,14 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics."""
         started = time.perf_counter()
-        micro_batches = [self._to_device(next(self.train_batches)) for _ in range(self.cfg.train.grad_accum_steps)]
+        micro_batches = [self._to_device(next(self.train_batches)) for _ in range(self.resolved.grad_accum_steps)]
         # Normalise by the loss tokens of the whole step on every data-parallel rank, not per
         # micro-batch: with loss masks (SFT) a mean of means would over-weight short answers.
         # The engine averages gradients over dp ranks, hence the factor dp_size.
         local_tokens = torch.tensor(float(sum(count_loss_tokens(b) for b in micro_batches)), device=self.device)
         step_tokens = float(self.engine.all_reduce_sum(local_tokens))
         scale = self.engine.dp_size / max(step_tokens, 1.0)
-        lr = lr_at(self.state.step, self.cfg.optim.lr, self.cfg.train.steps, self.cfg.schedule)
+        lr = lr_at(self.state.step, self.resolved.lr, self.resolved.steps, self.cfg.schedule)
         self.engine.set_lr(lr)
         self.engine.module.train()
         totals = None
@@ -223,7 +228,7 @@ class Trainer:
         `signals`: a StopOnSignal the caller holds (from before start-up to after the final save,
         so that no signal in those windows kills the process); by default fit holds its own."""
         cfg = self.cfg.train
-        stop = cfg.steps
+        stop = self.resolved.steps
         if cfg.max_steps_this_run is not None:
             stop = min(stop, self.state.step + cfg.max_steps_this_run)
         for callback in self.callbacks:

@@ -42,12 +42,12 @@ def logged_steps(run: Path) -> list[int]:
 
 
 def in_process(tmp: Path, run: Path, *overrides: str):
-    """The CLI's train() in this process, so that a test can stop it at an exact point."""
-    from ouro_train.cli.train import train
+    """What the CLI runs (run_stage) in this process, so that a test can stop it at an exact point."""
+    from ouro_train.train.stage import run_stage
     from ouro_train.config.store import compose_config
 
     os.environ["OURO_CACHE_DIR"] = str(tmp / "cache")
-    return train(compose_config([*COMMON, f"run_dir={run}", *overrides]))
+    return run_stage(compose_config([*COMMON, f"run_dir={run}", *overrides]))
 
 
 class Killed(BaseException):
@@ -223,7 +223,7 @@ def test_a_signal_during_start_up_or_the_final_save_is_never_fatal(tmp_path, mon
 
     import ouro_train.checkpoint.manager as manager
     import ouro_train.parallel as parallel
-    from ouro_train.cli.train import StoppedBySignal
+    from ouro_train.train.stage import StoppedBySignal
 
     real_save, real_init = manager.Checkpointer.save, parallel.init_parallel
 

@@ -40,8 +40,8 @@ def test_the_released_pipelines_follow_the_stage_table(tmp_path, pipeline):
         if pipeline == "ouro_2p6b" and name not in ("warmup", "stable1"):
             layers = 48
         assert cfg.model.num_layers == layers, name
-        assert cfg.train.seq_len == seq and cfg.train.global_batch_size * seq == batch, name
-        assert abs(cfg.train.steps * batch - tokens) <= batch, name
+        assert cfg.train.seq_len == seq and cfg.train.global_batch_rows * seq == batch, name
+        assert abs(cfg.train.total_steps * batch - tokens) <= batch, name
         assert cfg.optim.lr == lr and cfg.model.recurrent_steps == steps, name
         assert cfg.objective.beta == beta and cfg.model.rope_theta == theta, name
         assert cfg.schedule.kind == ("constant" if final is None else "cosine"), name

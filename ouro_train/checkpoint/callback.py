@@ -5,13 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import torch
-
 from ouro_train.checkpoint.manager import Checkpointer
-from ouro_train.train.trainer import Callback, Trainer
+from ouro_train.train.trainer import Callback, StepDecision, Trainer
 
 
 class CheckpointCallback(Callback):
+    # After every logger: a step is in metrics.jsonl before any checkpoint holds it, so a kill
+    # between the two leaves the step logged, and the resume (from the checkpoint before) replaces
+    # that line.
+    order = Callback.SAVE
+
     def __init__(
         self,
         checkpointer: Checkpointer,
@@ -26,14 +29,12 @@ class CheckpointCallback(Callback):
         self.last_save = time.monotonic()
         self.last_step_saved: int | None = None
 
-    def on_step_end(self, trainer: Trainer, metrics: dict) -> None:
-        due = self.every_steps > 0 and trainer.state.step % self.every_steps == 0
-        if self.every_seconds > 0:
-            # Clocks differ between ranks: save when any rank's interval has passed, all together.
-            late = time.monotonic() - self.last_save >= self.every_seconds
-            late = bool(trainer.engine.all_reduce_max(torch.tensor(float(late), device=trainer.device)) > 0)
-            due = due or late
-        if due:
+    def wants_save(self, trainer: Trainer) -> bool:
+        """This rank's clock; the trainer's step decision saves when any rank's interval has passed."""
+        return self.every_seconds > 0 and time.monotonic() - self.last_save >= self.every_seconds
+
+    def on_step_decision(self, trainer: Trainer, decision: StepDecision) -> None:
+        if decision.save or (self.every_steps > 0 and trainer.state.step % self.every_steps == 0):
             self.save(trainer)
 
     def save(self, trainer: Trainer, final: bool = False) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from tqdm import tqdm
@@ -50,14 +51,14 @@ class ConsoleLogger(Callback):
             total = trainer.resolved.steps
             self.bar = tqdm(total=total, initial=trainer.state.step, desc="train", unit="step", dynamic_ncols=True)
 
-    def on_step_end(self, trainer: Trainer, metrics: dict) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: Mapping) -> None:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
         if metrics["step"] % self.every == 0 or metrics["step"] == 1 or metrics.get("skipped"):
             self._write(format_metrics(metrics))
 
-    def on_eval_end(self, trainer: Trainer, metrics: dict) -> None:
+    def on_eval_end(self, trainer: Trainer, metrics: Mapping) -> None:
         self._write(format_metrics(metrics))
 
     def on_train_end(self, trainer: Trainer) -> None:
@@ -75,14 +76,14 @@ class JsonlLogger(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def _append(self, record: dict) -> None:
+    def _append(self, record: Mapping) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(dict(record)) + "\n")
 
-    def on_step_end(self, trainer: Trainer, metrics: dict) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: Mapping) -> None:
         self._append(metrics)
 
-    def on_eval_end(self, trainer: Trainer, metrics: dict) -> None:
+    def on_eval_end(self, trainer: Trainer, metrics: Mapping) -> None:
         self._append(metrics)
 
 
@@ -102,20 +103,20 @@ def peak_tflops(configured: float | None, device: str) -> float | None:
 
 
 class Throughput(Callback):
-    """Adds achieved TFLOP/s per device and, where the device's peak is known, MFU to the step's
-    metrics (before the loggers see them). FLOPs per token count all R recurrent steps, forward +
-    backward (3x forward; recomputation not counted), as in ouro_train/model/flops.py."""
+    """Achieved TFLOP/s per device and, where the device's peak is known, MFU: metrics derived
+    from each step's, which the loggers then see. FLOPs per token count all R recurrent steps,
+    forward + backward (3x forward; recomputation not counted), as in ouro_train/model/flops.py."""
+
+    order = Callback.METRICS
 
     def __init__(self, train_flops_per_token: float, world_size: int, peak: float | None) -> None:
         self.flops_per_token = train_flops_per_token
         self.world_size = world_size
         self.peak = peak
 
-    def on_step_end(self, trainer: Trainer, metrics: dict) -> None:
+    def step_metrics(self, trainer: Trainer, metrics: Mapping) -> dict:
         achieved = self.flops_per_token * metrics["tokens_per_s"] / self.world_size / 1e12
-        metrics["tflops_per_device"] = achieved
-        if self.peak:
-            metrics["mfu"] = achieved / self.peak
+        return {"tflops_per_device": achieved} | ({"mfu": achieved / self.peak} if self.peak else {})
 
 
 class WandbLogger(Callback):
@@ -177,11 +178,11 @@ class WandbLogger(Callback):
         except (Exception, SystemExit):  # noqa: BLE001 -- teardown re-raises the broken connection
             pass
 
-    def on_step_end(self, trainer: Trainer, metrics: dict) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: Mapping) -> None:
         record = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         self._guarded(f"log of step {metrics['step']}", lambda: self.run.log(record, step=metrics["step"]))
 
-    def on_eval_end(self, trainer: Trainer, metrics: dict) -> None:
+    def on_eval_end(self, trainer: Trainer, metrics: Mapping) -> None:
         record = {k: v for k, v in metrics.items() if k != "step"}
         self._guarded(f"log of the eval at step {metrics['step']}", lambda: self.run.log(record, step=metrics["step"]))
 

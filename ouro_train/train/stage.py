@@ -204,18 +204,16 @@ def run_stage(cfg: Config) -> dict:
         # fit below trains nothing and the final evaluation and checkpoint are made.)
         from ouro_train.train.callbacks import Throughput, WandbLogger, peak_tflops
 
+        # The trainer runs callbacks by their `order` (metrics producers, loggers, then checkpoints).
         flops = count_model(cfg.model, cfg.train.seq_len).train_flops_per_token
-        trainer.callbacks.insert(
-            0, Throughput(flops, layout.world_size, peak_tflops(cfg.logging.peak_tflops, cfg.train.device))
-        )
+        peak = peak_tflops(cfg.logging.peak_tflops, cfg.train.device)
+        trainer.callbacks.append(Throughput(flops, layout.world_size, peak))
         if main_rank and cfg.logging.jsonl:
             trainer.callbacks.append(JsonlLogger(metrics_path))
         if main_rank and cfg.logging.wandb:
             trainer.callbacks.append(WandbLogger(cfg, run_dir, asdict(cfg)))
         if main_rank and cfg.logging.console:
             trainer.callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
-        # Last: a step is in metrics.jsonl before any checkpoint holds it, so a kill between the two
-        # leaves the step logged, and the resume (from the checkpoint before) replaces that line.
         saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         trainer.callbacks.append(saver)
         final = trainer.fit(signals)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -35,16 +36,52 @@ class TrainState:
     tokens: int = 0  # input tokens consumed
 
 
+@dataclass(frozen=True)
+class StepDecision:
+    """What every rank agreed at the end of a step (one collective: Trainer._decide)."""
+
+    stop: bool  # a SIGTERM / SIGUSR1 reached some rank: every rank stops after this step
+    save: bool  # some rank's clock says a time-based checkpoint is due: every rank saves now
+
+
 class Callback:
-    """Hooks the trainer calls; override what you need. Runs on every rank: guard rank-0 work."""
+    """Hooks the trainer calls; override what you need. Runs on every rank: guard rank-0 work.
+
+    At the end of each step, in this order, each hook over the callbacks sorted by `order`:
+      1. `step_metrics`: return metrics derived from the step's (throughput, MFU...); merged in;
+      2. `on_step_end`: observe the step's metrics, read-only (loggers);
+      3. one collective decides the step (`StepDecision`), asking `wants_save` of each callback;
+      4. `on_step_decision`: act on what all ranks agreed (checkpoints).
+    So a step is logged before any checkpoint holds it, whatever order callbacks were added in.
+    The trainer also accepts objects with only some of these hooks."""
+
+    # Ties keep the order in which callbacks were given. Producers of metrics first, then loggers,
+    # then what saves (it also sees the metrics, read-only).
+    METRICS, LOG, SAVE = 0, 50, 100
+    order: int = LOG
 
     def on_train_start(self, trainer: Trainer) -> None: ...
 
-    def on_step_end(self, trainer: Trainer, metrics: dict) -> None: ...
+    def step_metrics(self, trainer: Trainer, metrics: Mapping) -> dict:
+        return {}
 
-    def on_eval_end(self, trainer: Trainer, metrics: dict) -> None: ...
+    def on_step_end(self, trainer: Trainer, metrics: Mapping) -> None: ...
+
+    def wants_save(self, trainer: Trainer) -> bool:
+        """This rank's own view that a checkpoint is due now (e.g. by its clock)."""
+        return False
+
+    def on_step_decision(self, trainer: Trainer, decision: StepDecision) -> None: ...
+
+    def on_eval_end(self, trainer: Trainer, metrics: Mapping) -> None: ...
 
     def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+def _hooks(callbacks: list, name: str) -> list[Callable]:
+    """The bound `name` hook of each callback that has one, in `order` (stable)."""
+    ordered = sorted(callbacks, key=lambda callback: getattr(callback, "order", Callback.LOG))
+    return [getattr(callback, name) for callback in ordered if hasattr(callback, name)]
 
 
 def count_loss_tokens(batch: Batch) -> int:
@@ -208,8 +245,8 @@ class Trainer:
         totals = self.engine.all_reduce_sum(torch.cat([totals, totals.new_tensor([float(num_tokens)])]))
         metrics = {f"eval/{key}": value for key, value in self._metrics(totals[:-1], float(totals[-1])).items()}
         metrics["step"] = self.state.step
-        for callback in self.callbacks:
-            callback.on_eval_end(self, metrics)
+        for hook in _hooks(self.callbacks, "on_eval_end"):
+            hook(self, MappingProxyType(metrics))
         return metrics
 
     def _padding_batch(self, batches: list[Batch]) -> Batch:
@@ -231,8 +268,8 @@ class Trainer:
         stop = self.resolved.steps
         if cfg.max_steps_this_run is not None:
             stop = min(stop, self.state.step + cfg.max_steps_this_run)
-        for callback in self.callbacks:
-            callback.on_train_start(self)
+        for hook in _hooks(self.callbacks, "on_train_start"):
+            hook(self)
         self.stopped_by_signal: int | None = None
         with StopOnSignal() if signals is None else contextlib.nullcontext(signals) as signals:
             while self.state.step < stop:
@@ -243,22 +280,36 @@ class Trainer:
                 except TrainingDiverged as error:
                     diverged = error
                 metrics |= self.guard.metrics()
-                for callback in self.callbacks:
-                    callback.on_step_end(self, metrics)
+                for hook in _hooks(self.callbacks, "step_metrics"):
+                    metrics |= hook(self, MappingProxyType(metrics))
+                for hook in _hooks(self.callbacks, "on_step_end"):
+                    hook(self, MappingProxyType(metrics))
                 if diverged is not None:  # after every callback saw the step; no final evaluation or save
-                    for callback in self.callbacks:
-                        callback.on_train_end(self)
+                    for hook in _hooks(self.callbacks, "on_train_end"):
+                        hook(self)
                     raise diverged
-                if self._any_rank(signals.requested is not None):
+                decision = self._decide(signals)
+                for hook in _hooks(self.callbacks, "on_step_decision"):
+                    hook(self, decision)
+                if decision.stop:
                     self.stopped_by_signal = signals.requested or -1
                     break
                 if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.state.step < stop:
                     self.evaluate()
         final = self.evaluate() if self.stopped_by_signal is None else {}
-        for callback in self.callbacks:
-            callback.on_train_end(self)
+        for hook in _hooks(self.callbacks, "on_train_end"):
+            hook(self)
         return final
 
-    def _any_rank(self, flag: bool) -> bool:
-        """One rank's signal stops all of them at the same step (else collectives would hang)."""
-        return bool(self.engine.all_reduce_max(torch.tensor(float(flag), device=self.device)) > 0)
+    def _decide(self, signals: StopOnSignal) -> StepDecision:
+        """What all ranks must agree on at a step boundary, in one all-reduce (max) of two numbers:
+        whether any rank received SIGTERM / SIGUSR1 (all stop after this same step, else the next
+        collective would hang) and whether any rank's clock says a time-based checkpoint is due
+        (clocks differ between ranks; saving is collective). One small collective per step instead
+        of one per question: each is a launch, a round trip and a host sync (tens of µs on NCCL,
+        more on gloo), on the critical path of every step. The step's other collectives are its
+        arithmetic (the loss-token count before backward, the loss totals before the update)."""
+        wants_save = any(hook(self) for hook in _hooks(self.callbacks, "wants_save"))
+        flags = torch.tensor([float(signals.requested is not None), float(wants_save)], device=self.device)
+        stop, save = (value > 0 for value in self.engine.all_reduce_max(flags).tolist())
+        return StepDecision(stop=stop, save=save)

@@ -361,12 +361,15 @@ class Checkpointer:
                 "with zero_stage >= 1 from a ZeRO checkpoint, or start from its weights with "
                 f"checkpoint.init_from={path}"
             )
-        if saved[1] != now[1]:
-            # ds_to_universal (deepspeed 0.19.8) fails merging these megatron-core slices; the weights
-            # are consolidated in every checkpoint, so a new tensor-parallel size can start from them.
+        if saved[1] > 1 or now[1] > 1:
+            # ds_to_universal (deepspeed 0.19.8) fails on megatron-core's tensor-parallel slices, at
+            # another TP size and also at the same TP size with another data-parallel size (4 -> 2
+            # processes at TP 2 under ZeRO-1: "'NoneType' object has no attribute 'float'"); the weights
+            # are consolidated in every checkpoint, so another layout can start from them.
             raise CheckpointError(
-                f"{change}; the optimizer state resumes at another data-parallel size but not at another "
-                f"tensor-parallel size: keep parallel.tensor_parallel={saved[1]}, or start from its weights with "
+                f"{change}; with tensor parallelism the optimizer state resumes only at the layout that saved it "
+                f"(DeepSpeed's universal conversion does not handle tensor-parallel shards): relaunch with "
+                f"{saved[0]} processes and parallel.tensor_parallel={saved[1]}, or start from its weights with "
                 f"checkpoint.init_from={path} (fresh optimizer)"
             )
         if (saved[2] == 3) != (now[2] == 3):

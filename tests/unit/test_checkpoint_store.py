@@ -91,6 +91,7 @@ def test_retention_never_deletes_the_newest_healthy_checkpoint(tmp_path):
     [
         ((1, 1, 0, "local"), (2, 1, 1, "deepspeed"), "single-process engine"),
         ((2, 2, 1, "deepspeed"), (2, 1, 1, "deepspeed"), "tensor_parallel=2"),
+        ((4, 2, 1, "deepspeed"), (2, 2, 1, "deepspeed"), "relaunch with 4 processes and parallel.tensor_parallel=2"),
         ((2, 1, 3, "deepspeed"), (4, 1, 1, "deepspeed"), "ZeRO-3 optimizer shards convert only to ZeRO-3"),
         ((2, 1, 0, "deepspeed"), (4, 1, 1, "deepspeed"), "only ZeRO 1/2/3 optimizer shards convert"),
     ],

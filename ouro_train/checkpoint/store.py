@@ -24,7 +24,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from ouro_train.utils.atomic import atomic_write_text, fsync_dir
+from ouro_train.utils.atomic import atomic_write_text, fsync_dir, is_temporary
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,6 @@ def commit(root: Path, tmp: Path, step: int) -> Path:
     atomic_write_text(root / LATEST, step_name(step), durable=True)
     shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Remove what an atomic write of `path` (utils/atomic.py) left beside it when it was killed
-    mid-way. Only for a path that one process at a time writes (rank 0 of the run holding the lock)."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
 
 
 def is_complete(path: Path) -> bool:
@@ -116,7 +106,13 @@ def checkpoint_problem(path: Path) -> str | None:
         int(state["step"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{path / TRAIN_STATE} is unreadable ({type(error).__name__}: {error})"
-    files = [f for f in path.rglob("*") if f.is_file() and "universal" not in f.relative_to(path).parts]
+    # The universal-conversion cache and a conversion's leftover temporary (killed mid-way) are
+    # derived data, rebuilt on demand: not part of the checkpoint.
+    files = [
+        f
+        for f in path.rglob("*")
+        if f.is_file() and not any(part == "universal" or is_temporary(part) for part in f.relative_to(path).parts)
+    ]
     for file in files:
         problem = None
         if file.suffix == ".pt":

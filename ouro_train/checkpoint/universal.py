@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ouro_train.checkpoint.store import CheckpointError, remove_stale_temporaries
-from ouro_train.utils.atomic import atomic_path
+from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.utils.atomic import atomic_path, remove_stale_temporaries
 
 UNIVERSAL_DIR = "universal"
 TAG = "state"

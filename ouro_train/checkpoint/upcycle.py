@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from ouro_train.checkpoint.optimizer_state import OPTIMIZER, read_optimizer_state, save_optimizer_state
-from ouro_train.checkpoint.store import TRAIN_STATE, read_train_state_if_any, remove_stale_temporaries
+from ouro_train.checkpoint.store import TRAIN_STATE, read_train_state_if_any
 from ouro_train.checkpoint.weights import WEIGHTS, save_weights
 from ouro_train.config.schema import ModelConfig
-from ouro_train.utils.atomic import atomic_path
+from ouro_train.utils.atomic import atomic_path, remove_stale_temporaries
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 

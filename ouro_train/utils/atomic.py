@@ -32,6 +32,22 @@ def temporary_sibling(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file or directory name is one `temporary_sibling` gives."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Remove what an atomic write of `path` left beside it when it was killed mid-way. Only for a
+    path that one process at a time writes (e.g. rank 0 of the run holding the run-directory lock)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """Yields a temporary path beside `path`; write a file or a directory there. On leaving the

@@ -37,3 +37,16 @@ def test_directory_replaces_an_existing_one(tmp_path):
         raise RuntimeError("disk full")
     assert [p.name for p in target.iterdir()] == ["weights"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_stale_temporaries_of_one_target_are_removed_and_recognised(tmp_path):
+    from ouro_train.utils.atomic import is_temporary, remove_stale_temporaries, temporary_sibling
+
+    target = tmp_path / "universal"
+    left = temporary_sibling(target)
+    (left / "zero").mkdir(parents=True)
+    other = temporary_sibling(tmp_path / "latest")
+    other.write_text("x")
+    assert is_temporary(left.name) and not is_temporary(target.name)
+    remove_stale_temporaries(target)
+    assert not left.exists() and other.exists()  # only the target's own leftovers

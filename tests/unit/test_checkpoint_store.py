@@ -103,3 +103,13 @@ def test_resume_at_an_unsupported_layout_names_the_way_out(tmp_path, saved, now,
     with pytest.raises(CheckpointError, match=message) as error:
         Checkpointer(Config(), tmp_path)._load_elsewhere(tmp_path, None, saved, now)
     assert "checkpoint.init_from" in str(error.value)
+
+
+def test_a_killed_universal_conversion_leaves_the_checkpoint_usable(tmp_path):
+    from ouro_train.utils.atomic import temporary_sibling
+
+    newest = fake_save(tmp_path, 7)
+    leftover = temporary_sibling(newest / "universal") / "state"
+    leftover.mkdir(parents=True)
+    (leftover / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 truncated")  # killed mid-write
+    assert find_latest(tmp_path) == newest

@@ -38,8 +38,8 @@ def test_interrupted_run_resumes_bitwise_and_skips_when_done(tmp_path):
 
 def test_broken_newest_checkpoint_falls_back_and_config_change_is_refused(tmp_path):
     run = tmp_path / "run"
-    ouro_train(tmp_path, f"run_dir={run}", "train.max_steps_this_run=2")
-    ouro_train(tmp_path, f"run_dir={run}", "train.max_steps_this_run=2")  # steps 3-4
+    # Checkpoints at steps 2 and 4 from one launch (checkpoint.* may change on resume).
+    ouro_train(tmp_path, f"run_dir={run}", "train.max_steps_this_run=4", "checkpoint.every_steps=2")
     checkpoints = run / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_00000004"
     # A save killed before its commit leaves only a temporary directory: never picked up.

@@ -33,7 +33,7 @@ def batch(seed: int, size: int = 4, seq: int = 32, masked: bool = False) -> dict
 @pytest.mark.slow
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    cfg = config(steps=120)
+    cfg = config(steps=60)  # the loss falls below a tenth of the first at step 41
     fixed = batch(0)
     trainer = Trainer(cfg, LoopLM(cfg.model), itertools.repeat(fixed))
     first = trainer.train_step()

@@ -6,35 +6,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import TINY, run_cli, start_cli
 from safetensors.torch import load_file
 
 from ouro_train.train.report import read_metrics
 
-BIN = Path(sys.executable).parent
-COMMON = [
-    "train.micro_batch_size=2",
-    "train.seq_len=32",
-    "train.eval_batches=1",
-    "model.vocab_size=512",
-    "data.tokenizer_vocab_size=512",
-    "logging.progress_bar=false",
-    "logging.wandb=false",
-    "schedule.warmup_steps=1",
-]
-
-
-def env(tmp: Path) -> dict:
-    return os.environ | {"OURO_CACHE_DIR": str(tmp / "cache"), "WANDB_MODE": "offline"}
+COMMON = [*TINY, "logging.wandb=false", "schedule.warmup_steps=1"]
+# A learning rate at which the run diverges, a checkpoint after every step, only one kept.
+DIVERGING = ["train.steps=40", "optim.lr=1e6", "checkpoint.every_steps=1", "checkpoint.keep_last=1"]
 
 
 def ouro_train(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ouro-train"), *COMMON, *args], capture_output=True, text=True, env=env(tmp))
+    return run_cli(tmp, *COMMON, *args, check=False)
 
 
 def logged_steps(run: Path) -> list[int]:
@@ -43,8 +31,8 @@ def logged_steps(run: Path) -> list[int]:
 
 def in_process(tmp: Path, run: Path, *overrides: str):
     """What the CLI runs (run_stage) in this process, so that a test can stop it at an exact point."""
-    from ouro_train.train.stage import run_stage
     from ouro_train.config.store import compose_config
+    from ouro_train.train.stage import run_stage
 
     os.environ["OURO_CACHE_DIR"] = str(tmp / "cache")
     return run_stage(compose_config([*COMMON, f"run_dir={run}", *overrides]))
@@ -93,8 +81,8 @@ def test_a_torn_metrics_line_is_dropped_with_a_warning_and_the_run_resumes(tmp_p
 
 def test_signal_stop_exits_75_and_a_second_writer_is_refused(tmp_path):
     run = tmp_path / "run"
-    cmd = [str(BIN / "ouro-train"), *COMMON, f"run_dir={run}", "train.steps=5000"]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path))
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    first = start_cli(tmp_path, *COMMON, f"run_dir={run}", "train.steps=5000", **pipes)
     try:
         metrics = run / "metrics.jsonl"
         deadline = time.monotonic() + 120
@@ -134,15 +122,7 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
 
 def test_a_diverging_run_stops_with_status_3_and_keeps_its_last_finite_checkpoint(tmp_path):
     run = tmp_path / "run"
-    out = ouro_train(
-        tmp_path,
-        f"run_dir={run}",
-        "train.steps=40",
-        "optim.lr=1e6",
-        "checkpoint.every_steps=1",
-        "checkpoint.keep_last=1",
-        "guard.max_consecutive_bad=4",
-    )
+    out = ouro_train(tmp_path, f"run_dir={run}", *DIVERGING, "guard.max_consecutive_bad=4")
     assert out.returncode == 3, out.stderr[-2000:]
     assert "training diverged: 4 bad steps in a row" in out.stderr and "Traceback" not in out.stderr
     records = read_metrics(run / "metrics.jsonl")[0]
@@ -158,14 +138,7 @@ def test_a_diverging_run_stops_with_status_3_and_keeps_its_last_finite_checkpoin
     # The counters survive a resume (here with a more patient guard: guard.* may change on resume).
     saved = states[-1]["guard"]["counts"]
     again = ouro_train(
-        tmp_path,
-        f"run_dir={run}",
-        "train.steps=40",
-        "optim.lr=1e6",
-        "checkpoint.every_steps=1",
-        "checkpoint.keep_last=1",
-        "guard.max_consecutive_bad=100",
-        "train.max_steps_this_run=1",
+        tmp_path, f"run_dir={run}", *DIVERGING, "guard.max_consecutive_bad=100", "train.max_steps_this_run=1"
     )
     assert again.returncode == 0, again.stderr[-2000:]
     resumed = read_metrics(run / "metrics.jsonl")[0][-1]

@@ -6,12 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import TINY, run_cli, start_cli
+from cli_runs import TINY, logged_lines, run_cli, start_cli, wait_until
 from safetensors.torch import load_file
 
 from ouro_train.train.report import read_metrics
@@ -84,10 +83,7 @@ def test_signal_stop_exits_75_and_a_second_writer_is_refused(tmp_path):
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     first = start_cli(tmp_path, *COMMON, f"run_dir={run}", "train.steps=5000", **pipes)
     try:
-        metrics = run / "metrics.jsonl"
-        deadline = time.monotonic() + 120
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: logged_lines(run / "metrics.jsonl") >= 2, "2 logged steps", first)
         second = ouro_train(tmp_path, f"run_dir={run}", "train.steps=5000")
         assert second.returncode == 2
         assert f"in use by another run (pid {first.pid} on " in second.stderr and "run.lock" in second.stderr

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from ouro_train.train.report import read_metrics
 
+pytestmark = pytest.mark.slow  # CLI subprocesses and whole training runs in process
+
 COMMON = [*TINY, "logging.wandb=false", "schedule.warmup_steps=1"]
 # A learning rate at which the run diverges, a checkpoint after every step, only one kept.
 DIVERGING = ["train.steps=40", "optim.lr=1e6", "checkpoint.every_steps=1", "checkpoint.keep_last=1"]

@@ -17,6 +17,7 @@ import torch
 from ouro_train.pipeline import runner
 from ouro_train.pipeline.spec import load_pipeline
 from ouro_train.train.signals import EXIT_STOPPED
+from ouro_train.utils.atomic import is_temporary
 
 STAGES = ["warmup", "stable1", "upcycle", "stable2", "ct_anneal", "longct", "midtrain", "sft"]
 
@@ -135,7 +136,8 @@ def test_sigterm_during_the_upcycle_finishes_it_and_starts_no_further_stage(pipe
     assert seen == {"partial output visible": False}
     assert stages.launched == ["warmup", "stable1"]  # stable2 did not start
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "optimizer.safetensors", "train_state.json"]
-    assert not list(pipeline.run_dir.glob(".tmp-*"))  # complete, committed by its rename
+    # complete, committed by its rename: no temporary of the atomic write (utils/atomic.py) is left
+    assert not [p for p in pipeline.run_dir.iterdir() if is_temporary(p.name)]
     assert "stopped by signal 15 (SIGTERM) during upcycle (its output is complete)" in capsys.readouterr().out
 
     monkeypatch.setattr(upcycle, "save_optimizer_state", real_save)

@@ -1,5 +1,6 @@
 """ouro-train: a PyTorch framework for looped language models (see README.md)."""
 
+import logging
 import warnings
 
 # megatron-core warns at import, once per module, that Transformer Engine and Apex are not
@@ -13,3 +14,7 @@ warnings.filterwarnings(
     category=UserWarning,
     module=r"megatron",
 )
+# Its Megatron-FSDP modules (imported with megatron.core.distributed, which we do not use) also
+# log at INFO that they run without Transformer Engine and detected Megatron Core: three more
+# lines per stage, since hydra sends INFO to the console. Only that subpackage is raised to WARNING.
+logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.WARNING)

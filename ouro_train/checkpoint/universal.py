@@ -19,8 +19,11 @@ import argparse
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ouro_train.checkpoint.store import CheckpointError
@@ -112,9 +115,28 @@ def _convert(source: Path, output: Path, trust: bool = False, workers: int | Non
         strict=True,
         inject_missing_state=False,
     )
-    if trust:
-        ds_to_universal(args)
+    with _one_thread_while_forking(workers > 1):
+        if trust:
+            ds_to_universal(args)
+            return
+        verify_engine_files(source)
+        with restricted_loads(source):
+            ds_to_universal(args)
+
+
+@contextmanager
+def _one_thread_while_forking(forking: bool) -> Iterator[None]:
+    """GNU OpenMP's thread pool does not survive fork: a process that has run a multi-threaded torch
+    op (any trainer has) and then forks gives children that wait forever in their first parallel
+    op (ds_to_universal's workers: a tensor clone). With one thread set in this process for the
+    conversion, the forked workers inherit it and never enter OpenMP; torch's DataLoader workers
+    set one thread for the same reason. The conversion itself is file reading and writing."""
+    if not forking:
+        yield
         return
-    verify_engine_files(source)
-    with restricted_loads(source):
-        ds_to_universal(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -82,6 +82,45 @@ def test_the_restricted_conversion_of_the_benign_original_in_forked_workers(save
     assert (tmp_path / "universal" / "zero" / "optimizer_state.pt").is_file()
 
 
+FORK_AFTER_OPENMP = """
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(2)
+(torch.randn(4_000_000) * 2).sum()  # a parallel region: OpenMP's thread pool exists in this process now
+from ouro_train.checkpoint import universal
+
+universal._convert(Path(sys.argv[1]), Path(sys.argv[2]), workers=2)
+print("converted")
+"""
+
+
+def test_forked_conversion_workers_do_not_hang_after_the_parent_used_openmp_threads(saved, tmp_path):
+    """A trainer has run multi-threaded torch ops before it converts: GNU OpenMP's thread pool does
+    not survive fork, and a forked worker's first parallel op (a tensor clone) waited forever."""
+    import os
+    import signal
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORK_AFTER_OPENMP, str(saved / STATE), str(tmp_path / "universal")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the conversion's forked workers hung (fork after OpenMP threads ran)")
+    assert proc.returncode == 0 and "converted" in out, err[-3000:]
+
+
 @pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"])
 def test_the_conversion_itself_is_weights_only_in_its_workers(saved, tmp_path, monkeypatch, name):
     """A file replaced after the check (the check skipped here) is still refused, also in the

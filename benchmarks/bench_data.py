@@ -26,8 +26,8 @@ import numpy as np
 
 
 def make_shards(directory: Path, total_tokens: int, vocab: int = 49152, seed: int = 0) -> None:
-    from data_tools.tokenize import _write_shard
     from ouro_train.data.manifest import Manifest, TokenizerInfo
+    from ouro_train.data.tokenize import _write_shard
 
     rng = np.random.default_rng(seed)
     shards, docs, count = [], [], 0
@@ -69,7 +69,7 @@ def tokenize_worker(mode: str, corpus: Path, tokenizer: Path, out: Path) -> dict
         # A fixed per-process cost (webdataset imports torch): measured apart from throughput.
         import webdataset  # noqa: F401
 
-        import data_tools.tokenize  # noqa: F401
+        import ouro_train.data.tokenize  # noqa: F401
     import_seconds = time.perf_counter() - imported
     start = time.perf_counter()
     if mode == "baseline":
@@ -78,7 +78,7 @@ def tokenize_worker(mode: str, corpus: Path, tokenizer: Path, out: Path) -> dict
         for i in range(0, len(texts), 512):
             count += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 512], add_special_tokens=False))
     else:
-        from data_tools.tokenize import TokenizeOptions, tokenize
+        from ouro_train.data.tokenize import TokenizeOptions, tokenize
 
         manifest = tokenize([str(corpus)], TokenizeOptions("bench", str(tokenizer), str(out)), progress=False)
         count = manifest.tokens
@@ -118,8 +118,8 @@ def main() -> None:
             f"(runs: {', '.join(f'{r / 1e6:.2f}M' for r in rates)}; target >= 2M)"
         )
 
-        from data_tools.demo_corpus import demo_documents
-        from data_tools.tokenizer import save_tokenizer, train_bpe_tokenizer
+        from ouro_train.data.demo_corpus import demo_documents
+        from ouro_train.data.tokenizer import save_tokenizer, train_bpe_tokenizer
 
         docs = demo_documents()
         tokenizer = save_tokenizer(train_bpe_tokenizer(docs, 8192), tmp / "tok.json")

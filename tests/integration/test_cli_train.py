@@ -56,7 +56,7 @@ def test_shards_to_training(tmp_path):
     tok = tmp_path / "tok.json"
     run("ouro-data", "train-tokenizer", "--out", str(tok), "--vocab-size", "400", cache=tmp_path)
     corpus = tmp_path / "corpus.jsonl"
-    from data_tools.demo_corpus import demo_documents
+    from ouro_train.data.demo_corpus import demo_documents
 
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in demo_documents()[:20]))
     run(

@@ -49,7 +49,7 @@ def submit_dir(tmp_path_factory) -> Path:
     cache = path / "cache"
     # The demo tokenizer, trained once here rather than by several jobs at the same moment.
     env = os.environ | {"OURO_CACHE_DIR": str(cache)}
-    code = "from data_tools.tokenizer import load_or_train_demo_tokenizer as f; f(512)"
+    code = "from ouro_train.data.tokenizer import load_or_train_demo_tokenizer as f; f(512)"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=ROOT)
     return path
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.tokenize import TokenizeOptions, tokenize
 from ouro_train.data.loader import LoaderState, ShardedLoader
 from ouro_train.data.manifest import DataError, file_sha256, load_manifest
 from ouro_train.data.mixture import Mixture
 from ouro_train.data.source import ShardReader, TokenSource
+from ouro_train.data.tokenize import TokenizeOptions, tokenize
 
 WORDS = "alpha beta gamma delta loop model token step exit gate layer norm héllo wörld 数据".split()
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from data_tools.cli import main as ouro_data
-from data_tools.demo_corpus import corpus_fingerprint, demo_documents, split_documents
-from data_tools.tokenizer import (
+from ouro_train.data.demo_corpus import corpus_fingerprint, demo_documents, split_documents
+from ouro_train.data.tokenizer import (
     EOS_ID,
     IM_END_ID,
     IM_START_ID,

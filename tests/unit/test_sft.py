@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 
 from data_tools.cli import main as ouro_data
-from data_tools.demo_corpus import demo_documents
-from data_tools.sft import ChatTokens, render_conversation, special_ids
-from data_tools.tokenizer import save_tokenizer, train_bpe_tokenizer
+from ouro_train.data.demo_corpus import demo_documents
 from ouro_train.data.loader import ShardedLoader
 from ouro_train.data.manifest import DataError, load_manifest
+from ouro_train.data.sft import ChatTokens, render_conversation, special_ids
 from ouro_train.data.source import TokenSource
+from ouro_train.data.tokenizer import save_tokenizer, train_bpe_tokenizer
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

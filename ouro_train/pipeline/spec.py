@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf, SCMode
 from omegaconf.errors import OmegaConfBaseException
 
@@ -109,6 +110,8 @@ def load_pipeline(name: str) -> PipelineSpec:
         spec = PipelineSpec(**fields, stages=stages)  # type: ignore[arg-type]
     except OmegaConfBaseException as error:
         raise ConfigError(f"{path}: {error}".splitlines()[0] + f" ({type(error).__name__})") from error
+    except yaml.YAMLError as error:  # not YAML at all: the parser names the line and column
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from error
     spec.validate(str(path))
     return spec
 

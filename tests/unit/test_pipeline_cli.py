@@ -64,3 +64,13 @@ def test_recipe_interpolations_and_the_old_template(tmp_path):
     recipe.write_text("name: p\noverrides: ['data_root=${nope}/data']\nstages: [{name: a}]\n")
     with pytest.raises(ConfigError, match="pipeline p: overrides.*nope"):
         plan(load_pipeline(str(recipe)), tmp_path, [])
+
+
+def test_a_recipe_that_is_not_yaml_fails_naming_the_file_and_line(tmp_path, capsys):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("name: p\nstages: [{name: a}\n")  # unclosed bracket
+    with pytest.raises(ConfigError, match=rf"{recipe}: not valid YAML: .*line 2"):
+        load_pipeline(str(recipe))
+    assert main([f"pipeline={recipe}", "dry_run=true"]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and "Traceback" not in err

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ouro_train.kernels.attention import BACKENDS as ATTENTION_BACKENDS
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and what to do."""
@@ -43,7 +45,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     max_position_embeddings: int = 65536
-    # Attention backend: `sdpa` (torch scaled_dot_product_attention; CPU and GPU).
+    # Attention backend (ouro_train/kernels/attention.py), the same semantics on packed rows:
+    # `sdpa` (torch; CPU and GPU; packed rows one document segment at a time), `flex` (torch
+    # flex_attention with a document-causal BlockMask; trains on CUDA, forward only on CPU), `flash`
+    # (flash-attn varlen; CUDA, bf16, the `.[gpu]` extra). None builds an S x S mask.
     attention: str = "sdpa"
 
     def __post_init__(self) -> None:
@@ -91,7 +96,7 @@ class ModelConfig:
         _require(self.rope_theta > 0, f"{section}.rope_theta", f"must be > 0, got {self.rope_theta}")
         _require(self.norm_eps > 0, f"{section}.norm_eps", f"must be > 0, got {self.norm_eps}")
         _require(self.init_std > 0, f"{section}.init_std", f"must be > 0, got {self.init_std}")
-        _one_of(self.attention, ("sdpa",), f"{section}.attention")
+        _one_of(self.attention, ATTENTION_BACKENDS, f"{section}.attention")
 
 
 @dataclass
@@ -365,6 +370,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Process-group backend: `auto` is nccl on CUDA, gloo on CPU.
     backend: str = "auto"
+    # torch.compile each decoder layer (it runs L x R times per forward: one compiled unit reused by
+    # every layer and recurrent step). On in the GPU pipelines; not with ZeRO-3, whose parameter
+    # hooks run inside every layer call.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -378,6 +387,12 @@ class ParallelConfig:
             not self.sequence_parallel or self.tensor_parallel > 1,
             f"{section}.sequence_parallel",
             "sequence parallelism splits the sequence over the tensor-parallel group: set tensor_parallel > 1",
+        )
+        _require(
+            not (self.compile and self.zero_stage == 3),
+            f"{section}.compile",
+            "compiling the layers is not supported with zero_stage=3 (DeepSpeed gathers parameters in hooks "
+            "inside each layer call); set parallel.compile=false or use zero_stage <= 2",
         )
         _require(
             not self.cpu_offload or self.zero_stage >= 1,

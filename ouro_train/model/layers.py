@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ouro_train.config.schema import ModelConfig
-from ouro_train.kernels.attention import attention
+from ouro_train.kernels.attention import AttentionPlan, attention
 from ouro_train.kernels.linear_cross_entropy import linear_cross_entropy
 
 
@@ -39,9 +39,23 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        self.head_dim, self.theta = head_dim, theta
         # Non-persistent: derived from config, so a stage may change rope theta freely.
-        self.register_buffer("inv_freq", 1.0 / (theta**exponent), persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None) -> torch.Tensor:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.theta**exponent)
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(torch.bfloat16)` / `.half()` would round inv_freq (0.2 rad off at position 1,000, 6.6 rad
+        # at 32,000 in bf16), and `to_empty` (meta-device start-up) would leave it uninitialised:
+        # after any conversion it is recomputed in fp32 on the buffer's new device.
+        super()._apply(fn, recurse)
+        device = self.inv_freq.device
+        if device.type != "meta":
+            self.inv_freq = self._inv_freq(device)
+        return self
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,21 +84,20 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.resolved_head_dim
-        self.backend = cfg.attention
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, N, S, D)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, K, S, D)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, K, S, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, backend=self.backend, doc_ids=doc_ids)  # (B, N, S, D)
+        out = attention(q, k, v, plan)  # (B, N, S, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -116,9 +129,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None = None
     ) -> torch.Tensor:
-        x = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), cos, sin, doc_ids))
+        x = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), cos, sin, plan))
         x = x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
         return x
 

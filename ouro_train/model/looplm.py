@@ -15,9 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ouro_train.config.schema import ModelConfig
+from ouro_train.kernels.attention import AttentionPlan, plan_attention
 from ouro_train.model.layers import DecoderLayer, LMHead, RMSNorm, RotaryEmbedding
 
 
@@ -30,6 +32,16 @@ class LoopOutput:
     gate_logits: torch.Tensor
 
 
+class ExitGate(nn.Linear):
+    """Linear(H -> 1, bias) computed in fp32 whatever the parameters' dtype: lambda_t feeds a product
+    of R-1 survival terms and log p, where bf16's 3 significant digits are too few. fp32 weights
+    are used as they are; bf16 ones (a model cast with `.to(torch.bfloat16)`) are upcast here."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(h.float(), self.weight.float(), bias)
+
+
 class LoopTrunk(nn.Module):
     """Everything but the LM head. Named `model` inside LoopLM so that keys read
     `model.layers.0...` exactly as in the released checkpoints."""
@@ -39,7 +51,7 @@ class LoopTrunk(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.early_exit_gate = nn.Linear(cfg.hidden_size, 1, bias=True)
+        self.early_exit_gate = ExitGate(cfg.hidden_size, 1, bias=True)
         self.rotary_emb = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
 
 
@@ -70,7 +82,7 @@ class LoopLM(nn.Module):
         recurrent_steps: int | None = None,
     ) -> LoopOutput:
         """input_ids: (B, S). position_ids: (B, S), default 0..S-1 (restart them per document for
-        packed data). doc_ids: (B, S), restricts attention to the same document.
+        packed data). doc_ids: (B, S), restricts attention to the same document (a run of equal ids).
         recurrent_steps: override R (evaluation at fewer or more loops)."""
         steps = self.config.recurrent_steps if recurrent_steps is None else recurrent_steps
         if steps < 1:
@@ -80,10 +92,12 @@ class LoopLM(nn.Module):
         trunk = self.model
         h = trunk.embed_tokens(input_ids)  # (B, S, H)
         cos, sin = trunk.rotary_emb(position_ids)  # (B, S, D) fp32, shared by every step
+        # The documents in the form the attention backend takes, once for all L x R attention calls.
+        plan = plan_attention(self.config.attention, *input_ids.shape, doc_ids, device=input_ids.device)
         hidden_states: list[torch.Tensor] = []
         gate_logits: list[torch.Tensor] = []
         for _ in range(steps):
-            h = self.recurrent_step(h, cos, sin, doc_ids)
+            h = self.recurrent_step(h, cos, sin, plan)
             out = self.readout(h)
             hidden_states.append(out)
             gate_logits.append(self.gate_logits(out))
@@ -95,19 +109,19 @@ class LoopLM(nn.Module):
         return h
 
     def recurrent_step(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan
     ) -> torch.Tensor:
         """One loop: every layer in order, then the shared final norm. (B, S, H) -> (B, S, H).
         A method of its own so that activation checkpointing can wrap a whole step."""
         for layer in self.model.layers:
-            h = layer(h, cos, sin, doc_ids)
+            h = layer(h, cos, sin, plan)
         return self.model.norm(h)
 
     def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, S, H) -> (B, S) fp32. The exit distribution multiplies R-1 survival terms and
-        the entropy needs log p: bf16 would quantise lambda to ~3 significant digits."""
+        the entropy needs log p: bf16 would quantise lambda to ~3 significant digits (ExitGate)."""
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return self.model.early_exit_gate(h.float()).squeeze(-1)
+            return self.model.early_exit_gate(h).squeeze(-1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM-head logits for one step's hidden state (B, S, H) -> (B, S, V). For inference and

@@ -4,7 +4,9 @@
    because it changes which parameters exist (shards) and every later stage wraps those;
 2. activation checkpointing: wraps module forwards, so it must see the final modules, and it
    must come before DeepSpeed, whose ZeRO-3 hooks attach to those modules;
-3. DeepSpeed `initialize`: owns the optimizer, ZeRO partitioning over the data-parallel group
+3. torch.compile of each decoder layer (`parallel.compile`): after checkpointing, whose wrapper it
+   traces, and before DeepSpeed, which hands the compiled modules to its engine;
+4. DeepSpeed `initialize`: owns the optimizer, ZeRO partitioning over the data-parallel group
    (megatron's groups handed over as `mpu`), gradient accumulation and clipping.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 from ouro_train.checkpoint.optimizer_state import check_deepspeed_version
 from ouro_train.config.schema import Config
 from ouro_train.model.looplm import LoopLM
-from ouro_train.parallel.checkpointing import apply_activation_checkpointing
+from ouro_train.parallel.checkpointing import apply_activation_checkpointing, apply_compile
 from ouro_train.parallel.groups import MegatronMPU, ParallelLayout, destroy_parallel, init_parallel
 from ouro_train.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -24,6 +26,8 @@ def parallelize(model: LoopLM, cfg: Config, layout: ParallelLayout):
     if layout.tp > 1:
         model = apply_tensor_parallel(model, sequence_parallel=cfg.parallel.sequence_parallel)
     model = apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    if cfg.parallel.compile:
+        model = apply_compile(model)
     if not layout.distributed:
         return None
     if cfg.parallel.zero_stage > 0:

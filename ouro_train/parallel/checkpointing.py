@@ -1,4 +1,6 @@
-"""Activation checkpointing from outside the model: recompute in backward instead of saving.
+"""Activation checkpointing and compilation, applied from outside the model.
+
+Checkpointing: recompute in backward instead of saving.
 
 `layer`: each use of each decoder layer saves only its input (R x L saved states).
 `step`:  each recurrent step (all layers + final norm) saves only its input (R saved states;
@@ -28,4 +30,15 @@ def apply_activation_checkpointing(model: LoopLM, policy: str) -> LoopLM:
         model.recurrent_step = functools.partial(checkpoint, model.recurrent_step, use_reentrant=False)
     else:
         raise ValueError(f"unknown activation checkpointing policy {policy!r}; use none, layer or step")
+    return model
+
+
+def apply_compile(model: LoopLM) -> LoopLM:
+    """torch.compile each decoder layer in place (`nn.Module.compile`: parameters and state-dict keys
+    unchanged). After activation checkpointing, so a recomputed layer is the compiled one too (dynamo
+    traces the checkpoint wrapper); before DeepSpeed. The layers share one code object, so the first
+    compiles and the others reuse its graph. Attention over packed rows with `sdpa` / `flash` runs
+    outside the graph (kernels/attention.py), the rest of the layer inside."""
+    for layer in model.model.layers:
+        layer.compile()
     return model

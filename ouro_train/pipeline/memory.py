@@ -9,6 +9,12 @@ checkpointing keeps each layer use's input (4 h bytes: the residual stream is fp
 one layer; `step` keeps each
 recurrent step's input (4 h, fp32 residual stream) and recomputes one step (L layer uses).
 The step-wise CE holds one chunk of logits (chunk x vocab x 4 bytes, about 3 live copies).
+
+Attention (`model.attention`, ouro_train/kernels/attention.py): `sdpa` and `flash` run fused
+kernels over document segments, so their scores are never stored (O(s) log-sum-exp, inside the
+34 h); compiled `flex` adds its BlockMask, O((s/128)^2) indices. Eager `flex` (on CPU, where it
+is not compiled) materialises fp32 scores and probabilities, heads x s^2 per call: the one S^2
+term left, which the plan warns about.
 """
 
 from __future__ import annotations
@@ -26,10 +32,30 @@ class MemoryEstimate:
     states_gib: float
     activations_gib: float
     logits_gib: float
+    attention_gib: float = 0.0
+    # Why the attention term grows with the square of the sequence length, when it does.
+    quadratic_attention: str | None = None
 
     @property
     def total_gib(self) -> float:
-        return self.states_gib + self.activations_gib + self.logits_gib
+        return self.states_gib + self.activations_gib + self.logits_gib + self.attention_gib
+
+
+def attention_memory(cfg: Config) -> tuple[float, str | None]:
+    """-> (bytes the attention backend adds beyond the activations, why it is S^2 or None)."""
+    m, t = cfg.model, cfg.train
+    heads = m.num_heads / cfg.parallel.tensor_parallel
+    if m.attention == "flex":
+        if t.device == "cpu":
+            scores = 2 * 4 * heads * t.micro_batch_size * t.seq_len**2
+            return scores, (
+                f"attention=flex on CPU runs eagerly: fp32 scores of {heads:g} heads x {t.seq_len:,}^2 tokens "
+                f"({scores / GIB:.1f} GiB per call); use attention=sdpa on CPU"
+            )
+        blocks = -(-t.seq_len // 128)
+        # kv and q block indices, partial and full: four (blocks x blocks) int32 tables per row.
+        return 4 * 4 * t.micro_batch_size * blocks**2, None
+    return 0.0, None
 
 
 def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
@@ -52,4 +78,7 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
         activations = 4 * h * tokens * m.recurrent_steps + per_use * m.num_layers
     chunk = min(cfg.objective.ce_chunk_size, cfg.train.micro_batch_size * cfg.train.seq_len)
     logits = 3 * 4 * chunk * m.vocab_size / tp
-    return MemoryEstimate((weights + grads + moments) / GIB, activations / GIB, logits / GIB)
+    attention, quadratic = attention_memory(cfg)
+    return MemoryEstimate(
+        (weights + grads + moments) / GIB, activations / GIB, logits / GIB, attention / GIB, quadratic
+    )

@@ -222,9 +222,11 @@ def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, n
     )
     for stage in planned:
         if stage.cfg is not None:
-            over = estimate_memory(stage.cfg, world_size).total_gib > spec.plan_gpu_memory_gb
-            if over:
+            memory = estimate_memory(stage.cfg, world_size)
+            if memory.total_gib > spec.plan_gpu_memory_gb:
                 lines.append(f"  warning: {stage.spec.name} may not fit; raise ZeRO/TP or recompute more")
+            if memory.quadratic_attention:
+                lines.append(f"  warning: {stage.spec.name}: {memory.quadratic_attention}")
     lines.append("checkpoints:")
     for stage in planned:
         source = f"{stage.input}" if stage.input else "scratch"

@@ -50,6 +50,16 @@ def dry_run(cfg: Config, dp_size: int = 1) -> dict:
         f"batch: {resolved.tokens_per_step:,} tokens per optimizer step; {resolved.steps:,} steps "
         f"= {resolved.tokens_per_step * resolved.steps:,} tokens"
     )
+    from ouro_train.pipeline.memory import estimate_memory
+
+    memory = estimate_memory(cfg, dp_size * cfg.parallel.tensor_parallel)
+    print(
+        f"memory per device (rough): {memory.total_gib:.1f} GiB = states {memory.states_gib:.1f} + activations "
+        f"{memory.activations_gib:.1f} + logits {memory.logits_gib:.1f} + attention ({m.attention}) "
+        f"{memory.attention_gib:.2f}"
+    )
+    if memory.quadratic_attention:
+        print(f"warning: {memory.quadratic_attention}")
     return {"parameters": built, **asdict(counts)}
 
 
@@ -146,6 +156,7 @@ def run_stage(cfg: Config) -> dict:
     # From here to the end a SIGTERM / SIGUSR1 is recorded, never fatal: in start-up the first step
     # boundary stops the run (with a checkpoint); during the final evaluation and save the stage
     # finishes (the signal came when nothing was left to stop).
+    check_attention(cfg)
     signals = StopOnSignal().__enter__()
     layout = init_parallel(cfg.parallel, cfg.model, cfg.train.device, group=written_by_deepspeed(resume_from))
     main_rank = layout.rank == 0
@@ -245,6 +256,17 @@ def run_stage(cfg: Config) -> dict:
             lock.release()
         destroy_parallel()
         signals.__exit__(None, None, None)
+
+
+def check_attention(cfg: Config) -> None:
+    """An attention backend that cannot run with these settings fails before any work, naming the key."""
+    from ouro_train.config.schema import ConfigError
+    from ouro_train.kernels.attention import AttentionBackendError, check_backend
+
+    try:
+        check_backend(cfg.model.attention, cfg.train.device, cfg.train.precision)
+    except AttentionBackendError as error:
+        raise ConfigError(f"config key 'model.attention': {error}") from error
 
 
 class StoppedBySignal(Exception):

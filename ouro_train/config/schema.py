@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ouro_train.kernels.attention import BACKENDS as ATTENTION_BACKENDS
+# model.attention's choices (ouro_train/kernels/attention.py implements them; kept here so that
+# reading a config does not import torch).
+ATTENTION_BACKENDS = ("sdpa", "flex", "flash")
 
 
 class ConfigError(ValueError):

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "flex", "flash")
+from ouro_train.config.schema import ATTENTION_BACKENDS as BACKENDS
+
 # flex_attention's block size: the BlockMask holds one entry per (query block, key block).
 FLEX_BLOCK = 128
 

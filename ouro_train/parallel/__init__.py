@@ -12,18 +12,20 @@
 
 from __future__ import annotations
 
-from ouro_train.checkpoint.optimizer_state import check_deepspeed_version
 from ouro_train.config.schema import Config
 from ouro_train.model.looplm import LoopLM
 from ouro_train.parallel.checkpointing import apply_activation_checkpointing, apply_compile
 from ouro_train.parallel.groups import MegatronMPU, ParallelLayout, destroy_parallel, init_parallel
-from ouro_train.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize(model: LoopLM, cfg: Config, layout: ParallelLayout):
     """-> an engine for the trainer: DeepSpeed when distributed or ZeRO is asked for, else None
     (the trainer's single-process engine)."""
+    # megatron-core and DeepSpeed are imported where used: `ouro_train.parallel.checkpointing` (the
+    # benchmarks, a single-GPU check) must import without them.
     if layout.tp > 1:
+        from ouro_train.parallel.tensor_parallel import apply_tensor_parallel
+
         model = apply_tensor_parallel(model, sequence_parallel=cfg.parallel.sequence_parallel)
     model = apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     if cfg.parallel.compile:
@@ -31,6 +33,8 @@ def parallelize(model: LoopLM, cfg: Config, layout: ParallelLayout):
     if not layout.distributed:
         return None
     if cfg.parallel.zero_stage > 0:
+        from ouro_train.checkpoint.optimizer_state import check_deepspeed_version
+
         check_deepspeed_version()  # ZeRO's optimizer hand-off uses DeepSpeed internals of one version
     from ouro_train.parallel.engine import DeepSpeedEngine
 

@@ -41,6 +41,8 @@ RESUMABLE_CHANGES = (
     "checkpoint.",
     "parallel.",
     "train.device",
+    # Which implementation computes the same norms, SwiGLU and RoPE (and old checkpoints have no such key).
+    "model.kernels",
     "train.max_steps_this_run",
     "train.log_every",
     "train.eval_every",

@@ -8,7 +8,6 @@ interpreter (`TRITON_INTERPRET=1`, slow, for tests).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -48,29 +47,17 @@ def require_triton(device: torch.device) -> None:
     )
 
 
-class TritonKernel:
-    """A Triton kernel decorated with `triton.jit` on first launch, not at import.
+def triton_jit(fn: Callable) -> Callable:
+    """`triton.jit(fn)`, or `fn` itself when triton is not installed (then `require_triton` stops
+    every launch first, with the message saying so).
 
-    Why: triton 3.9 reads TRITON_INTERPRET when `@triton.jit` decorates a function (it returns an
-    InterpretedFunction or a compiled JITFunction then; see triton/runtime/jit.py `jit`), not at
-    launch. A module-level `@triton.jit` would fix the choice at whatever moment this module was
-    first imported, so a test setting the variable later would launch a GPU kernel on CPU tensors.
-    Decorating per value of the variable makes the import order irrelevant. The kernel bodies must
-    not call other jitted helpers (those would be decorated at import)."""
-
-    def __init__(self, fn: Callable) -> None:
-        self.fn = fn
-        functools.update_wrapper(self, fn)
-
-    @functools.cache  # noqa: B019 (a handful of module-level kernels, alive for the process anyway)
-    def _jitted(self, interpret: bool):
+    Triton 3.9 reads TRITON_INTERPRET when `@triton.jit` decorates a function, not at launch
+    (triton/runtime/jit.py `jit` returns an InterpretedFunction or a JITFunction then), and its
+    own helpers (`tl.sum`, `tl.sigmoid`, ...) are decorated when `triton.language` is first
+    imported. So the variable must be set before triton's first import: a process that wants the
+    interpreter sets it at start (tests/conftest.py does, on machines without CUDA)."""
+    try:
         import triton
-
-        return triton.jit(self.fn)
-
-    def __getitem__(self, grid):
-        return self._jitted(triton_interpreting())[grid]
-
-
-def triton_kernel(fn: Callable) -> TritonKernel:
-    return TritonKernel(fn)
+    except ImportError:
+        return fn
+    return triton.jit(fn)

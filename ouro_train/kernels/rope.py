@@ -4,8 +4,8 @@ Precision (both backends): the reference Ouro model computes RoPE in fp32 under 
 q times the fp32 cos promotes to fp32) and only attention casts to bf16. Casting cos/sin to
 bf16 first, as this project used to, rounds angles at long positions (a bf16 sin has 8 bits).
 
-Triton: one program per (batch, position) rotates all heads of that position with one load of
-its cos/sin row. x may be a transposed view (B, N, S, D) of a (B, S, N, D) projection: any
+Triton: one program per (batch row, block of positions) rotates all heads of those positions,
+loading each position's cos/sin once. x may be a transposed view (B, N, S, D) of a (B, S, N, D) projection: any
 strides for the first three dims, the last contiguous. The backward is the inverse rotation.
 cos/sin are constants (they come from positions): no gradient flows to them.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ouro_train.kernels import check_backend, require_triton, triton_kernel
+from ouro_train.kernels import check_backend, require_triton, triton_jit
 
 try:
     import triton
@@ -34,7 +34,7 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return (x32 * cos[:, None] + rotate_half(x32) * sin[:, None]).to(x.dtype)
 
 
-@triton_kernel
+@triton_jit
 def _rope_kernel(
     X,  # (B, N, S, D) any strides but the last
     COS,  # (B, S, D) fp32
@@ -54,22 +54,23 @@ def _rope_kernel(
     stride_sb,
     stride_ss,
     INVERSE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // seq_len
-    s = pid % seq_len
-    heads = tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, 1)
-    dims = tl.arange(0, BLOCK_HALF)[None, :]  # (1, BLOCK_HALF)
-    dim_mask = dims < half
-    mask = (heads < n_heads) & dim_mask
+    b = tl.program_id(0).to(tl.int64)
+    positions = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s = positions.to(tl.int64)[:, None, None]  # (BLOCK_S, 1, 1)
+    heads = tl.arange(0, BLOCK_N)[None, :, None]  # (1, BLOCK_N, 1)
+    dims = tl.arange(0, BLOCK_HALF)[None, None, :]  # (1, 1, BLOCK_HALF)
+    row_mask = (s < seq_len) & (dims < half)  # (BLOCK_S, 1, BLOCK_HALF): cos/sin
+    mask = row_mask & (heads < n_heads)
     cos_row = COS + b * stride_cb + s * stride_cs
     sin_row = SIN + b * stride_sb + s * stride_ss
-    cos1 = tl.load(cos_row + dims, mask=dim_mask, other=0.0)
-    cos2 = tl.load(cos_row + half + dims, mask=dim_mask, other=0.0)
-    sin1 = tl.load(sin_row + dims, mask=dim_mask, other=0.0)
-    sin2 = tl.load(sin_row + half + dims, mask=dim_mask, other=0.0)
+    cos1 = tl.load(cos_row + dims, mask=row_mask, other=0.0)
+    cos2 = tl.load(cos_row + half + dims, mask=row_mask, other=0.0)
+    sin1 = tl.load(sin_row + dims, mask=row_mask, other=0.0)
+    sin2 = tl.load(sin_row + half + dims, mask=row_mask, other=0.0)
     x_row = X + b * stride_xb + s * stride_xs + heads * stride_xn
     x1 = tl.load(x_row + dims, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + half + dims, mask=mask, other=0.0).to(tl.float32)
@@ -92,7 +93,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
         x = x.contiguous()
     out = torch.empty_like(x)  # keeps x's layout (a transposed view stays one)
     batch, heads, seq, dim = x.shape
-    _rope_kernel[(batch * seq,)](
+    block_n, block_half = triton.next_power_of_2(heads), triton.next_power_of_2(dim // 2)
+    # Positions per program: tiles of up to 4096 elements (one position at 16 heads x 128 dims
+    # gives 1024 pairs, so 4), which also keeps the interpreter's per-program cost down in tests.
+    block_s = max(1, min(4096 // (block_n * block_half), triton.next_power_of_2(seq)))
+    _rope_kernel[(batch, triton.cdiv(seq, block_s))](
         x,
         cos,
         sin,
@@ -105,8 +110,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
         *cos.stride()[:2],
         *sin.stride()[:2],
         INVERSE=inverse,
-        BLOCK_N=triton.next_power_of_2(heads),
-        BLOCK_HALF=triton.next_power_of_2(dim // 2),
+        BLOCK_S=block_s,
+        BLOCK_N=block_n,
+        BLOCK_HALF=block_half,
     )
     return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ouro_train.kernels import check_backend, require_triton, triton_kernel
+from ouro_train.kernels import check_backend, require_triton, triton_jit
 
 try:
     import triton
@@ -26,24 +26,24 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@triton_kernel
+@triton_jit
 def _swiglu_forward_kernel(GATE, UP, OUT, n_elements, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_elements
     gate = tl.load(GATE + offsets, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(UP + offsets, mask=mask, other=0.0).to(tl.float32)
-    out = gate * tl.sigmoid(gate) * up
+    out = gate / (1.0 + tl.exp(-gate)) * up  # silu; tl.sigmoid is the same formula
     tl.store(OUT + offsets, out.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton_kernel
+@triton_jit
 def _swiglu_backward_kernel(DOUT, GATE, UP, DGATE, DUP, n_elements, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_elements
     dout = tl.load(DOUT + offsets, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(GATE + offsets, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(UP + offsets, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
+    sig = 1.0 / (1.0 + tl.exp(-gate))
     silu = gate * sig
     # d silu(g) / d g = sig * (1 + g * (1 - sig))
     dgate = dout * up * sig * (1.0 + gate * (1.0 - sig))

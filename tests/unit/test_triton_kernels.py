@@ -194,3 +194,22 @@ def test_compiled_kernels_at_ouro_widths_on_cuda(dtype):
     check_against_reference(swiglu, [gate, up], ["gate", "up"], tol)
     x, cos, sin = rope_inputs(dtype, batch=2, heads=16, seq=513, head_dim=128, device="cuda")
     check_against_reference(lambda x, backend: apply_rope(x, cos, sin, backend), [x], ["x"], tol)
+
+
+def test_activation_checkpointing_recomputes_the_triton_kernels_exactly():
+    # apply_activation_checkpointing wraps layer (or recurrent step) forwards: the fused kernels'
+    # autograd Functions are re-run in backward and must give the very same gradients.
+    from ouro_train.parallel.checkpointing import apply_activation_checkpointing
+
+    ids = torch.randint(0, 64, (2, 2, 4), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def grads(policy):
+        model = randomized(tiny_config(**TRAINABLE, num_layers=1, recurrent_steps=2, kernels="triton")).to(DEVICE)
+        model = apply_activation_checkpointing(model, policy)
+        looplm_loss(model(ids[0]), model.lm_head, ids[1], beta=0.1).loss_sum.backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    plain = grads("none")
+    for policy in ("layer", "step"):
+        for name, grad in grads(policy).items():
+            torch.testing.assert_close(grad, plain[name], rtol=0, atol=0, msg=f"{policy}: {name} differs")

@@ -121,13 +121,15 @@ class _RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         batch, _, seq, dim = x.shape
-        if dim % 2 or cos.shape != (batch, seq, dim) or sin.shape != cos.shape:
+        if dim % 2 or cos.dim() != 3 or cos.shape[1:] != (seq, dim) or sin.shape != cos.shape:
             raise ValueError(
-                f"apply_rope: x {tuple(x.shape)} needs an even head dim and cos/sin of shape {(batch, seq, dim)}, "
-                f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
+                f"apply_rope: x {tuple(x.shape)} needs an even head dim and cos/sin of shape {(batch, seq, dim)} "
+                f"(or batch 1), got {tuple(cos.shape)} and {tuple(sin.shape)}"
             )
-        cos = cos.float() if cos.stride(-1) == 1 else cos.float().contiguous()
-        sin = sin.float() if sin.stride(-1) == 1 else sin.float().contiguous()
+        # A batch of 1 broadcasts as in the reference: a stride-0 view, no copy.
+        cos, sin = (t.float().expand(batch, seq, dim) for t in (cos, sin))
+        cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+        sin = sin if sin.stride(-1) == 1 else sin.contiguous()
         ctx.save_for_backward(cos, sin)
         return _rotate(x, cos, sin, inverse=False)
 

@@ -109,9 +109,10 @@ def rope_inputs(dtype, batch=2, heads=3, seq=7, head_dim=10, device=DEVICE):
     return x, emb.cos(), emb.sin()
 
 
-@pytest.mark.parametrize("dtype", [FP32, BF16])
-def test_rope_matches_reference(dtype):
+@pytest.mark.parametrize("dtype, cos_batch", [(FP32, 2), (BF16, 2), (FP32, 1)])
+def test_rope_matches_reference(dtype, cos_batch):
     x, cos, sin = rope_inputs(dtype)
+    cos, sin = cos[:cos_batch], sin[:cos_batch]  # batch 1: broadcast over the batch
 
     def fn(x, backend):
         return apply_rope(x, cos, sin, backend)

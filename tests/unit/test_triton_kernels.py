@@ -214,3 +214,16 @@ def test_activation_checkpointing_recomputes_the_triton_kernels_exactly():
     for policy in ("layer", "step"):
         for name, grad in grads(policy).items():
             torch.testing.assert_close(grad, plain[name], rtol=0, atol=0, msg=f"{policy}: {name} differs")
+
+
+def test_model_kernels_may_change_on_resume():
+    # Same math either way, and checkpoints saved before the field existed must still resume.
+    from ouro_train.checkpoint.manager import config_hash, training_config
+    from ouro_train.config.resolve import resolve
+    from ouro_train.config.store import compose_config
+
+    torch_cfg = compose_config(["model=tiny"])
+    triton_cfg = compose_config(["model=tiny", "model.kernels=triton"])
+    assert triton_cfg.model.kernels == "triton"
+    assert "model.kernels" not in training_config(torch_cfg, resolve(torch_cfg))
+    assert config_hash(torch_cfg, resolve(torch_cfg)) == config_hash(triton_cfg, resolve(triton_cfg))

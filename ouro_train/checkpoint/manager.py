@@ -41,6 +41,10 @@ RESUMABLE_CHANGES = (
     "checkpoint.",
     "parallel.",
     "train.device",
+    # Which implementation computes the same norms, SwiGLU and RoPE (and old checkpoints have no such key),
+    # and the same document-causal attention (a run moved from CPU to GPU may switch sdpa -> flash).
+    "model.kernels",
+    "model.attention",
     "train.max_steps_this_run",
     "train.log_every",
     "train.eval_every",

@@ -52,6 +52,10 @@ class ModelConfig:
     # flex_attention with a document-causal BlockMask; trains on CUDA, forward only on CPU), `flash`
     # (flash-attn varlen; CUDA, bf16, the `.[gpu]` extra). None builds an S x S mask.
     attention: str = "sdpa"
+    # RMSNorm (with the sandwich residual add fused in), SwiGLU and RoPE: `torch` (plain torch, any
+    # device) or `triton` (fused Triton kernels; CUDA only, an error elsewhere). Same math: a run
+    # may resume with the other one.
+    kernels: str = "torch"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,6 +103,7 @@ class ModelConfig:
         _require(self.norm_eps > 0, f"{section}.norm_eps", f"must be > 0, got {self.norm_eps}")
         _require(self.init_std > 0, f"{section}.init_std", f"must be > 0, got {self.init_std}")
         _one_of(self.attention, ATTENTION_BACKENDS, f"{section}.attention")
+        _one_of(self.kernels, ("torch", "triton"), f"{section}.kernels")
 
 
 @dataclass

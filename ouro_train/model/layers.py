@@ -7,31 +7,35 @@ copy without renaming. Shapes: B batch, S sequence, H hidden, N heads, K kv head
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ouro_train.config.schema import ModelConfig
 from ouro_train.kernels.attention import AttentionPlan, attention
 from ouro_train.kernels.linear_cross_entropy import linear_cross_entropy
+from ouro_train.kernels.rms_norm import rms_norm
+from ouro_train.kernels.rope import apply_rope, rotate_half
+from ouro_train.kernels.swiglu import swiglu
+
+__all__ = ["Attention", "DecoderLayer", "LMHead", "RMSNorm", "RotaryEmbedding", "SwiGLU", "apply_rope", "rotate_half"]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    """weight * norm(x), statistic in fp32 (`kernels/rms_norm.py`). `norm(x, residual=r)` is the
+    sandwich norm-and-add r + weight * norm(x), one fused kernel with `kernels="triton"`. The add
+    goes through this module's call, not around it, so that wrappers which gather the weight in
+    forward hooks (ZeRO-3) see it used."""
+
+    def __init__(self, hidden_size: int, eps: float, kernels: str = "torch") -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.kernels = kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The statistic in fp32 whatever the activation dtype: in bf16 the mean of squares
-        # over 2048 channels loses most of its mantissa. Cast back before the weight, as the
-        # reference does, so bf16 runs match it.
-        input_dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(input_dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, residual=residual, backend=self.kernels)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}, kernels={self.kernels}"
 
 
 class RotaryEmbedding(nn.Module):
@@ -60,22 +64,11 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: (B, S) -> cos, sin: (B, S, D) in fp32 (bf16 positions past 256 are not
-        # even exact integers); apply_rope casts them to the activations' dtype.
+        # even exact integers); apply_rope rotates in fp32 too and returns the activations' dtype.
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
             freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()  # (B, S, D/2)
             emb = torch.cat((freqs, freqs), dim=-1)
             return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, N, S, D); cos/sin: (B, S, D) broadcast over heads.
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
@@ -84,6 +77,7 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.resolved_head_dim
+        self.kernels = cfg.kernels
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
@@ -96,7 +90,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, N, S, D)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, K, S, D)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, K, S, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin, self.kernels), apply_rope(k, cos, sin, self.kernels)
         out = attention(q, k, v, plan)  # (B, N, S, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -107,9 +101,10 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.kernels = cfg.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.kernels))
 
 
 class DecoderLayer(nn.Module):
@@ -123,16 +118,17 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg)
         self.mlp = SwiGLU(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.input_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.post_attention_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
+        self.input_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
+        self.post_attention_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None = None
     ) -> torch.Tensor:
-        x = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), cos, sin, plan))
-        x = x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
+        # x + norm_2(sublayer(norm(x))), the add fused into the second norm (one kernel with triton).
+        x = self.input_layernorm_2(self.self_attn(self.input_layernorm(x), cos, sin, plan), residual=x)
+        x = self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)), residual=x)
         return x
 
 

@@ -50,7 +50,7 @@ class LoopTrunk(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.early_exit_gate = ExitGate(cfg.hidden_size, 1, bias=True)
         self.rotary_emb = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
 

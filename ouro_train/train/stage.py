@@ -156,7 +156,7 @@ def run_stage(cfg: Config) -> dict:
     # From here to the end a SIGTERM / SIGUSR1 is recorded, never fatal: in start-up the first step
     # boundary stops the run (with a checkpoint); during the final evaluation and save the stage
     # finishes (the signal came when nothing was left to stop).
-    check_attention(cfg)
+    check_backends(cfg)
     signals = StopOnSignal().__enter__()
     layout = init_parallel(cfg.parallel, cfg.model, cfg.train.device, group=written_by_deepspeed(resume_from))
     main_rank = layout.rank == 0
@@ -258,15 +258,22 @@ def run_stage(cfg: Config) -> dict:
         signals.__exit__(None, None, None)
 
 
-def check_attention(cfg: Config) -> None:
-    """An attention backend that cannot run with these settings fails before any work, naming the key."""
+def check_backends(cfg: Config) -> None:
+    """An attention or kernel backend that cannot run with these settings fails before any work,
+    naming the key (instead of at the first step, after the data and the model were built)."""
     from ouro_train.config.schema import ConfigError
+    from ouro_train.kernels import require_triton
     from ouro_train.kernels.attention import AttentionBackendError, check_backend
 
     try:
         check_backend(cfg.model.attention, cfg.train.device, cfg.train.precision)
     except AttentionBackendError as error:
         raise ConfigError(f"config key 'model.attention': {error}") from error
+    if cfg.model.kernels == "triton":
+        try:
+            require_triton(torch.device(cfg.train.device))
+        except RuntimeError as error:
+            raise ConfigError(f"config key 'model.kernels': {error}") from error
 
 
 class StoppedBySignal(Exception):

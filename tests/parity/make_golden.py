@@ -65,8 +65,8 @@ RELEASED = dict(
 # RoPE frequencies the angle between a query and a key is off by distance x (inv_freq rounding), so
 # the lever is the sequence length (2,048 here) and the number of frequencies in the band where that
 # error is large: head_dim 64 puts about ten pairs there (at head_dim 16 only one, and rounding
-# inv_freq then hides in bf16 noise: measured 1.0-2.2x the reference's eager-vs-sdpa difference
-# with 2 x 2,048 tokens, against 2.9-7.2x with head_dim 64). The rows start at positions 1,000 and
+# inv_freq then hides in bf16 noise: measured over all 2 x 2,048 tokens, 1.1-2.6x the reference's
+# eager-vs-sdpa difference, against 2.9-7.2x with head_dim 64). The rows start at positions 1,000 and
 # 2,500 (up to 4,547), as a long-context model sees them.
 TINY_BF16 = {**TINY, "head_dim": 64, "rope_theta": 1000000.0, "max_position_embeddings": 8192}
 BF16_SEQ_LEN = 2048

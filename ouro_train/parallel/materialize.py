@@ -100,6 +100,9 @@ def build_model(
     if cfg.parallel.zero_stage == 3 and layout.distributed:
         with zero3_init(cfg, layout):
             model = LoopLM(cfg.model)
+        wrong = sorted({str(p.ds_tensor.dtype) for p in model.parameters()} - {"torch.float32"})
+        if wrong:
+            raise RuntimeError(f"zero.Init built {wrong} parameters; training keeps fp32 parameters")
         fill_partitioned(model, weight_source(model, init_from), layout.dp_rank)
         return model, None
     model = LoopLM(cfg.model)
@@ -112,16 +115,22 @@ def zero3_init(cfg: Config, layout: ParallelLayout):
     """deepspeed.zero.Init over megatron's data-parallel group with the engine's own config (so
     deepspeed.initialize finds the parameters partitioned as it would have partitioned them)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     from ouro_train.parallel.engine import deepspeed_config
     from ouro_train.parallel.groups import MegatronMPU
 
+    # As deepspeed.initialize does first: DeepSpeed's comm wraps our process group. Before it, the
+    # config below would count a data-parallel world of 1 (and reject the batch size).
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     mpu = MegatronMPU()
     return deepspeed.zero.Init(
         data_parallel_group=mpu.get_data_parallel_group(),
+        # The dtype comes from the config (bf16 off: fp32 parameters). Not `dtype=torch.float32`:
+        # deepspeed 0.19.8 ignores an explicit dtype where the accelerator lacks fp16 (an operator
+        # precedence slip in InsertPostInitMethodToModuleSubClasses._set_dtype) and builds bf16 on CPU.
         config_dict_or_path=deepspeed_config(cfg, layout.dp),
         mpu=mpu,
-        dtype=torch.float32,
     )
 
 

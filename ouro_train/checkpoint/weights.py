@@ -78,17 +78,16 @@ def process_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    """Strict load into a plain (not yet parallelized) model, naming every mismatch."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+def check_fits(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: Path) -> None:
+    """Raise naming every key missing from `found`, every unexpected one and every shape mismatch."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
     if missing or unexpected or wrong:
         details = [
             f"missing {missing[:4]}" if missing else "",
             f"unexpected {unexpected[:4]}" if unexpected else "",
-            "shape " + ", ".join(f"{k}: {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:4])
+            "shape " + ", ".join(f"{k}: {tuple(found[k])} vs model {tuple(expected[k])}" for k in wrong[:4])
             if wrong
             else "",
         ]
@@ -96,4 +95,44 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> 
             f"{where}: weights do not fit this model ({'; '.join(d for d in details if d)}); "
             "check the model config (layers, hidden size, vocab) against the checkpoint's"
         )
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Strict load into a plain (not yet parallelized) model, naming every mismatch."""
+    expected = model.state_dict()
+    check_fits({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in state.items()}, where)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+class SafetensorsWeights:
+    """A checkpoint's consolidated weights read lazily, one tensor (or one slice of it) at a time,
+    so that a rank never loads the whole model to take its shard (ouro_train.parallel.materialize).
+    `expected`: the model's parameter shapes by name; a file that does not fit fails here, with
+    load_into's message."""
+
+    def __init__(self, path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+        file = path / WEIGHTS if path.is_dir() else path
+        if not file.is_file():
+            raise CheckpointError(f"{file}: no consolidated weights; is {path} a checkpoint written by ouro-train?")
+        self.file = file
+        try:
+            self.handle = safe_open(str(file), framework="pt")
+            found = {key: tuple(self.handle.get_slice(key).get_shape()) for key in self.handle.keys()}
+        except Exception as error:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: unreadable ({error}); the file is truncated or corrupt") from error
+        check_fits(expected, found, path)
+
+    def get(self, name: str, dim: int | None = None, rank: int = 0, parts: int = 1) -> torch.Tensor:
+        """fp32: the whole tensor `name`, or the `rank`-th of `parts` equal slices along `dim`."""
+        try:
+            if dim is None:
+                return self.handle.get_tensor(name).float()
+            tensor_slice = self.handle.get_slice(name)
+            size = tensor_slice.get_shape()[dim] // parts
+            index = [slice(None)] * len(tensor_slice.get_shape())
+            index[dim] = slice(rank * size, (rank + 1) * size)
+            return tensor_slice[tuple(index)].float()
+        except Exception as error:
+            raise CheckpointError(
+                f"{self.file}: unreadable tensor {name} ({error}); the file is truncated or corrupt"
+            ) from error

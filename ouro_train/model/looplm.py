@@ -20,6 +20,7 @@ from torch import nn
 
 from ouro_train.config.schema import ModelConfig
 from ouro_train.kernels.attention import AttentionPlan, plan_attention
+from ouro_train.model.init import InitKind, draw_model_seed, initial_value
 from ouro_train.model.layers import DecoderLayer, LMHead, RMSNorm, RotaryEmbedding
 
 
@@ -56,23 +57,54 @@ class LoopTrunk(nn.Module):
 
 
 class LoopLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int | None = None) -> None:
+        """`seed`: the model seed of the initial weights (model/init.py); None draws it from torch's
+        global generator, so `torch.manual_seed(s); LoopLM(cfg)` gives the same weights for the same s.
+        Under `with torch.device("meta")` nothing is initialised (ouro_train.parallel.materialize
+        fills the shards later from the same `initial_value`, using `init_seed`)."""
         super().__init__()
         self.config = cfg
-        self.model = LoopTrunk(cfg)
-        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
+        self.init_seed = draw_model_seed() if seed is None else seed
+        # nn.Linear draws its own (overwritten) init from the global generator: fork it, so that
+        # building consumes exactly the one draw above, on any device or under ZeRO-3's zero.Init.
+        with torch.random.fork_rng(devices=[]):
+            self.model = LoopTrunk(cfg)
+            self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         self.reset_parameters()
+
+    def init_kinds(self) -> dict[str, InitKind]:
+        """How each parameter starts, by name: normal(0, init_std) weights of linears and the
+        embedding, zero biases (the exit gate's), unit norms: the reference's init."""
+        kinds: dict[str, InitKind] = {}
+        for prefix, module in self.named_modules():
+            prefix = f"{prefix}." if prefix else ""
+            if isinstance(module, nn.Linear | nn.Embedding):
+                kinds[f"{prefix}weight"] = "normal"
+                if getattr(module, "bias", None) is not None:
+                    kinds[f"{prefix}bias"] = "zeros"
+            elif isinstance(module, RMSNorm):
+                kinds[f"{prefix}weight"] = "ones"
+        unknown = sorted({name for name, _ in self.named_parameters()} - set(kinds))
+        if unknown:
+            raise TypeError(f"no initialisation rule for {unknown[:4]}: add its module type to LoopLM.init_kinds")
+        return kinds
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, zero gate bias, unit norms: the reference's init."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        """Every parameter from `initial_value(name, ...)`. Skipped: parameters on the meta device
+        and ZeRO-3 partitions (built under zero.Init), which materialize.py fills shard by shard."""
+        for name, kind in self.init_kinds().items():
+            param = self.get_parameter(name)
+            if param.is_meta or hasattr(param, "ds_id"):
+                continue
+            param.copy_(initial_value(name, param.shape, kind, self.init_seed, self.config.init_std))
+
+    @torch.no_grad()
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Recompute the buffers (derived from the config, never saved) on `device`: after a build
+        on the meta device, whose buffers hold no values."""
+        with torch.device(device):
+            self.model.rotary_emb = RotaryEmbedding(self.config.resolved_head_dim, self.config.rope_theta)
 
     def forward(
         self,

@@ -1,5 +1,8 @@
 """Parallelism applied from outside the plain model, in this order:
 
+0. (before: materialize.build_model) this rank's model: the plain one, or on the meta device for
+   tensor parallel (filled in step 1), or partitioned under ZeRO-3's zero.Init, so that no rank
+   holds the full model unless its layout needs it;
 1. tensor parallel: swap linears / embedding / head for megatron-core parallel layers. First,
    because it changes which parameters exist (shards) and every later stage wraps those;
 2. activation checkpointing: wraps module forwards, so it must see the final modules, and it
@@ -16,17 +19,19 @@ from ouro_train.config.schema import Config
 from ouro_train.model.looplm import LoopLM
 from ouro_train.parallel.checkpointing import apply_activation_checkpointing, apply_compile
 from ouro_train.parallel.groups import MegatronMPU, ParallelLayout, destroy_parallel, init_parallel
+from ouro_train.parallel.materialize import WeightSource, build_model
 
 
-def parallelize(model: LoopLM, cfg: Config, layout: ParallelLayout):
+def parallelize(model: LoopLM, cfg: Config, layout: ParallelLayout, weights: WeightSource | None = None):
     """-> an engine for the trainer: DeepSpeed when distributed or ZeRO is asked for, else None
-    (the trainer's single-process engine)."""
+    (the trainer's single-process engine). `weights`: what build_model returned with a model on the
+    meta device, the source its tensor-parallel shards are filled from."""
     # megatron-core and DeepSpeed are imported where used: `ouro_train.parallel.checkpointing` (the
     # benchmarks, a single-GPU check) must import without them.
     if layout.tp > 1:
         from ouro_train.parallel.tensor_parallel import apply_tensor_parallel
 
-        model = apply_tensor_parallel(model, sequence_parallel=cfg.parallel.sequence_parallel)
+        model = apply_tensor_parallel(model, sequence_parallel=cfg.parallel.sequence_parallel, weights=weights)
     model = apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     if cfg.parallel.compile:
         model = apply_compile(model)
@@ -41,4 +46,4 @@ def parallelize(model: LoopLM, cfg: Config, layout: ParallelLayout):
     return DeepSpeedEngine(model.to(cfg.train.device), cfg, layout.dp, MegatronMPU())
 
 
-__all__ = ["ParallelLayout", "destroy_parallel", "init_parallel", "parallelize"]
+__all__ = ["ParallelLayout", "build_model", "destroy_parallel", "init_parallel", "parallelize"]

@@ -1,6 +1,8 @@
 """Tensor parallelism: swap the plain LoopLM's linears and embedding for megatron-core's
-column / row / vocab-parallel layers, each loaded with its shard of the existing weights (so a
-TP run starts from exactly the single-device model).
+column / row / vocab-parallel layers, each filled with its shard from a weight source: the
+model's own full weights, or (a model built on the meta device, ouro_train.parallel.materialize)
+the initial values or a checkpoint's, one full parameter at a time. Either way a TP run starts
+from exactly the single-device model.
 
     attention: q, k, v  column-parallel (heads split)      o_proj    row-parallel
     MLP:       gate, up column-parallel (intermediate split) down_proj row-parallel
@@ -27,10 +29,11 @@ from torch import nn
 
 from ouro_train.kernels.linear_cross_entropy import linear_cross_entropy
 from ouro_train.model.looplm import LoopLM
+from ouro_train.parallel.materialize import ModuleWeights, WeightSource, materialize_parameter
 
 
 def _no_init(weight: torch.Tensor) -> None:
-    """Weights are copied from the single-device model, not initialised."""
+    """Weights are filled from the weight source, not initialised."""
 
 
 class ColumnParallel(ColumnParallelLinear):
@@ -72,25 +75,35 @@ def _megatron_config(tp: int, device: torch.device, sequence_parallel: bool) -> 
     )
 
 
-def _load_shard(param: torch.nn.Parameter, full: torch.Tensor, dim: int, rank: int, tp: int) -> None:
-    """Copy this rank's slice of `full` and mark the parameter as sharded along `dim`. Megatron
-    sets the mark only when it initialises weights itself; DeepSpeed's gradient norm and
+def _load_shard(param: torch.nn.Parameter, weights: WeightSource, name: str, dim: int, rank: int, tp: int) -> None:
+    """Copy this rank's slice of parameter `name` and mark the parameter as sharded along `dim`.
+    Megatron sets the mark only when it initialises weights itself; DeepSpeed's gradient norm and
     clipping read it to count each shard once (and replicated parameters once per group)."""
-    size = full.shape[dim] // tp
     with torch.no_grad():
-        param.copy_(full.narrow(dim, rank * size, size))
+        param.copy_(weights.get(name, dim, rank, tp))
     set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
 
 
-def _column(linear: nn.Linear, config: ModelParallelConfig, rank: int, tp: int, cls=ColumnParallel) -> nn.Module:
+def _column(
+    linear: nn.Linear,
+    name: str,
+    weights: WeightSource,
+    config: ModelParallelConfig,
+    rank: int,
+    tp: int,
+    cls=ColumnParallel,
+) -> nn.Module:
     layer = cls(
         linear.in_features, linear.out_features, config=config, init_method=_no_init, bias=False, gather_output=False
     )
-    _load_shard(layer.weight, linear.weight, 0, rank, tp)
+    _load_shard(layer.weight, weights, f"{name}.weight", 0, rank, tp)
+    layer.weight.requires_grad_(linear.weight.requires_grad)  # freeze_for_objective may have run before
     return layer
 
 
-def _row(linear: nn.Linear, config: ModelParallelConfig, rank: int, tp: int) -> nn.Module:
+def _row(
+    linear: nn.Linear, name: str, weights: WeightSource, config: ModelParallelConfig, rank: int, tp: int
+) -> nn.Module:
     layer = RowParallel(
         linear.in_features,
         linear.out_features,
@@ -100,35 +113,66 @@ def _row(linear: nn.Linear, config: ModelParallelConfig, rank: int, tp: int) -> 
         input_is_parallel=True,
         skip_bias_add=True,
     )
-    _load_shard(layer.weight, linear.weight, 1, rank, tp)
+    _load_shard(layer.weight, weights, f"{name}.weight", 1, rank, tp)
+    layer.weight.requires_grad_(linear.weight.requires_grad)
     return layer
 
 
-def apply_tensor_parallel(model: LoopLM, sequence_parallel: bool = False) -> LoopLM:
-    """In place: every rank of the TP group must hold the same full weights when this runs."""
+def apply_tensor_parallel(
+    model: LoopLM,
+    sequence_parallel: bool = False,
+    weights: WeightSource | None = None,
+    device: torch.device | str | None = None,
+) -> LoopLM:
+    """In place. `weights`: where the shards come from; None: the model's own full weights (then
+    every rank of the TP group must hold the same ones). A model on the meta device (materialize.py
+    build_model) needs `weights`; it is built on `device` (default the CPU, as the plain model is;
+    DeepSpeed moves it to the training device): only shards and the replicated parameters are ever
+    allocated, one full parameter at a time."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp == 1:
         return model
     rank = parallel_state.get_tensor_model_parallel_rank()
-    device = model.lm_head.weight.device
+    on_meta = model.lm_head.weight.is_meta
+    if on_meta and weights is None:
+        raise ValueError("apply_tensor_parallel: a model on the meta device needs a weight source to fill its shards")
+    weights = weights if weights is not None else ModuleWeights(model)
+    device = torch.device(device or "cpu") if on_meta else model.lm_head.weight.device
     # Megatron's layers run without their own sequence parallelism (its collectives need CUDA and
     # the [S, B, H] layout); ouro_train.parallel.sequence_parallel wraps them instead.
     config = _megatron_config(tp, device, sequence_parallel=False)
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
+        prefix = f"model.layers.{i}"
         attn.q_proj, attn.k_proj, attn.v_proj = (
-            _column(p, config, rank, tp) for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+            _column(getattr(attn, p), f"{prefix}.self_attn.{p}", weights, config, rank, tp)
+            for p in ("q_proj", "k_proj", "v_proj")
         )
-        attn.o_proj = _row(attn.o_proj, config, rank, tp)
-        mlp.gate_proj, mlp.up_proj = _column(mlp.gate_proj, config, rank, tp), _column(mlp.up_proj, config, rank, tp)
-        mlp.down_proj = _row(mlp.down_proj, config, rank, tp)
+        attn.o_proj = _row(attn.o_proj, f"{prefix}.self_attn.o_proj", weights, config, rank, tp)
+        mlp.gate_proj, mlp.up_proj = (
+            _column(getattr(mlp, p), f"{prefix}.mlp.{p}", weights, config, rank, tp) for p in ("gate_proj", "up_proj")
+        )
+        mlp.down_proj = _row(mlp.down_proj, f"{prefix}.mlp.down_proj", weights, config, rank, tp)
     embedding = model.model.embed_tokens
     parallel_embedding = VocabParallelEmbedding(
         embedding.num_embeddings, embedding.embedding_dim, init_method=_no_init, config=config
     )
-    _load_shard(parallel_embedding.weight, embedding.weight, 0, rank, tp)
+    _load_shard(parallel_embedding.weight, weights, "model.embed_tokens.weight", 0, rank, tp)
+    parallel_embedding.weight.requires_grad_(embedding.weight.requires_grad)
     model.model.embed_tokens = parallel_embedding
-    model.lm_head = _column(model.lm_head, config, rank, tp, cls=VocabParallelHead)
+    model.lm_head = _column(model.lm_head, "lm_head", weights, config, rank, tp, cls=VocabParallelHead)
+    # The rest is replicated (norms, exit gate): created (from the meta device) or set from the source.
+    for name, param in list(model.named_parameters()):
+        if getattr(param, "tensor_model_parallel", False) or isinstance(weights, ModuleWeights):
+            continue
+        if param.is_meta:
+            owner, _, attribute = name.rpartition(".")
+            materialize_parameter(model.get_submodule(owner), attribute, weights.get(name), device)
+        else:
+            with torch.no_grad():
+                param.copy_(weights.get(name))
+    if on_meta:
+        model.init_buffers(device)  # the derived buffers (RoPE frequencies) hold no values on meta
     if sequence_parallel:
         from ouro_train.parallel.sequence_parallel import apply_sequence_parallel
 

@@ -144,7 +144,7 @@ def run_stage(cfg: Config) -> dict:
     from ouro_train.checkpoint.callback import CheckpointCallback
     from ouro_train.checkpoint.manager import Checkpointer
     from ouro_train.data.build import build_data
-    from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
+    from ouro_train.parallel import build_model, destroy_parallel, init_parallel, parallelize
     from ouro_train.train.callbacks import ConsoleLogger, JsonlLogger
     from ouro_train.train.report import plot_loss_per_step, truncate_metrics
     from ouro_train.train.trainer import Trainer, freeze_for_objective
@@ -179,18 +179,16 @@ def run_stage(cfg: Config) -> dict:
         handed_lr = source["next_lr"] if source is not None and cfg.checkpoint.init_schedule == "keep" else None
         resolved = resolve(cfg, layout.dp, lr=handed_lr)
         train_batches, eval_batches = build_data(cfg, layout.dp_rank, layout.dp)
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = LoopLM(cfg.model)
-        parameters = model.num_parameters()
-        if resume_from is None and cfg.checkpoint.init_from:
-            from ouro_train.checkpoint.weights import load_into, read_weights
-
-            state, _ = read_weights(Path(cfg.checkpoint.init_from))
-            load_into(model, state, Path(cfg.checkpoint.init_from))
-            say(f"initialised weights from {cfg.checkpoint.init_from}")
-            del state
+        # Only this rank's share of the model is ever built (parallel/materialize.py): the initial
+        # weights (seeded by train.seed, the same at any layout) or, for a new stage, the previous
+        # stage's read tensor by tensor. A resume loads its weights after the engine exists.
+        init_from = Path(cfg.checkpoint.init_from) if resume_from is None and cfg.checkpoint.init_from else None
+        model, weights = build_model(cfg, layout, init_from)
+        parameters = count_model(cfg.model, cfg.train.seq_len).total_params
         freeze_for_objective(model, cfg.objective.kind)
-        engine = parallelize(model, cfg, layout)
+        engine = parallelize(model, cfg, layout, weights)
+        if init_from is not None:
+            say(f"initialised weights from {init_from}")
         say(
             f"model {cfg.model.name}: {parameters:,} parameters; data {cfg.data.source}; "
             f"{layout.describe()}, ZeRO {cfg.parallel.zero_stage}; run dir {run_dir}"

@@ -97,6 +97,7 @@ def _chunked_pass(
             target_logit[step, start:end] = torch.where(mine[start:end], picked, 0.0)
             lse[step, start:end], sum_exp = _exp_shifted_(logits, group)  # logits now exp(logits - max)
             if d_states is None and d_weight is None:
+                del logits  # before the next chunk's matmul, so that two chunks never coexist
                 continue
             # d loss / d logits = p (softmax - one_hot(target)), in place on the exponentials.
             dlogits = logits.mul_((scale[step, start:end] / sum_exp)[:, None])
@@ -110,6 +111,7 @@ def _chunked_pass(
                     d_weight.addmm_(dlogits.t(), h)  # no (V, H) temporary
                 else:
                     d_weight.add_(dlogits.t() @ h)  # bf16 product, summed in fp32
+            del logits, dlogits  # before the next chunk's matmul, so that two chunks never coexist
     if group is not None:
         dist.all_reduce(target_logit, group=group)  # each target logit comes from its owner
         if d_states is not None:

@@ -10,18 +10,20 @@ computes them in forward, chunk by chunk (logits -> exponentials in place -> d l
 scales them by the upstream scalar, and d p = CE x upstream. The entropy term of the objective
 stays in plain autograd through p.
 
-Why (measured on 2 CPU threads, R=4 x 2048 tokens x 49,152 vocab, hidden 256, chunk 512):
-the per-step `linear_cross_entropy` path spent 26.2 s of 35.2 s profiled in 64 matmuls and
-6.6 s in 32 exp passes. Each step runs its forward matmul and exp, then in backward recomputes
-the logits (a 4th matmul and a 2nd exp per chunk) and returns its own (V, H) weight gradient
-that autograd sums over the R steps. Here a chunk costs 3 matmuls and 1 exp (the naive loss's
-count), with one weight-gradient buffer. The index_select copies of the states (9 ms) and
-the R weight-gradient sums (~0.25 s of add_) were not where the time went.
+Where the per-step path (`linear_cross_entropy` once per step) spent its time, torch.profiler
+on 2 CPU threads, R=4 x 2048 tokens x 49,152 vocab, hidden 256, chunk 512, fp32: 26.2 s of
+35.2 s in 64 matmuls (16 chunks x 4: forward logits; in backward the recomputed logits, d h,
+d W) and 6.6 s in 32 exp passes (forward log-sum-exp, backward softmax of the recomputed
+logits). All add_ together (the per-chunk weight-gradient sums and autograd's sum of the R
+steps' (V, H) gradients) took 0.25 s, the index_select copies of the states 9 ms, dtype
+copies nothing in fp32. Here a chunk costs 3 matmuls and 1 exp (the naive loss's count).
 
-Memory: at most one chunk x V/tp of logits at once (plus its bf16 copy under autocast), the
-(R, n, H) state gradients and one fp32 (V/tp, H) weight gradient, saved from forward to
-backward. Under `torch.no_grad()`, or when nothing requires grad, only the loss and CE are
-computed.
+Memory: at most one chunk x V/tp of logits at once (plus its bf16 copy under autocast; the next
+chunk's matmul runs after the last one is freed), the (R, n, H) state gradients and one fp32
+(V/tp, H) weight gradient saved from forward to backward (the per-step path's backward makes,
+per step, its own (V, H) gradient and a (V, H) product per chunk, and autograd sums the R
+gradients), and their scaled copies in backward. Under `torch.no_grad()`, or when nothing requires grad, only the
+loss and CE are computed.
 
 Vocabulary split over a tensor-parallel group (`group`, `vocab_start`) as in
 `linear_cross_entropy`: the row max and sum of exponentials are all-reduced per chunk, the

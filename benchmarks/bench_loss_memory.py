@@ -95,6 +95,7 @@ def main() -> None:
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results.setdefault(variant, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  run: {variant} {results[variant][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
     base = median([r["peak_rss_mb"] for r in results["baseline"]])
     rows = {}

@@ -42,15 +42,20 @@ def _softmax_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
-def _log_sum_exp(logits: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """(C, V_local) -> (C,) log-sum-exp over the whole vocabulary, every shard of `group`."""
-    if group is None:
-        return torch.logsumexp(logits, dim=-1)
+def _exp_shifted_(logits: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: logits (C, V_local) become exp(logits - m), m the row max over every shard of
+    `group`. -> (log-sum-exp (C,), sum of the exponentials (C,)), both over the whole vocabulary.
+
+    In place, so that the exit-weighted objective reuses the exponentials as its softmax (divided
+    by the sum) instead of a second exp pass; no shifted copy either (`torch.logsumexp` makes
+    one: 161 ms vs 139 ms on a (512, 49152) fp32 chunk, 2 CPU threads)."""
     row_max = logits.max(dim=-1).values
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    sum_exp = (logits - row_max[:, None]).exp().sum(-1)
-    dist.all_reduce(sum_exp, group=group)
-    return row_max + sum_exp.log()
+    if group is not None:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    sum_exp = logits.sub_(row_max[:, None]).exp_().sum(-1)
+    if group is not None:
+        dist.all_reduce(sum_exp, group=group)
+    return row_max + sum_exp.log(), sum_exp
 
 
 def _local_targets(
@@ -76,9 +81,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, num_tokens, chunk_size):
             end = min(start + chunk_size, num_tokens)
             logits = (hidden[start:end] @ weight.t()).to(compute)  # (C, V_local)
-            lse[start:end] = _log_sum_exp(logits, group)
-            picked = logits.gather(1, local_targets[start:end, None]).squeeze(1)
+            picked = logits.gather(1, local_targets[start:end, None]).squeeze(1)  # before the in-place exp
             target_logit[start:end] = torch.where(mine[start:end], picked, 0.0)
+            lse[start:end] = _exp_shifted_(logits, group)[0]
         if group is not None:
             dist.all_reduce(target_logit, group=group)  # each target logit comes from its owner
         ctx.save_for_backward(hidden, weight, local_targets, mine, valid, lse)

@@ -134,14 +134,26 @@ class DecoderLayer(nn.Module):
 
 class LMHead(nn.Linear):
     """The untied LM head. `head(h)` gives logits; `head(h, targets)` gives per-token CE computed
-    in token chunks, never all logits at once. CE goes through the module call (not through
-    `.weight` from outside) so that wrappers which gather parameters in forward hooks, like
-    ZeRO-3, see the head being used."""
+    in token chunks, never all logits at once; `head(states, targets, exit_weights=p)` gives the
+    stage I term sum_t sum_i p_ti CE_ti of all R steps' states (n, H) in one pass, with CE (R, n)
+    (`exit_weighted_cross_entropy`). CE goes through the module call (not through `.weight` from
+    outside) so that wrappers which gather parameters in forward hooks, like ZeRO-3, see the head
+    being used."""
 
     def __init__(self, hidden_size: int, vocab_size: int) -> None:
         super().__init__(hidden_size, vocab_size, bias=False)
 
-    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None, chunk_size: int = 4096) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor | list[torch.Tensor],
+        targets: torch.Tensor | None = None,
+        chunk_size: int = 4096,
+        exit_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if exit_weights is not None:
+            from ouro_train.kernels.exit_weighted_cross_entropy import exit_weighted_cross_entropy
+
+            return exit_weighted_cross_entropy(h, self.weight, targets, exit_weights, chunk_size=chunk_size)
         if targets is None:
             return super().forward(h)
         return linear_cross_entropy(h, self.weight, targets, chunk_size=chunk_size)

@@ -7,8 +7,10 @@ Stage I:  loss = mean over loss tokens of [ sum_t p(t) CE_t - beta H(p) ]
 Stage II: LM frozen; I_t = max(0, CE_{t-1} - CE_t) (detached), w_t = sigmoid(k (I_t - gamma)),
           loss = (1/R) sum_{t=2..R} BCE(1 - lambda_t, w_t), averaged over loss tokens.
 
-Cross-entropy is computed one recurrent step at a time and in token chunks
-(`linear_cross_entropy`), so at most one chunk of one step's logits exists at once.
+The p-weighted cross-entropy of all steps is one fused, chunked pass through the LM head
+(`exit_weighted_cross_entropy`): at most one chunk of one step's logits exists at once, and its
+gradients are computed in that same pass (p does not depend on CE), so the logits are never
+recomputed. The entropy term is plain autograd through p.
 Both losses return the *sum* over loss tokens plus the token count, so a trainer can divide
 by the token count of the whole (accumulated, data-parallel) batch rather than average
 per micro-batch averages.
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from ouro_train.kernels.exit_weighted_cross_entropy import exit_weighted_cross_entropy
+from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX
 from ouro_train.model.looplm import LoopOutput
 
 
@@ -79,24 +82,22 @@ def _select_loss_tokens(
 Head = torch.Tensor | nn.Module
 
 
-def head_cross_entropy(head: Head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Per-token CE of the LM head on hidden (n, H). `head` is the head's weight, or a head module
-    called as `head(hidden, targets, chunk_size)`: the model's LMHead, or the vocab-parallel head
-    of ouro_train.parallel (whose weight holds one shard of the vocabulary)."""
+def exit_weighted_head_cross_entropy(
+    head: Head,
+    output: LoopOutput,
+    index: torch.Tensor,
+    targets: torch.Tensor,
+    exit_weights: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (sum_t sum_i p_ti CE_ti, CE (R, n) detached) of every step on the selected tokens.
+    `head` is the head's weight, or a head module called as `head(states, targets, exit_weights=p)`:
+    the model's LMHead, or the vocab-parallel head of ouro_train.parallel (whose weight holds one
+    shard of the vocabulary); through the module call so that ZeRO-3 gathers its weight."""
+    states = [h.flatten(0, 1).index_select(0, index) for h in output.hidden_states]  # R x (n, H)
     if isinstance(head, torch.Tensor):
-        return linear_cross_entropy(hidden, head, targets, chunk_size=chunk_size)
-    return head(hidden, targets=targets, chunk_size=chunk_size)
-
-
-def per_step_cross_entropy(
-    output: LoopOutput, head: Head, index: torch.Tensor, targets: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    """(R, n) CE of every step on the selected tokens, one step at a time."""
-    losses = []
-    for h in output.hidden_states:  # (B, S, H) each
-        h_selected = h.flatten(0, 1).index_select(0, index)  # (n, H)
-        losses.append(head_cross_entropy(head, h_selected, targets, chunk_size))
-    return torch.stack(losses)
+        return exit_weighted_cross_entropy(states, head, targets, exit_weights, chunk_size=chunk_size)
+    return head(states, targets=targets, exit_weights=exit_weights, chunk_size=chunk_size)
 
 
 def looplm_loss(
@@ -111,12 +112,11 @@ def looplm_loss(
     """Stage I: sum_t p(t) CE_t - beta H(p). labels (B, S) are already shifted (label of
     position i is token i+1); `ignore_index` and `loss_mask` (B, S) exclude tokens."""
     index, targets = _select_loss_tokens(labels, loss_mask, ignore_index)
-    ce = per_step_cross_entropy(output, head, index, targets, chunk_size)  # (R, n)
     log_p = exit_log_distribution(output.gate_logits.flatten(1).index_select(1, index))  # (R, n)
     p = log_p.exp()
-    expected_ce = (p * ce).sum(0)  # (n,)
+    expected_ce_sum, ce = exit_weighted_head_cross_entropy(head, output, index, targets, p, chunk_size)  # (), (R, n)
     entropy = -(p * log_p).sum(0)  # (n,)
-    loss_sum = (expected_ce - beta * entropy).sum()
+    loss_sum = expected_ce_sum - beta * entropy.sum()
     return LossOutput(
         loss_sum=loss_sum,
         num_tokens=int(index.numel()),
@@ -143,16 +143,16 @@ def gate_loss(
         raise ValueError("the gate loss compares consecutive steps: it needs recurrent_steps >= 2")
     index, targets = _select_loss_tokens(labels, loss_mask, ignore_index)
     with torch.no_grad():
-        ce = per_step_cross_entropy(output, head, index, targets, chunk_size)  # (R, n), no graph
+        log_p = exit_log_distribution(output.gate_logits.flatten(1).index_select(1, index))  # (R, n)
+        p = log_p.exp()
+        # The fused pass under no_grad computes only the CE: no graph, no gradient work.
+        _, ce = exit_weighted_head_cross_entropy(head, output, index, targets, p, chunk_size)  # (R, n)
         improvement = (ce[:-1] - ce[1:]).clamp_min(0)  # I_t for t = 2..R: (R-1, n)
         continue_target = torch.sigmoid(k * (improvement - gamma))
     g = output.gate_logits.flatten(1).index_select(1, index)[1:]  # steps 2..R: (R-1, n)
     # BCE on the continuation probability 1 - lambda_t = sigmoid(-g_t), from logits for stability.
     bce = F.binary_cross_entropy_with_logits(-g, continue_target, reduction="none")  # (R-1, n)
     loss_sum = bce.sum(0).sum() / steps
-    with torch.no_grad():
-        log_p = exit_log_distribution(output.gate_logits.flatten(1).index_select(1, index))
-        p = log_p.exp()
     return LossOutput(
         loss_sum=loss_sum,
         num_tokens=int(index.numel()),

@@ -49,15 +49,26 @@ class RowParallel(RowParallelLinear):
 class VocabParallelHead(ColumnParallelLinear):
     """LM head holding rows [vocab_start, vocab_start + V/tp), with LMHead's interface:
     `head(h)` gives full logits (inference, tests; gathered here since megatron's own gather
-    assumes CUDA), `head(h, targets)` the per-token CE computed on the shard."""
+    assumes CUDA), `head(h, targets)` the per-token CE computed on the shard, and
+    `head(states, targets, exit_weights=p)` the all-steps stage I term with CE (R, n)."""
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, chunk_size: int = 4096) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor | list[torch.Tensor],
+        targets: torch.Tensor | None = None,
+        chunk_size: int = 4096,
+        exit_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         group = parallel_state.get_tensor_model_parallel_group()
         if targets is not None:
-            rank = parallel_state.get_tensor_model_parallel_rank()
-            return linear_cross_entropy(
-                x, self.weight, targets, chunk_size, vocab_start=rank * self.weight.shape[0], group=group
+            shard = dict(
+                vocab_start=parallel_state.get_tensor_model_parallel_rank() * self.weight.shape[0], group=group
             )
+            if exit_weights is not None:
+                from ouro_train.kernels.exit_weighted_cross_entropy import exit_weighted_cross_entropy
+
+                return exit_weighted_cross_entropy(x, self.weight, targets, exit_weights, chunk_size, **shard)
+            return linear_cross_entropy(x, self.weight, targets, chunk_size, **shard)
         from torch.distributed.nn.functional import all_gather
 
         local = super().forward(x)[0]  # (..., V/tp)

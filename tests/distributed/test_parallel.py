@@ -169,6 +169,75 @@ def test_tensor_parallel_forward_and_gradients_equal_single_process(sequence_par
             torch.testing.assert_close(rank_result["grads"][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def exit_objective_inputs() -> tuple:
+    """fp64 states (R=3 x 13 tokens x 5), head (12 x 5), exit weights and targets (two ignored)."""
+    g = torch.Generator().manual_seed(7)
+    states = [torch.randn(13, 5, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    weight = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    exit_weights = torch.rand(3, 13, generator=g, dtype=torch.float64).requires_grad_()
+    targets = torch.randint(0, 12, (13,), generator=g)
+    targets[[1, 8]] = -100
+    return states, weight, exit_weights, targets
+
+
+def exit_objective_gradients(weight_slice: slice, vocab_start: int = 0, group=None) -> dict:
+    """The fused all-steps objective on `weight[weight_slice]` (the whole head, or this rank's
+    vocabulary shard): loss, CE, gradients; and the loss again under no_grad."""
+    from ouro_train.kernels.exit_weighted_cross_entropy import exit_weighted_cross_entropy
+
+    states, weight, exit_weights, targets = exit_objective_inputs()
+    shard = weight[weight_slice].clone().requires_grad_()
+    loss, ce = exit_weighted_cross_entropy(
+        states, shard, targets, exit_weights, chunk_size=5, vocab_start=vocab_start, group=group
+    )
+    (2.5 * loss).backward()
+    with torch.no_grad():
+        loss_no_grad, _ = exit_weighted_cross_entropy(
+            states, shard, targets, exit_weights, chunk_size=5, vocab_start=vocab_start, group=group
+        )
+    return {
+        "loss": loss.detach(),
+        "loss_no_grad": loss_no_grad,
+        "ce": ce,
+        "states": [h.grad for h in states],
+        "exit_weights": exit_weights.grad,
+        "weight": shard.grad,
+    }
+
+
+def vocab_parallel_exit_objective() -> dict:
+    """Each rank holds half of the vocabulary rows; every collective is over the world group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        rank, rows = dist.get_rank(), 12 // dist.get_world_size()
+        return exit_objective_gradients(slice(rank * rows, (rank + 1) * rows), rank * rows, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_vocab_parallel_exit_objective_equals_single_process():
+    # fp64: the shards change only the order of the log-sum-exp's sums, so agreement is ~1e-15.
+    from ouro_train.kernels.exit_weighted_cross_entropy import exit_weighted_cross_entropy_reference
+
+    expected = exit_objective_gradients(slice(None))
+    states, weight, exit_weights, targets = exit_objective_inputs()
+    reference_loss, reference_ce = exit_weighted_cross_entropy_reference(states, weight, targets, exit_weights)
+    close = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(expected["loss"], reference_loss.detach(), **close)
+    torch.testing.assert_close(expected["ce"], reference_ce.detach(), **close)
+    ranks = run_distributed(vocab_parallel_exit_objective, 2)
+    for rank in ranks:  # every rank has the full loss, CE and state / exit-weight gradients
+        for key in ("loss", "loss_no_grad", "ce", "exit_weights"):
+            torch.testing.assert_close(rank[key], expected[key], **close, msg=key)
+        for got, ref in zip(rank["states"], expected["states"]):
+            torch.testing.assert_close(got, ref, **close)
+    # The head's gradient stays with its shard: the two halves make the single-process one.
+    torch.testing.assert_close(torch.cat([rank["weight"] for rank in ranks]), expected["weight"], **close)
+
+
 def test_misconfigured_layouts_fail_clearly():
     model = make_config().model
     with pytest.raises(ConfigError, match="tensor_parallel=2 does not divide the world size 3"):

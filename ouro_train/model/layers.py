@@ -11,6 +11,7 @@ from torch import nn
 
 from ouro_train.config.schema import ModelConfig
 from ouro_train.kernels.attention import AttentionPlan, attention
+from ouro_train.kernels.exit_weighted_cross_entropy import exit_weighted_cross_entropy
 from ouro_train.kernels.linear_cross_entropy import linear_cross_entropy
 from ouro_train.kernels.rms_norm import rms_norm
 from ouro_train.kernels.rope import apply_rope, rotate_half
@@ -151,8 +152,6 @@ class LMHead(nn.Linear):
         exit_weights: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if exit_weights is not None:
-            from ouro_train.kernels.exit_weighted_cross_entropy import exit_weighted_cross_entropy
-
             return exit_weighted_cross_entropy(h, self.weight, targets, exit_weights, chunk_size=chunk_size)
         if targets is None:
             return super().forward(h)

@@ -27,6 +27,7 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
+from ouro_train.kernels.exit_weighted_cross_entropy import exit_weighted_cross_entropy
 from ouro_train.kernels.linear_cross_entropy import linear_cross_entropy
 from ouro_train.model.looplm import LoopLM
 from ouro_train.parallel.materialize import ModuleWeights, WeightSource, materialize_parameter
@@ -65,8 +66,6 @@ class VocabParallelHead(ColumnParallelLinear):
                 vocab_start=parallel_state.get_tensor_model_parallel_rank() * self.weight.shape[0], group=group
             )
             if exit_weights is not None:
-                from ouro_train.kernels.exit_weighted_cross_entropy import exit_weighted_cross_entropy
-
                 return exit_weighted_cross_entropy(x, self.weight, targets, exit_weights, chunk_size, **shard)
             return linear_cross_entropy(x, self.weight, targets, chunk_size, **shard)
         from torch.distributed.nn.functional import all_gather

@@ -171,7 +171,6 @@ def make_bf16_golden(modeling, configuration, reference: Path, out: Path) -> dic
     RoPE's inv_freq in fp32 (computed at init); `.to(torch.bfloat16)` on the reference would round
     it to bf16 as well, which the metadata records as a third, wrong, way to run it."""
     import transformers
-    from safetensors.torch import save_file
 
     torch.manual_seed(4321)
     model = modeling.OuroForCausalLM(configuration.OuroConfig(**TINY_BF16)).float().eval()
@@ -233,16 +232,21 @@ def make_bf16_golden(modeling, configuration, reference: Path, out: Path) -> dic
         "torch_version": torch.__version__,
         "reference_sha256": hashlib.sha256(reference.read_bytes()).hexdigest(),
     }
+    write_golden(tensors, out, metadata)
+    return metadata
+
+
+def write_golden(tensors: dict, out: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
     save_file(tensors, str(out), metadata=metadata)
     print(f"wrote {out} ({out.stat().st_size:,} bytes): {sorted(k for k in tensors if k.startswith('golden.'))}")
     print(json.dumps(metadata, indent=1))
-    return metadata
 
 
 def make_fp32_golden(modeling, configuration, reference: Path, out: Path) -> None:
     """The fp32 golden: the reference in fp32 with eager attention, 2 x 12 tokens."""
     import transformers
-    from safetensors.torch import save_file
 
     torch.manual_seed(1234)
     config = configuration.OuroConfig(**TINY)
@@ -264,9 +268,7 @@ def make_fp32_golden(modeling, configuration, reference: Path, out: Path) -> Non
         "torch_version": torch.__version__,
         "reference_sha256": hashlib.sha256(reference.read_bytes()).hexdigest(),
     }
-    save_file(tensors, str(out), metadata=metadata)
-    print(f"wrote {out} ({out.stat().st_size:,} bytes): {sorted(k for k in tensors if k.startswith('golden.'))}")
-    print(json.dumps(metadata, indent=1))
+    write_golden(tensors, out, metadata)
 
 
 def main() -> None:

@@ -37,3 +37,18 @@ def randomized(cfg: ModelConfig, seed: int = 0) -> LoopLM:
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / math.sqrt(p.shape[-1]))
     return model
+
+
+def model_and_prompt(seed: int = 0, steps: int = 3, length: int = 7, **overrides):
+    """A random tiny model whose gate spreads exits over the steps (lambda around 0.25)."""
+    model = randomized(tiny_config(recurrent_steps=steps, **overrides), seed).eval()
+    with torch.no_grad():
+        gate = model.model.early_exit_gate
+        gate.weight.normal_(0, 1.5 / math.sqrt(gate.weight.shape[1]), generator=torch.Generator().manual_seed(seed))
+        gate.bias.fill_(logit(0.25))
+    torch.manual_seed(seed + 100)
+    return model, torch.randint(5, 64, (1, length))
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))

@@ -43,3 +43,15 @@ def count_model(cfg: ModelConfig, seq_len: int) -> ModelCounts:
         forward_flops_per_token=forward,
         train_flops_per_token=3 * forward,
     )
+
+
+def decode_flops_per_token(cfg: ModelConfig, steps_used: float, context: float) -> float:
+    """Forward FLOPs of decoding one token that runs `steps_used` recurrent steps (a mean may be
+    fractional) against `context` cached positions: per step the layers' matmuls, their attention
+    over the context and the exit gate; the LM head once, at the exit step (ouro_train.inference)."""
+    h, d = cfg.hidden_size, cfg.resolved_head_dim
+    q_out, kv_out = cfg.num_heads * d, cfg.num_kv_heads * d
+    layers = cfg.num_layers * (h * q_out + 2 * h * kv_out + q_out * h + 3 * h * cfg.intermediate_size)
+    attention = cfg.num_layers * cfg.num_heads * 2 * 2 * context * d
+    per_step = 2 * (layers + h) + attention
+    return steps_used * per_step + 2 * cfg.vocab_size * h

@@ -6,6 +6,8 @@ copy without renaming. Shapes: B batch, S sequence, H hidden, N heads, K kv head
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
@@ -17,7 +19,26 @@ from ouro_train.kernels.rms_norm import rms_norm
 from ouro_train.kernels.rope import apply_rope, rotate_half
 from ouro_train.kernels.swiglu import swiglu
 
-__all__ = ["Attention", "DecoderLayer", "LMHead", "RMSNorm", "RotaryEmbedding", "SwiGLU", "apply_rope", "rotate_half"]
+
+class KVCacheSlot(Protocol):
+    """One (recurrent step, layer) slot of a decoding cache (ouro_train.inference.kv_cache)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this call's k, v (B, K, S, D) and return attention of q (B, N, S, D) over the slot."""
+        ...
+
+
+__all__ = [
+    "Attention",
+    "DecoderLayer",
+    "KVCacheSlot",
+    "LMHead",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SwiGLU",
+    "apply_rope",
+    "rotate_half",
+]
 
 
 class RMSNorm(nn.Module):
@@ -85,14 +106,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan | None,
+        cache: KVCacheSlot | None = None,
     ) -> torch.Tensor:
+        """`cache`: inference only (ouro_train.inference): the slot of this layer at this recurrent
+        step stores the new keys/values and runs the attention over everything it holds."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, N, S, D)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, K, S, D)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, K, S, D)
         q, k = apply_rope(q, cos, sin, self.kernels), apply_rope(k, cos, sin, self.kernels)
-        out = attention(q, k, v, plan)  # (B, N, S, D)
+        out = attention(q, k, v, plan) if cache is None else cache.attend(q, k, v)  # (B, N, S, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -125,10 +153,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan | None = None,
+        cache: KVCacheSlot | None = None,
     ) -> torch.Tensor:
         # x + norm_2(sublayer(norm(x))), the add fused into the second norm (one kernel with triton).
-        x = self.input_layernorm_2(self.self_attn(self.input_layernorm(x), cos, sin, plan), residual=x)
+        x = self.input_layernorm_2(self.self_attn(self.input_layernorm(x), cos, sin, plan, cache), residual=x)
         x = self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)), residual=x)
         return x
 

@@ -12,6 +12,7 @@ Parallelism (tensor parallel, ZeRO, activation checkpointing) is applied from ou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from ouro_train.config.schema import ModelConfig
 from ouro_train.kernels.attention import AttentionPlan, plan_attention
 from ouro_train.model.init import InitKind, draw_model_seed, initial_value
-from ouro_train.model.layers import DecoderLayer, LMHead, RMSNorm, RotaryEmbedding
+from ouro_train.model.layers import DecoderLayer, KVCacheSlot, LMHead, RMSNorm, RotaryEmbedding
 
 
 @dataclass
@@ -141,12 +142,18 @@ class LoopLM(nn.Module):
         return h
 
     def recurrent_step(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan | None,
+        caches: Sequence[KVCacheSlot] | None = None,
     ) -> torch.Tensor:
         """One loop: every layer in order, then the shared final norm. (B, S, H) -> (B, S, H).
-        A method of its own so that activation checkpointing can wrap a whole step."""
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, plan)
+        A method of its own so that activation checkpointing can wrap a whole step. `caches`: one
+        slot per layer, for this step (inference: ouro_train.inference)."""
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, plan) if caches is None else layer(h, cos, sin, plan, caches[i])
         return self.model.norm(h)
 
     def gate_logits(self, h: torch.Tensor) -> torch.Tensor:

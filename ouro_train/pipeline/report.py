@@ -34,7 +34,12 @@ def write_report(spec, planned, run_dir: Path) -> Path:
     fig, (ax_ce, ax_p) = plt.subplots(1, 2, figsize=(13, 4.5))
     offset = 0
     exits: list[tuple[str, list[float]]] = []
+    evaluations = []
     for stage in planned:
+        if stage.spec.kind == "eval":
+            evaluations.append(stage)
+            lines.append(f"| {stage.spec.name} | eval of {_source_name(stage)} | | | | | | | see below | | |")
+            continue
         if stage.cfg is None:
             lines.append(
                 f"| {stage.spec.name} | -> {stage.model_layers} layers x {stage.recurrent_steps} | | | | "
@@ -94,9 +99,22 @@ def write_report(spec, planned, run_dir: Path) -> Path:
         "Metrics per stage: `<stage>/metrics.jsonl`; offline wandb runs: `<stage>/wandb` (`wandb sync`).",
         "",
     ]
+    for stage in evaluations:
+        lines += _evaluation_section(stage, run_dir)
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def _evaluation_section(stage, run_dir: Path) -> list[str]:
+    """An eval stage's own report (ouro-eval's eval.md), its headings one level down and its plot
+    linked from the pipeline's directory."""
+    report = stage.directory / "eval.md"
+    if not report.is_file():
+        return [f"## {stage.spec.name}", "", "Not run yet.", ""]
+    relative = stage.directory.relative_to(run_dir) if stage.directory.is_relative_to(run_dir) else stage.directory
+    body = report.read_text().replace("](eval.png)", f"]({relative}/eval.png)")
+    return [line.replace("# ", "## ", 1) if line.startswith("# ") else line for line in body.splitlines()] + [""]
 
 
 def _lr_range(train: list[dict], cfg) -> str:

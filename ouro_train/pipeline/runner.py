@@ -79,6 +79,21 @@ def plan(spec: PipelineSpec, run_dir: Path, extra: list[str]) -> list[PlannedSta
                 PlannedStage(stage, directory, input_path, directory, [], None, 2 * previous.model_layers, steps)
             )
             continue
+        if stage.kind == "eval":  # reads its input, writes a report; the next stage starts from the same input
+            previous = next(p for p in planned if p.spec.name == source.name)
+            planned.append(
+                PlannedStage(
+                    _eval_spec(resolved.stages[index], per_stage[stage.name]),
+                    directory,
+                    input_path,
+                    input_path,
+                    [],
+                    None,
+                    previous.model_layers,
+                    previous.recurrent_steps,
+                )
+            )
+            continue
         overrides = [
             *resolved.overrides,
             *resolved.stages[index].overrides,
@@ -114,7 +129,25 @@ def plan(spec: PipelineSpec, run_dir: Path, extra: list[str]) -> list[PlannedSta
     return planned
 
 
+def _eval_spec(stage: StageSpec, overrides: list[str]) -> StageSpec:
+    """An eval stage with `NAME:key=value` overrides of its own fields (documents=64, q=[0.5,0.9])."""
+    if not overrides:
+        return stage
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(stage), OmegaConf.from_dotlist(overrides))
+        updated = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"stage {stage.name}: {overrides}: {str(error).splitlines()[0]}") from error
+    PipelineSpec(stages=[StageSpec(name="input"), updated]).validate(f"stage {stage.name}")
+    return updated
+
+
 def stage_done(stage: PlannedStage) -> bool:
+    if stage.spec.kind == "eval":
+        return (stage.directory / "eval.json").is_file()  # written last, atomically
     if stage.spec.kind == "upcycle":
         return (stage.output / "model.safetensors").is_file() and (stage.output / "train_state.json").is_file()
     if not is_complete(stage.output):
@@ -161,6 +194,24 @@ def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, n
         )
     ]
     for stage in planned:
+        if stage.spec.kind == "eval":
+            evaluation = stage.spec
+            rows.append(
+                (
+                    evaluation.name,
+                    f"{stage.model_layers}x{stage.recurrent_steps}",
+                    "-",
+                    _human(evaluation.max_tokens),
+                    "-",
+                    "-",
+                    f"eval {evaluation.documents} docs",
+                    "-",
+                    "-",
+                    f"q {','.join(f'{q:g}' for q in evaluation.q)}; KV {','.join(evaluation.kv_policies)}",
+                    "-",
+                )
+            )
+            continue
         if stage.cfg is None:
             rows.append(
                 (
@@ -230,7 +281,8 @@ def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, n
     lines.append("checkpoints:")
     for stage in planned:
         source = f"{stage.input}" if stage.input else "scratch"
-        lines.append(f"  {stage.spec.name}: from {source} -> {stage.output}")
+        target = stage.directory / "eval.json" if stage.spec.kind == "eval" else stage.output
+        lines.append(f"  {stage.spec.name}: from {source} -> {target}")
     lines.append("launch one stage alone (the runner runs exactly this):")
     for stage in planned:
         if stage.cfg is not None:
@@ -338,6 +390,11 @@ def run(
                     f"writes it first (start_at=<that stage>), or point the stage elsewhere with "
                     f"checkpoint.init_from"
                 )
+            if stage.spec.kind == "eval":
+                _evaluate(stage)  # in process; eval.json is written last, by one rename
+                if forward.requested is not None:
+                    return stopped(f"after {name}")
+                continue
             if stage.spec.kind == "upcycle":
                 # In process and committed by one rename: a signal during it is handled once it is complete.
                 _upcycle(stage)
@@ -389,6 +446,19 @@ def _upcycle(stage: PlannedStage) -> None:
         f"in {stage.output}",
         flush=True,
     )
+
+
+def _evaluate(stage: PlannedStage) -> None:
+    from ouro_train.inference.evaluate import evaluate, load_model, shard_documents, write_outputs
+
+    spec = stage.spec
+    print(f"[pipeline] {spec.name}: evaluating {stage.input} on {spec.data}", flush=True)
+    model = load_model(stage.input)
+    docs = shard_documents(Path(spec.data), spec.documents, spec.max_tokens, model.config.vocab_size)
+    result = evaluate(model, docs, tuple(spec.q), tuple(spec.kv_policies))
+    result["source"] = {"model": str(stage.input), "data": spec.data}
+    write_outputs(result, stage.directory, f"Exit evaluation ({spec.name}) of {stage.input}")
+    print(f"[pipeline] {spec.name}: {stage.directory / 'eval.md'}", flush=True)
 
 
 def _child_env() -> dict[str, str]:

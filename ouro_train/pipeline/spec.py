@@ -33,7 +33,8 @@ from ouro_train.config.store import RECIPES_DIR
 @dataclass
 class StageSpec:
     name: str = "???"
-    # `train`: an ouro-train run; `upcycle`: ouro-upcycle of the input checkpoint (N -> 2N layers).
+    # `train`: an ouro-train run; `upcycle`: ouro-upcycle of the input checkpoint (N -> 2N layers);
+    # `eval`: ouro-eval of the input checkpoint on held-out data (exit policies, KV policies).
     kind: str = "train"
     overrides: list[str] = field(default_factory=list)
     # The stage whose final checkpoint this one starts from; None: the stage before it.
@@ -42,6 +43,13 @@ class StageSpec:
     order: str = "stack"
     optimizer: str = "duplicate"
     recurrent_steps: int | None = None
+    # eval only (ouro_train/inference/evaluate.py): held-out shard directory, documents and tokens
+    # per document, Q-exit thresholds, KV policies (the first is the baseline).
+    data: str | None = None
+    documents: int = 16
+    max_tokens: int = 256
+    q: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9, 1.0])
+    kv_policies: list[str] = field(default_factory=lambda: ["full", "last"])
 
 
 @dataclass
@@ -73,8 +81,8 @@ class PipelineSpec:
             key = f"{where}: stages[{index}] ({stage.name})"
             for override in stage.overrides:
                 _refuse_old_template(override, key)
-            if stage.kind not in ("train", "upcycle"):
-                raise ConfigError(f"{key}: kind={stage.kind!r}, expected train or upcycle")
+            if stage.kind not in ("train", "upcycle", "eval"):
+                raise ConfigError(f"{key}: kind={stage.kind!r}, expected train, upcycle or eval")
             if stage.from_stage is not None and stage.from_stage not in names[:index]:
                 raise ConfigError(f"{key}: from_stage={stage.from_stage!r} is not an earlier stage ({names[:index]})")
             if stage.kind == "upcycle":
@@ -82,6 +90,18 @@ class PipelineSpec:
                     raise ConfigError(f"{key}: an upcycle stage needs a stage before it to grow")
                 if stage.order not in ("stack", "interleave") or stage.optimizer not in ("duplicate", "reset"):
                     raise ConfigError(f"{key}: order must be stack|interleave and optimizer duplicate|reset")
+
+            if stage.kind == "eval":
+                from ouro_train.inference.kv_cache import KV_POLICIES
+
+                if index == 0:
+                    raise ConfigError(f"{key}: an eval stage needs a stage before it to evaluate")
+                if not stage.data:
+                    raise ConfigError(f"{key}: an eval stage needs `data`, a held-out shard directory")
+                if stage.documents < 1 or stage.max_tokens < 2 or not all(0.0 <= q <= 1.0 for q in stage.q):
+                    raise ConfigError(f"{key}: needs documents >= 1, max_tokens >= 2 and every q in [0, 1]")
+                if not stage.kv_policies or set(stage.kv_policies) - set(KV_POLICIES):
+                    raise ConfigError(f"{key}: kv_policies {stage.kv_policies}: choose from {list(KV_POLICIES)}")
 
     def input_of(self, index: int) -> StageSpec | None:
         stage = self.stages[index]

@@ -140,6 +140,8 @@ def load_model_tokenizer(path: Path, tokenizer: Path | None = None) -> ModelToke
     what to pass when no tokenizer is found."""
     path = Path(path)
     directory = path.parent if path.is_file() else path
+    if not directory.is_dir():
+        raise CheckpointError(f"{path}: no such model directory (a checkpoint, ouro-import or ouro-export output)")
     record = read_record(directory)
     if tokenizer is not None:
         given = _given_tokenizer(Path(tokenizer))

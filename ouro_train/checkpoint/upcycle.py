@@ -19,6 +19,7 @@ import torch
 
 from ouro_train.checkpoint.optimizer_state import OPTIMIZER, read_optimizer_state, save_optimizer_state
 from ouro_train.checkpoint.store import TRAIN_STATE, read_train_state_if_any
+from ouro_train.checkpoint.tokenizer_files import copy_record
 from ouro_train.checkpoint.weights import WEIGHTS, save_weights
 from ouro_train.config.schema import ModelConfig
 from ouro_train.utils.atomic import atomic_path, remove_stale_temporaries
@@ -97,3 +98,4 @@ def write_upcycled(
         if moments is not None:
             save_optimizer_state(moments, tmp / OPTIMIZER)
         (tmp / TRAIN_STATE).write_text(json.dumps(record, indent=1) + "\n")
+        copy_record(checkpoint if checkpoint.is_dir() else checkpoint.parent, tmp)  # its tokenizer, if recorded

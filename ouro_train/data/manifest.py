@@ -3,6 +3,7 @@
 Layout written by `ouro-data tokenize` (and `ouro-data sft`):
 
     <dir>/manifest.json
+    <dir>/tokenizer.json          a copy of the tokenizer (sha256 = the manifest's), for the checkpoints
     <dir>/<source>-000000.tar     one sample per document, key = 9-digit document index:
         <key>.tokens.u16|u32      token ids, raw little-endian (dtype named by the extension)
         <key>.mask.u8             SFT only: 1 where the token is in the loss (assistant turns)

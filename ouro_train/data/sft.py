@@ -21,7 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from ouro_train.data.manifest import DataError, Manifest, dtype_for_vocab
-from ouro_train.data.tokenize import TokenizeOptions, _write_shard, expand_inputs, iter_jsonl, tokenizer_info
+from ouro_train.data.tokenize import (
+    TokenizeOptions,
+    _write_shard,
+    copy_tokenizer,
+    expand_inputs,
+    iter_jsonl,
+    tokenizer_info,
+)
 
 ROLES = ("system", "user", "assistant")
 
@@ -147,5 +154,6 @@ def build_sft_shards(
                 flush()
     flush()
     manifest = Manifest(source=source, tokenizer=info, dtype=dtype, kind="sft", shards=shards)
+    copy_tokenizer(tokenizer_path, out, info.sha256)
     manifest.save(out)
     return manifest

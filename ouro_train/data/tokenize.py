@@ -9,7 +9,8 @@ not depend on the number of workers. Crash safety:
   means a whole shard;
 * when all shards of an input file are written, a small record `.done/<file>.json` is
   committed (atomically); a re-run skips files that have one and redoes the others;
-* manifest.json is written last, from the records, only when every input file is done.
+* manifest.json is written last, from the records, only when every input file is done; just
+  before it, a copy of the tokenizer as tokenizer.json (checkpoints trained on the data carry it).
 
 A corpus without a single document with text (no documents, or only empty ones) is refused:
 no manifest is written, so it cannot be mistaken for a source.
@@ -270,5 +271,21 @@ def tokenize(inputs: list[str], options: TokenizeOptions, workers: int = 1, prog
             f"on, so no manifest was written in {out_dir}. Check the input files and --text-field "
             f"({options.text_field!r})"
         )
+    copy_tokenizer(options.tokenizer_path, out_dir, info.sha256)
     manifest.save(out_dir)
     return manifest
+
+
+def copy_tokenizer(tokenizer_path: str | Path, out_dir: Path, sha256: str) -> Path:
+    """tokenizer.json beside the manifest (before it is written), so that a data directory carries
+    its tokenizer and the checkpoints trained on it can copy it (checkpoint/tokenizer_files.py)."""
+    from ouro_train.data.manifest import file_sha256
+
+    target = Path(out_dir) / "tokenizer.json"
+    if target.is_file() and file_sha256(target) == sha256:
+        return target
+    data = Path(tokenizer_path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"{tokenizer_path}: changed while tokenizing (sha256 differs); run the command again")
+    atomic_write_bytes(target, data)
+    return target

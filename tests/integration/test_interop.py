@@ -8,6 +8,9 @@ import pytest
 import torch
 from cli_runs import TINY, run_cli
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from ouro_train.checkpoint.tokenizer_files import load_model_tokenizer
 
 pytestmark = pytest.mark.slow  # CLI subprocesses
 
@@ -24,11 +27,23 @@ def test_export_import_round_trip_and_init_from(tmp_path):
     original = load_file(checkpoint / "model.safetensors")
     assert "model.layers.1.input_layernorm_2.weight" in original and "lm_head.weight" in original
 
+    # The checkpoint carries the tokenizer it was trained with (the cached demo tokenizer).
+    (cached,) = (tmp_path / "cache").glob("tokenizer-*.json")
+    assert (checkpoint / "tokenizer.json").read_bytes() == cached.read_bytes()
+    assert json.loads((checkpoint / "tokenizer_info.json").read_text())["eos_ids"] == [0]
+
     run(tmp_path, "ouro-export", str(checkpoint), str(tmp_path / "hf32"), "--dtype", "float32")
     config = json.loads((tmp_path / "hf32" / "config.json").read_text())
     assert config["model_type"] == "ouro" and config["total_ut_steps"] == 4 and config["num_hidden_layers"] == 2
     assert config["architectures"] == ["OuroForCausalLM"] and config["tie_word_embeddings"] is False
+    # The demo tokenizer's ids (EOS <|endoftext|> = 0, no BOS), not the released model's 1 / 2.
+    assert (config["bos_token_id"], config["eos_token_id"]) == (None, 0)
+    assert json.loads((tmp_path / "hf32" / "generation_config.json").read_text())["eos_token_id"] == 0
+    assert (tmp_path / "hf32" / "tokenizer_config.json").is_file() and (tmp_path / "hf32" / "tokenizer.json").is_file()
     run(tmp_path, "ouro-import", str(tmp_path / "hf32"), str(tmp_path / "imported32"))
+    text = "def f(x):\n    return x + 1\n"
+    want = Tokenizer.from_file(str(cached)).encode(text).ids
+    assert load_model_tokenizer(tmp_path / "imported32").tokenizer.encode(text).ids == want
     imported = load_file(tmp_path / "imported32" / "model.safetensors")
     assert imported.keys() == original.keys()
     assert all(torch.equal(imported[k], original[k]) for k in original)  # fp32: bit exact
@@ -81,6 +96,7 @@ def test_upcycle_cli_writes_weights_a_bigger_model_trains_from(tmp_path):
     plan = run(tmp_path, "ouro-upcycle", str(checkpoint), "--dry-run")
     assert "2 layers x 4 steps -> 4 layers x 2 steps" in plan.stdout and not (tmp_path / "up").exists()
     out = run(tmp_path, "ouro-upcycle", str(checkpoint), str(tmp_path / "up"), "--order", "interleave")
+    assert (tmp_path / "up" / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
     assert "model.num_layers=4 model.recurrent_steps=2" in out.stdout
     grown = run(
         tmp_path,

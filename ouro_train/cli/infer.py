@@ -28,7 +28,9 @@ ERRORS = (CheckpointError, ConfigError, DataError, ValueError, FileNotFoundError
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="checkpoint, ouro-import weights or exported HF directory")
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json, when the model directory has none")
+    parser.add_argument(
+        "--tokenizer", type=Path, help="tokenizer.json (or a directory with one), when the model directory has none"
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -37,9 +39,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _tokenizer(args):
-    from ouro_train.checkpoint.tokenizer_files import load_model_tokenizer, tokenizer_from_file
+    from ouro_train.checkpoint.tokenizer_files import load_model_tokenizer
 
-    return tokenizer_from_file(args.tokenizer) if args.tokenizer else load_model_tokenizer(args.model)
+    return load_model_tokenizer(args.model, args.tokenizer)
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:

@@ -51,7 +51,8 @@ def load_model(path: Path, dtype: str = "float32", device: str = "cpu") -> LoopL
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if path.is_dir() and (path / "config.json").is_file() and not _has_saved_config(path / WEIGHTS):
-        cfg, state, _ = import_hf(path)
+        imported = import_hf(path)
+        cfg, state = imported.cfg, imported.state
     else:
         state, raw = read_weights(path)
         if not raw:

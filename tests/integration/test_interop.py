@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from ouro_train.checkpoint.tokenizer_files import load_model_tokenizer
+from ouro_train.cli.infer import eval_main, generate_main
 
 pytestmark = pytest.mark.slow  # CLI subprocesses
 
@@ -21,7 +22,13 @@ def run(tmp: Path, program: str, *args: str, check: bool = True) -> subprocess.C
     return run_cli(tmp, *args, program=program, check=check)
 
 
-def test_export_import_round_trip_and_init_from(tmp_path):
+def generated_json(capsys, model: Path) -> dict:
+    argv = [str(model), "--prompt", "def f(x):", "--max-new-tokens", "12", "--exit", "q:0.5", "--json"]
+    assert generate_main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_export_import_round_trip_and_init_from(tmp_path, capsys):
     run(tmp_path, "ouro-train", f"run_dir={tmp_path / 'run'}", *TRAIN)
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
     original = load_file(checkpoint / "model.safetensors")
@@ -47,6 +54,25 @@ def test_export_import_round_trip_and_init_from(tmp_path):
     imported = load_file(tmp_path / "imported32" / "model.safetensors")
     assert imported.keys() == original.keys()
     assert all(torch.equal(imported[k], original[k]) for k in original)  # fp32: bit exact
+
+    # ouro-generate gives the same tokens on the checkpoint, its export and the re-import (fp32),
+    # with the real early exit; ouro-eval reads the same directories.
+    generated = {
+        name: generated_json(capsys, tmp_path / name if name != "checkpoint" else checkpoint)
+        for name in ("checkpoint", "hf32", "imported32")
+    }
+    assert generated["checkpoint"] == generated["hf32"] == generated["imported32"]
+    assert 1 <= len(generated["checkpoint"]["tokens"]) <= 12 and all(
+        1 <= e <= 4 for e in generated["checkpoint"]["exit_steps"]
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"text": text * 3}) + "\n" + json.dumps({"text": "import os\nprint(os.sep)"}) + "\n")
+    assert (
+        eval_main([str(tmp_path / "hf32"), "--prompts", str(prompts), "--out", str(tmp_path / "eval"), "--q", "0.5,1"])
+        == 0
+    )
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["documents"] == 2 and [r["exit"] for r in result["runs"][:3]] == ["all", "q:0.5", "q:1"]
 
     run(tmp_path, "ouro-export", str(checkpoint), str(tmp_path / "hf16"))  # bfloat16, as released
     run(tmp_path, "ouro-import", str(tmp_path / "hf16"), str(tmp_path / "imported16"))

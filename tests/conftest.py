@@ -12,3 +12,11 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
     if "triton" in sys.modules:
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
+
+# One intra-op thread per test process. `make test` runs 2 xdist workers on 2 cores, and many tests
+# start 2-4 more processes (gloo ranks, CLI runs): with torch's default of a thread per core they
+# oversubscribe the cores and OpenMP's spinning threads wait on each other (a tiny CLI run took
+# 1.7x as long with 2 threads as with 1 on a loaded 2-core machine). Child processes inherit it.
+# The tests use tiny tensors, where one thread loses nothing; a test that needs more sets its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

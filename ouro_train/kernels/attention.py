@@ -187,9 +187,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attention
     return _flash_varlen(q, k, v, plan)
 
 
-# Python loops over segments are not graph material: under torch.compile the layer compiles around
-# this call (graph break) instead of recompiling for every new document layout.
-@torch.compiler.disable
+def prepare_for_compile() -> None:
+    """Call before torch.compile of a model (parallel.compile does): the functions below run eagerly
+    inside a compiled model, a graph break each. `_sdpa_segments`: Python loops over segments are
+    not graph material, compiled it would recompile for every new document layout; `_flash_varlen`
+    takes max_seqlen as a Python int, which would recompile for every new value. Done here and not
+    by decorating them, because `torch.compiler.disable` imports torch._dynamo, seconds of every
+    process start (each test's CLI run, each rank) that nothing uncompiled needs."""
+    for name in ("_sdpa_segments", "_flash_varlen"):
+        function = globals()[name]
+        if not getattr(function, "_torchdynamo_disable", False):
+            globals()[name] = torch.compiler.disable(function)
+
+
 def _sdpa_segments(q, k, v, segments, gqa: bool) -> torch.Tensor:
     rows = []
     for b, spans in enumerate(segments):
@@ -238,8 +248,6 @@ def _flash_function():
     return flash_attn_varlen_func
 
 
-# flash_attn_varlen_func takes max_seqlen as a Python int: compiled, every new value would recompile.
-@torch.compiler.disable
 def _flash_varlen(q, k, v, plan: AttentionPlan) -> torch.Tensor:
     if q.device.type != "cuda":
         raise AttentionBackendError(

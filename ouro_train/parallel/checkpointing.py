@@ -39,6 +39,9 @@ def apply_compile(model: LoopLM) -> LoopLM:
     traces the checkpoint wrapper); before DeepSpeed. The layers share one code object, so the first
     compiles and the others reuse its graph. Attention over packed rows with `sdpa` / `flash` runs
     outside the graph (kernels/attention.py), the rest of the layer inside."""
+    from ouro_train.kernels.attention import prepare_for_compile
+
+    prepare_for_compile()
     for layer in model.model.layers:
         layer.compile()
     return model

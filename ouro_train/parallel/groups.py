@@ -4,6 +4,7 @@ tensor- and data-parallel groups on top, and the adapter DeepSpeed needs to use 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -90,9 +91,9 @@ def init_parallel(cfg: ParallelConfig, model: ModelConfig, device: str, group: b
 
 
 def destroy_parallel() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    # Only if megatron was imported (a parallel run): importing it just to find nothing costs seconds.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -90,6 +90,7 @@ def test_gate_training_leaves_the_lm_bit_identical_and_lowers_the_gate_loss():
     assert loss_after < 0.95 * loss_before  # measured 0.448 -> 0.395, (loss_before, loss_after)
 
 
+@pytest.mark.slow  # 4-5 s on 2 busy cores
 def test_only_the_gate_gets_gradients_and_optimizer_state():
     cfg = gate_config()
     model = handed_off_model(cfg)

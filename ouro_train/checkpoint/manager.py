@@ -386,10 +386,12 @@ class Checkpointer:
                 "shards only to ZeRO 1/2: keep parallel.zero_stage on the same side, or start from its weights with "
                 f"checkpoint.init_from={path}"
             )
-        from ouro_train.checkpoint.universal import ensure_universal
+        from ouro_train.checkpoint.universal import ensure_universal, restore_frozen_parameters
 
         universal = ensure_universal(path, self.rank, trust=self.cfg.checkpoint.trust_engine_files)
         trainer.engine.load_checkpoint(universal, universal=True)
+        # The universal checkpoint covers only the optimizer's parameters (stage II: the exit gate).
+        restore_frozen_parameters(trainer.engine.module, path, self.rank)  # tensor parallel 1 here: rank = dp rank
         if self.rank == 0:
             print(f"resumed {change} (through {universal})")
 

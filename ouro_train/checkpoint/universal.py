@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,16 +34,31 @@ UNIVERSAL_DIR = "universal"
 TAG = "state"
 
 
-def universal_checkpoint_info(vocab_size: int) -> dict:
+PATTERNS = {
+    "tp_replicated_parameter_patterns": [r".*norm.*\.weight$", r".*early_exit_gate\..*"],
+    "parameter_with_row_parallelism_patterns": [r".*self_attn\.o_proj\.weight$", r".*mlp\.down_proj\.weight$"],
+    "vocabulary_parameter_patterns": [r".*embed_tokens\.weight$", r"^lm_head\.weight$"],
+}
+
+
+def universal_checkpoint_info(vocab_size: int, trained: list[str] | None = None) -> dict:
     """How `ds_to_universal` merges tensor-parallel slices of this model (megatron-core layers with
     the reference key names): column-parallel linears are cut along dim 0 (the default), row-parallel
     ones along dim 1, the embedding and head along the vocabulary; norms and the exit gate are
-    replicated on every tensor-parallel rank."""
+    replicated on every tensor-parallel rank.
+
+    `trained`: the names of the parameters the optimizer holds (None: all). ds_to_universal converts
+    only those (a frozen parameter has no optimizer state; DeepSpeed keeps it in the model-states
+    file) and, run strict, refuses a pattern that matches none of them: stage II (`objective.kind=gate`)
+    trains the exit gate alone, so its checkpoints list the gate's pattern only."""
+    patterns = PATTERNS
+    if trained is not None:
+        patterns = {
+            key: [p for p in values if any(re.match(p, name) for name in trained)] for key, values in PATTERNS.items()
+        }
     return {
         "universal_checkpoint_version": 0.2,
-        "tp_replicated_parameter_patterns": [r".*norm.*\.weight$", r".*early_exit_gate\..*"],
-        "parameter_with_row_parallelism_patterns": [r".*self_attn\.o_proj\.weight$", r".*mlp\.down_proj\.weight$"],
-        "vocabulary_parameter_patterns": [r".*embed_tokens\.weight$", r"^lm_head\.weight$"],
+        **patterns,
         # The vocabulary is never padded here: tensor_parallel must divide it (ParallelConfig.check_world).
         "original_vocab_size": vocab_size,
         "padded_vocab_size": vocab_size,
@@ -140,3 +156,34 @@ def _one_thread_while_forking(forking: bool) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def restore_frozen_parameters(module: torch.nn.Module, checkpoint: Path, dp_rank: int) -> list[str]:
+    """Every rank, after a universal load: set the frozen parameters (requires_grad False) from the
+    checkpoint's consolidated weights; -> their names.
+
+    A universal checkpoint holds only what the optimizer held: DeepSpeed's universal load (0.19.8)
+    sets the trained parameters from their fp32 copies in `zero/` and reads no module weights, so a
+    frozen parameter (all but the exit gate in stage II, `objective.kind=gate`) would keep the value
+    this process built (the seeded initial weights, not the checkpoint's). model.safetensors holds
+    every parameter in fp32, so they come back bit for bit. No tensor parallel here (the manager
+    refuses a universal resume with it): a ZeRO-3 partition is gathered, set on data-parallel rank 0
+    and partitioned again; a whole parameter is set on every rank."""
+    frozen = [(name, param) for name, param in module.named_parameters() if not param.requires_grad]
+    if not frozen:
+        return []
+    from ouro_train.checkpoint.weights import SafetensorsWeights
+    from ouro_train.parallel.materialize import parameter_shapes
+
+    source = SafetensorsWeights(checkpoint, parameter_shapes(module))
+    for name, param in frozen:
+        if hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if dp_rank == 0:
+                    param.data.copy_(source.get(name))
+        else:
+            param.copy_(source.get(name))
+    return [name for name, _ in frozen]

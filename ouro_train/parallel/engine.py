@@ -82,7 +82,8 @@ class DeepSpeedEngine:
         from ouro_train.checkpoint.universal import universal_checkpoint_info
 
         # Saved with every checkpoint: what ds_to_universal needs to resume at another layout.
-        setattr(model, UNIVERSAL_CHECKPOINT_INFO, universal_checkpoint_info(cfg.model.vocab_size))
+        trained = [name for name, param in model.named_parameters() if param.requires_grad]
+        setattr(model, UNIVERSAL_CHECKPOINT_INFO, universal_checkpoint_info(cfg.model.vocab_size, trained))
         self.group_settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp_size), mpu=mpu

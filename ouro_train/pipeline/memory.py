@@ -15,6 +15,11 @@ kernels over document segments, so their scores are never stored (O(s) log-sum-e
 34 h); compiled `flex` adds its BlockMask, O((s/128)^2) indices. Eager `flex` (on CPU, where it
 is not compiled) materialises fp32 scores and probabilities, heads x s^2 per call: the one S^2
 term left, which the plan warns about.
+
+Stage II (`objective.kind=gate`) trains the exit gate alone: gradients and moments cover its
+h + 1 parameters only, and the frozen layers record no autograd graph, so the activations are one
+layer use's working set plus the R final states the gate loss reads (4 h bytes per token each),
+whatever the checkpointing policy.
 """
 
 from __future__ import annotations
@@ -65,12 +70,16 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     params = count_model(m, cfg.train.seq_len).total_params / tp
     zero = par.zero_stage
     weights = 4 * params / (dp if zero >= 3 else 1)
-    grads = 4 * params / (dp if zero >= 2 else 1)
-    moments = 8 * params / (dp if zero >= 1 else 1)
+    gate = cfg.objective.kind == "gate"
+    trained = m.hidden_size + 1 if gate else params  # the exit gate is replicated over tensor parallel
+    grads = 4 * trained / (dp if zero >= 2 else 1)
+    moments = 8 * trained / (dp if zero >= 1 else 1)
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len / (tp if par.sequence_parallel else 1)
     h, uses = m.hidden_size, m.num_layers * m.recurrent_steps
     per_use = 34 * h * tokens
-    if par.activation_checkpointing == "none":
+    if gate:
+        activations = per_use + 4 * h * tokens * m.recurrent_steps
+    elif par.activation_checkpointing == "none":
         activations = per_use * uses
     elif par.activation_checkpointing == "layer":
         activations = 4 * h * tokens * uses + per_use

@@ -76,3 +76,34 @@ def test_missing_or_weights_only_inputs_fail_clearly(tmp_path):
     assert out.returncode == 2 and "optimizer.safetensors: missing" in out.stderr
     bad = run(tmp_path, "z", "train.steps=2", "checkpoint.init_optimizer=true", check=False)
     assert bad.returncode == 2 and "checkpoint.init_optimizer" in bad.stderr and "init_from" in bad.stderr
+
+
+def test_sft_hands_its_weights_to_gate_training_which_changes_only_the_gate(tmp_path):
+    """The last hand-off of the pipelines: stage=gate_training from a stage's final checkpoint,
+    weights only (fresh optimizer, no optimizer.safetensors needed); its final weights are the
+    input's bit for bit except the exit gate."""
+    from safetensors.torch import load_file
+
+    run(tmp_path, "sft", "train.steps=2")
+    final = tmp_path / "sft" / "checkpoints" / "step_00000002"
+    (final / "optimizer.safetensors").unlink()  # weights only: the gate stage must not need it
+    gate = run(
+        tmp_path,
+        "gate",
+        "stage=gate_training",
+        "train.tokens=null",
+        "train.global_batch_tokens=null",
+        "train.steps=3",
+        "schedule.warmup_steps=1",
+        "train.seq_len=32",
+        "train.micro_batch_size=2",
+        "model.rope_theta=10000",
+        f"checkpoint.init_from={final}",
+    )
+    assert f"stage gate_training starts from {final}: weights\n" in gate.stdout
+    before = load_file(final / "model.safetensors")
+    after = load_file(tmp_path / "gate" / "checkpoints" / "step_00000003" / "model.safetensors")
+    assert set(before) == set(after)
+    for name, value in before.items():
+        changed = not (after[name] == value).all()
+        assert changed == name.startswith("model.early_exit_gate."), name

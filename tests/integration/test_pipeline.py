@@ -88,8 +88,8 @@ def test_demo_pipeline_runs_every_stage_skips_and_resumes(tmp_path):
 
     done = pipeline(tmp_path)
     assert "[pipeline] stable2: finished earlier" in done.stdout
-    assert "[pipeline] done: 8 stages" in done.stdout
-    for name in ("warmup", "stable1", "stable2", "ct_anneal", "longct", "midtrain", "sft"):
+    assert "[pipeline] done: 9 stages" in done.stdout
+    for name in ("warmup", "stable1", "stable2", "ct_anneal", "longct", "midtrain", "sft", "gate_training"):
         steps = steps_logged(run / name)
         assert steps == list(range(1, len(steps) + 1)) and steps, (name, steps)  # no step lost or doubled
         assert (run / name / "final_eval.json").is_file()
@@ -99,7 +99,7 @@ def test_demo_pipeline_runs_every_stage_skips_and_resumes(tmp_path):
     assert list((run / "sft" / "wandb").glob("offline-run-*"))
 
     again = pipeline(tmp_path)
-    assert again.stdout.count("finished earlier") == 8
+    assert again.stdout.count("finished earlier") == 9
 
 
 def test_a_stage_whose_input_is_missing_fails_clearly(tmp_path):

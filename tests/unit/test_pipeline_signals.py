@@ -19,7 +19,7 @@ from ouro_train.pipeline.spec import load_pipeline
 from ouro_train.train.signals import EXIT_STOPPED
 from ouro_train.utils.atomic import is_temporary
 
-STAGES = ["warmup", "stable1", "upcycle", "stable2", "ct_anneal", "longct", "midtrain", "sft"]
+STAGES = ["warmup", "stable1", "upcycle", "stable2", "ct_anneal", "longct", "midtrain", "sft", "gate_training"]
 
 
 def write_final_checkpoint(stage: runner.PlannedStage) -> None:

@@ -93,8 +93,9 @@ class Document:
 
 
 def shard_documents(directory: Path, count: int, max_tokens: int, vocab_size: int) -> list[Document]:
-    """The first `count` documents (of at least 2 tokens) of a shard directory, each cut to
-    `max_tokens`; shards are checked against their manifest's sha256 before reading."""
+    """The first `count` windows of at most `max_tokens` tokens (at least 2, with a scored token) of
+    a shard directory's documents in order, a long document giving several consecutive windows
+    (each scored from its own start); shards are checked against their manifest's sha256 first."""
     from ouro_train.data.manifest import check_fits_model, load_manifest
     from ouro_train.data.source import ShardReader
 
@@ -113,12 +114,13 @@ def shard_documents(directory: Path, count: int, max_tokens: int, vocab_size: in
         )
         for index in range(info.documents):
             tokens, mask = reader.read(index)
-            tokens = torch.from_numpy(tokens[:max_tokens].astype(np.int64))
-            loss = None if mask is None else torch.from_numpy(mask[:max_tokens].astype(bool))
-            if tokens.numel() >= 2 and (loss is None or loss[1:].any()):
-                docs.append(Document(tokens, loss))
-            if len(docs) == count:
-                return docs
+            for start in range(0, len(tokens), max_tokens):  # a long document: consecutive windows
+                window = torch.from_numpy(tokens[start : start + max_tokens].astype(np.int64))
+                loss = None if mask is None else torch.from_numpy(mask[start : start + max_tokens].astype(bool))
+                if window.numel() >= 2 and (loss is None or loss[1:].any()):
+                    docs.append(Document(window, loss))
+                if len(docs) == count:
+                    return docs
     if not docs:
         raise ValueError(f"{directory}: no document of 2 tokens or more")
     return docs

@@ -24,6 +24,8 @@ SMALL = [
     "checkpoint.every_steps=1",
     "warmup:schedule.warmup_steps=2",
     "sft:schedule.warmup_steps=1",
+    "eval:documents=3",
+    "eval:max_tokens=40",
 ]
 
 
@@ -88,7 +90,7 @@ def test_demo_pipeline_runs_every_stage_skips_and_resumes(tmp_path):
 
     done = pipeline(tmp_path)
     assert "[pipeline] stable2: finished earlier" in done.stdout
-    assert "[pipeline] done: 9 stages" in done.stdout
+    assert "[pipeline] done: 10 stages" in done.stdout
     for name in ("warmup", "stable1", "stable2", "ct_anneal", "longct", "midtrain", "sft", "gate_training"):
         steps = steps_logged(run / name)
         assert steps == list(range(1, len(steps) + 1)) and steps, (name, steps)  # no step lost or doubled
@@ -96,10 +98,15 @@ def test_demo_pipeline_runs_every_stage_skips_and_resumes(tmp_path):
     report = (run / "report.md").read_text()
     assert "| sft | 2 layers x 4 |" in report and "upcycle (stack" in report
     assert (run / "loss_per_step.png").stat().st_size > 10_000
+    # The eval stage: ouro-eval of gate_training's final checkpoint, its plot in the report.
+    evaluation = json.loads((run / "eval" / "eval.json").read_text())
+    assert evaluation["documents"] == 3 and evaluation["source"]["model"].endswith("step_00000004")
+    assert [r["exit"] for r in evaluation["runs"]][:2] == ["all", "q:0.3"]
+    assert "](eval/eval.png)" in report and (run / "eval" / "eval.png").stat().st_size > 10_000
     assert list((run / "sft" / "wandb").glob("offline-run-*"))
 
     again = pipeline(tmp_path)
-    assert again.stdout.count("finished earlier") == 9
+    assert again.stdout.count("finished earlier") == 10
 
 
 def test_a_stage_whose_input_is_missing_fails_clearly(tmp_path):

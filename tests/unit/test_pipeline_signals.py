@@ -19,7 +19,7 @@ from ouro_train.pipeline.spec import load_pipeline
 from ouro_train.train.signals import EXIT_STOPPED
 from ouro_train.utils.atomic import is_temporary
 
-STAGES = ["warmup", "stable1", "upcycle", "stable2", "ct_anneal", "longct", "midtrain", "sft", "gate_training"]
+STAGES = ["warmup", "stable1", "upcycle", "stable2", "ct_anneal", "longct", "midtrain", "sft", "gate_training", "eval"]
 
 
 def write_final_checkpoint(stage: runner.PlannedStage) -> None:
@@ -58,6 +58,11 @@ class FakeStages:
         name = next(a.split("=", 1)[1] for a in command if a.startswith("stage_name="))
         self.launched.append(name)
         return FakeChild(self, name)
+
+    def evaluate(self, stage: runner.PlannedStage) -> None:
+        """The eval stage, run in process by the runner: recorded like a launch."""
+        self.launched.append(stage.spec.name)
+        self.done.add(stage.spec.name)
 
     def stage_done(self, stage: runner.PlannedStage) -> bool:
         hook = self.on_stage_done.pop(stage.spec.name, None)
@@ -101,6 +106,7 @@ def pipeline(tmp_path, monkeypatch):
     stages = FakeStages(runner.plan(spec, run_dir, []))
     monkeypatch.setattr(runner, "subprocess", SimpleNamespace(Popen=stages.popen))
     monkeypatch.setattr(runner, "stage_done", stages.stage_done)
+    monkeypatch.setattr(runner, "_evaluate", stages.evaluate)
     monkeypatch.setattr("ouro_train.pipeline.report.write_report", lambda spec, planned, run_dir: run_dir / "report.md")
     return SimpleNamespace(spec=spec, run_dir=run_dir, stages=stages, run=lambda: runner.run(spec, run_dir, []))
 

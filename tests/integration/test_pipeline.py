@@ -24,6 +24,8 @@ SMALL = [
     "checkpoint.every_steps=1",
     "warmup:schedule.warmup_steps=2",
     "sft:schedule.warmup_steps=1",
+    "logging.wandb=false",  # ~5 s per stage run; sft checks the wandb integration
+    "sft:logging.wandb=true",
     "eval:documents=3",
     "eval:max_tokens=40",
 ]

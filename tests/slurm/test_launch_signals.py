@@ -58,7 +58,7 @@ def last_logged_step(run_dir: Path) -> int:
 def test_term_to_the_trainer_and_its_wandb_service_still_saves(tmp_path):
     run_dir = tmp_path / "run"
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    proc = start_cli(tmp_path, f"run_dir={run_dir}", *ENDLESS, **pipes)
+    proc = start_cli(tmp_path, f"run_dir={run_dir}", *ENDLESS, "logging.wandb=true", **pipes)
     try:
         wait_for_steps(run_dir / "metrics.jsonl", 3, proc)
         service = [pid for pid in children(proc.pid) if "wandb-core" in command_line(pid)]

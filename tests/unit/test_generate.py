@@ -240,3 +240,17 @@ def test_bf16_generation_tracks_fp32():
     assert half.tokens.dtype == torch.long
     # First token: same prompt, so the logits agree to bf16 accuracy.
     torch.testing.assert_close(half.step_logits[0], fp32.step_logits[0], rtol=0.05, atol=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decoding_matches_cpu():
+    """fp32 on the GPU: the same tokens and exits as on the CPU; bf16: first-token logits close."""
+    model, prompt = model_and_prompt(seed=13, steps=4)
+    cpu = generate(model, prompt, max_new_tokens=8, exit_policy="q:0.5", record_step_logits=True)
+    gpu_model = model.to("cuda")
+    gpu = generate(gpu_model, prompt.cuda(), max_new_tokens=8, exit_policy="q:0.5", kv_policy="last")
+    same = generate(gpu_model, prompt.cuda(), max_new_tokens=8, exit_policy="q:0.5", record_step_logits=True)
+    assert same.tokens.cpu().tolist() == cpu.tokens.tolist() and gpu.lengths.tolist() == [8]
+    half = generate(gpu_model.to(torch.bfloat16), prompt.cuda(), max_new_tokens=2, record_step_logits=True)
+    torch.testing.assert_close(half.step_logits[0].cpu(), cpu.step_logits[0], rtol=0.05, atol=0.1)

@@ -129,7 +129,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def _synth_mano(args: argparse.Namespace) -> int:
     from data_tools.mano import write_dataset
 
-    info = write_dataset(args.out, args.seed, args.max_ops, args.train_samples, args.test_per_length, args.jsonl)
+    info = write_dataset(
+        args.out, args.seed, args.max_ops, args.train_samples, args.test_per_length, args.jsonl, args.modulus
+    )
     print(
         f"mano (F_{info['modulus']}, 1..{info['max_ops']} ops, seed {info['seed']}): "
         f"{info['train_samples']:,} training samples ({info['train_tokens']:,} tokens), "
@@ -205,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-samples", type=int, default=100_000)
     p.add_argument("--test-per-length", type=int, default=200, help="held-out expressions per number of ops")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modulus", type=int, default=23, help="the prime p of F_p (<= 23: numbers are single tokens)")
     p.add_argument("--jsonl", action="store_true", help="also write train.jsonl")
     p.set_defaults(run=_synth_mano)
     return parser

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-MODULUS = 23
+MODULUS = 23  # the paper's field; the vocabulary holds 0..22 whatever prime a data set uses
+PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23)
 OPERATORS = ("+", "-", "*")
 MAX_OPS = 32  # <len_1> .. <len_32>: the vocabulary does not depend on L
 EOS, BOS, ANS, PAD = "<|endoftext|>", "<bos>", "<ans>", "<pad>"
@@ -44,21 +45,25 @@ def doc_length(max_ops: int) -> int:
     return 2 * max_ops + 6
 
 
-def random_expression(rng: random.Random, ops: int) -> list[str]:
+def random_expression(rng: random.Random, ops: int, modulus: int = MODULUS) -> list[str]:
     """A random expression tree with `ops` operations, in prefix notation."""
     if ops == 0:
-        return [str(rng.randrange(MODULUS))]
+        return [str(rng.randrange(modulus))]
     left = rng.randrange(ops)  # operations in the left subtree: 0 .. ops-1
-    return [rng.choice(OPERATORS), *random_expression(rng, left), *random_expression(rng, ops - 1 - left)]
+    return [
+        rng.choice(OPERATORS),
+        *random_expression(rng, left, modulus),
+        *random_expression(rng, ops - 1 - left, modulus),
+    ]
 
 
-def evaluate(expression: list[str]) -> int:
-    """The value in F_23 of a prefix expression (read right to left with a stack)."""
+def evaluate(expression: list[str], modulus: int = MODULUS) -> int:
+    """The value in F_p (p = `modulus`) of a prefix expression (read right to left with a stack)."""
     stack: list[int] = []
     for token in reversed(expression):
         if token in OPERATORS:
             a, b = stack.pop(), stack.pop()
-            stack.append((a + b if token == "+" else a - b if token == "-" else a * b) % MODULUS)
+            stack.append((a + b if token == "+" else a - b if token == "-" else a * b) % modulus)
         else:
             stack.append(int(token))
     if len(stack) != 1:
@@ -81,32 +86,40 @@ class Sample:
         return {"ops": self.ops, "expression": " ".join(self.expression), "answer": self.answer, "text": self.text}
 
 
-def _draw(rng: random.Random, ops: int) -> Sample:
-    expression = tuple(random_expression(rng, ops))
-    return Sample(ops, expression, evaluate(list(expression)))
+def _draw(rng: random.Random, ops: int, modulus: int) -> Sample:
+    expression = tuple(random_expression(rng, ops, modulus))
+    return Sample(ops, expression, evaluate(list(expression), modulus))
 
 
-def generate(seed: int, max_ops: int, train_samples: int, test_per_length: int) -> tuple[list[Sample], list[Sample]]:
-    """-> (training samples, test samples). Deterministic in `seed`; no test expression in training."""
+# Binary trees with n internal nodes (Catalan numbers), for the count of distinct expressions.
+CATALAN = (1, 1, 2, 5, 14, 42, 132, 429)
+
+
+def generate(
+    seed: int, max_ops: int, train_samples: int, test_per_length: int, modulus: int = MODULUS
+) -> tuple[list[Sample], list[Sample]]:
+    """-> (training samples, test samples). Deterministic in `seed`; no test expression in training.
+    A length with few distinct expressions (1 op: 3 p^2) holds out at most a quarter of them."""
     if not 1 <= max_ops <= MAX_OPS:
         raise ValueError(f"max_ops must be in [1, {MAX_OPS}], got {max_ops}")
+    if modulus not in PRIMES:
+        raise ValueError(f"modulus must be a prime <= {MODULUS} (numbers are single tokens), got {modulus}")
     rng = random.Random(seed)
     test: list[Sample] = []
     held_out: set[tuple[str, ...]] = set()
     for ops in range(1, max_ops + 1):
-        distinct = len(OPERATORS) ** ops * MODULUS ** (ops + 1)  # an upper bound over tree shapes: fine for ops=1
-        if test_per_length > distinct // 4:
-            raise ValueError(f"{test_per_length} test expressions of {ops} ops would hold out too many of {distinct}")
+        shapes = CATALAN[ops] if ops < len(CATALAN) else CATALAN[-1]
+        distinct = shapes * len(OPERATORS) ** ops * modulus ** (ops + 1)
         drawn = 0
-        while drawn < test_per_length:
-            sample = _draw(rng, ops)
+        while drawn < min(test_per_length, distinct // 4):
+            sample = _draw(rng, ops, modulus)
             if sample.expression not in held_out:
                 held_out.add(sample.expression)
                 test.append(sample)
                 drawn += 1
     train: list[Sample] = []
     while len(train) < train_samples:
-        sample = _draw(rng, rng.randint(1, max_ops))
+        sample = _draw(rng, rng.randint(1, max_ops), modulus)
         if sample.expression not in held_out:
             train.append(sample)
     return train, test
@@ -157,7 +170,13 @@ def write_shards(
 
 
 def write_dataset(
-    out: str | Path, seed: int, max_ops: int, train_samples: int, test_per_length: int, jsonl: bool = False
+    out: str | Path,
+    seed: int,
+    max_ops: int,
+    train_samples: int,
+    test_per_length: int,
+    jsonl: bool = False,
+    modulus: int = MODULUS,
 ) -> dict:
     """The whole data set under `out`: tokenizer.json, train/ and test/ shards, test.jsonl (the
     evaluation's input), train.jsonl with `jsonl`, and mano.json (the parameters and counts)."""
@@ -165,7 +184,7 @@ def write_dataset(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train, test = generate(seed, max_ops, train_samples, test_per_length)
+    train, test = generate(seed, max_ops, train_samples, test_per_length, modulus)
     tokenizer_path = save_tokenizer(build_tokenizer(), out / "tokenizer.json")
     tokenizer = build_tokenizer()
     for name, samples in (("train", train), ("test", test)):
@@ -179,7 +198,7 @@ def write_dataset(
     info = {
         "seed": seed,
         "max_ops": max_ops,
-        "modulus": MODULUS,
+        "modulus": modulus,
         "train_samples": len(train),
         "test_samples": len(test),
         "test_per_length": test_per_length,

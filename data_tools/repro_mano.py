@@ -34,11 +34,12 @@ EXPERIMENTS = ("mano_flat", "mano_looped", "mano_flat_deep")
 
 @dataclass
 class Settings:
-    max_ops: int = 6
-    train_samples: int = 60_000
+    max_ops: int = 4
+    train_samples: int = 80_000
     test_per_length: int = 200
     seed: int = 0
     q: float = 0.5
+    modulus: int = 7
 
     def data_key(self) -> dict:
         return {
@@ -46,6 +47,7 @@ class Settings:
             "max_ops": self.max_ops,
             "train_samples": self.train_samples,
             "test_per_length": self.test_per_length,
+            "modulus": self.modulus,
         }
 
 
@@ -60,22 +62,49 @@ def prepare_data(data_dir: Path, settings: Settings) -> dict:
     command = [sys.executable, "-c", "import sys; from data_tools.cli import main; sys.exit(main())"]
     command += ["synth", "mano", "--out", str(data_dir), "--max-ops", str(settings.max_ops)]
     command += ["--train-samples", str(settings.train_samples), "--test-per-length", str(settings.test_per_length)]
-    command += ["--seed", str(settings.seed)]
+    command += ["--seed", str(settings.seed), "--modulus", str(settings.modulus)]
     print("$ ouro-data " + " ".join(command[3:]), flush=True)
     subprocess.run(command, check=True)
     return json.loads(stamp.read_text())
 
 
-def train(experiment: str, run_dir: Path, data_dir: Path, settings: Settings, overrides: list[str]) -> float:
-    """One model through the `ouro-train` CLI; -> wall seconds."""
+def train_command(experiment: str, run_dir: Path, data_dir: Path, settings: Settings, overrides: list[str]) -> list:
     command = [sys.executable, "-m", "ouro_train.cli.train", "--config-name", "repro_mano", f"experiment={experiment}"]
     command += [f"data_root={data_dir}", f"run_dir={run_dir}", f"train.seq_len={mano.doc_length(settings.max_ops)}"]
-    command += overrides
-    print("$ ouro-train " + " ".join(command[3:]), flush=True)
-    started = time.monotonic()
+    return command + overrides
+
+
+def train_all(commands: dict[str, list], run_dir: Path, jobs: int) -> dict[str, float]:
+    """The `ouro-train` runs, `jobs` at a time, each with torch on one thread when jobs > 1 (tiny
+    models: two one-thread runs use 2 cores better than one two-thread run); output in
+    <run_dir>/<experiment>.log. -> wall seconds per run."""
     env = os.environ | {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "PYTHONUNBUFFERED": "1"}
-    subprocess.run(command, check=True, env=env)
-    return time.monotonic() - started
+    if jobs > 1:
+        env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pending = list(commands.items())
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    seconds: dict[str, float] = {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, command = pending.pop(0)
+            print(f"$ ouro-train {' '.join(command[3:])}  (log: {run_dir / name}.log)", flush=True)
+            log = open(run_dir / f"{name}.log", "w")
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[name] = (process, time.monotonic(), log)
+        time.sleep(0.5)
+        for name, (process, started, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            tail = (run_dir / f"{name}.log").read_text().splitlines()[-3:]
+            if process.returncode != 0:
+                for other, _, _ in running.values():
+                    other.terminate()
+                raise RuntimeError(f"{name}: ouro-train exited with {process.returncode}:\n" + "\n".join(tail))
+            seconds[name] = time.monotonic() - started
+            print(f"{name}: trained in {seconds[name]:.0f} s; " + " / ".join(tail[-2:]), flush=True)
+    return seconds
 
 
 def final_checkpoint(run_dir: Path) -> Path:
@@ -191,11 +220,11 @@ def report(results: dict[str, dict], settings: Settings, data_info: dict, wall: 
         for name, r in results.items()
     )
     text = (
-        f"# Mano (F_{mano.MODULUS}, ℓ uniform in [1, {settings.max_ops}]): exact-match accuracy (%) on held-out "
+        f"# Mano (F_{settings.modulus}, ℓ uniform in [1, {settings.max_ops}]): exact-match accuracy (%) on held-out "
         f"expressions\n\n{data_info['test_per_length']} test expressions per ℓ (none seen in training); "
         f"{data_info['train_samples']:,} training samples ({data_info['train_tokens']:,} tokens), "
         f"seed {settings.seed}; "
-        f"chance is {100 / mano.MODULUS:.1f}%. Total wall time {wall / 60:.1f} min.\n\n{table}\n\n{facts}\n"
+        f"chance is {100 / settings.modulus:.1f}%. Total wall time {wall / 60:.1f} min.\n\n{table}\n\n{facts}\n"
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
@@ -217,10 +246,10 @@ def plot(results: dict[str, dict], settings: Settings, path: Path) -> Path:
         ax.plot(ops, [100 * a for a in result["per_step"][-1]], marker="o", label=f"{name} ({label(result)})")
         if result["steps"] > 1:
             ax.plot(ops, [100 * a for a in result["exit"]], ls="--", marker=".", label=f"{name}, Q-exit q={settings.q}")
-    ax.axhline(100 / mano.MODULUS, color="grey", lw=0.8, ls=":", label="chance")
+    ax.axhline(100 / settings.modulus, color="grey", lw=0.8, ls=":", label="chance")
     ax.set_xlabel("operations ℓ")
     ax.set_ylabel("exact-match accuracy (%)")
-    ax.set_title(f"Mano, F_{mano.MODULUS}, L = {settings.max_ops}, held-out test")
+    ax.set_title(f"Mano, F_{settings.modulus}, L = {settings.max_ops}, held-out test")
     ax.set_ylim(0, 100)
     ax.set_xticks(result["ops"])
     ax.legend(fontsize=8)
@@ -239,19 +268,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-samples", type=int, default=Settings.train_samples)
     parser.add_argument("--test-per-length", type=int, default=Settings.test_per_length)
     parser.add_argument("--seed", type=int, default=Settings.seed)
+    parser.add_argument("--modulus", type=int, default=Settings.modulus, help="the prime p of F_p (<= 23)")
     parser.add_argument("--q", type=float, default=Settings.q, help="Q-exit threshold on the exit CDF")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one torch thread each when > 1)")
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS)
     parser.add_argument(
         "overrides", nargs="*", help="ouro-train overrides for every model (E:key=value for experiment E only)"
     )
     args = parser.parse_args(argv)
-    settings = Settings(args.max_ops, args.train_samples, args.test_per_length, args.seed, args.q)
+    settings = Settings(args.max_ops, args.train_samples, args.test_per_length, args.seed, args.q, args.modulus)
     run_dir = Path(args.run_dir)
     started = time.monotonic()
     data_dir = run_dir / "data"
     data_info = prepare_data(data_dir, settings)
     test = mano.read_test(data_dir / "test.jsonl")
-    results = {}
+    commands = {}
     for experiment in args.experiments:
         overrides = []
         for override in args.overrides:
@@ -260,10 +291,14 @@ def main(argv: list[str] | None = None) -> int:
                 overrides += [rest] if target == experiment else []
             else:
                 overrides.append(override)
-        seconds = train(experiment, run_dir / experiment, data_dir, settings, overrides)
-        print(f"{experiment}: {seconds:.0f} s", flush=True)
+        commands[experiment] = train_command(experiment, run_dir / experiment, data_dir, settings, overrides)
+    # The longest runs first, so that the short one fills in beside them.
+    order = sorted(commands, key=lambda name: name == "mano_flat")
+    seconds = train_all({name: commands[name] for name in order}, run_dir, args.jobs)
+    results = {}
+    for experiment in args.experiments:
         result = evaluate(final_checkpoint(run_dir / experiment), test, settings.max_ops, settings.q)
-        result["train"] = run_facts(run_dir / experiment)
+        result["train"] = run_facts(run_dir / experiment) | {"wall_seconds": seconds[experiment]}
         results[experiment] = result
     text = report(results, settings, data_info, time.monotonic() - started, run_dir)
     print(text)

@@ -185,15 +185,34 @@ def run_facts(run_dir: Path) -> dict:
         "peak_lr": max((line.get("lr", 0.0) for line in steps), default=None),
         "train_seconds": sum(line.get("step_time_s", 0.0) for line in steps),
         "final_train_loss": last.get("loss"),
-        "test_loss": evals[-1]["eval/loss"] if evals else None,
+        # Cross-entropy of the answer read out after the last step (eval/loss has -beta H in it).
+        "test_ce": evals[-1][max((k for k in evals[-1] if k.startswith("eval/ce_step")), key=len_and_name)]
+        if evals
+        else None,
     }
+
+
+def len_and_name(key: str) -> tuple[int, str]:
+    return len(key), key
 
 
 def label(result: dict) -> str:
     return f"{result['layers']}⊗{result['steps']}" if result["steps"] > 1 else f"{result['layers']}⊗1"
 
 
-def report(results: dict[str, dict], settings: Settings, data_info: dict, wall: float, out: Path) -> str:
+def constant_baseline(test: list[mano.Sample], max_ops: int) -> list[float]:
+    """Per length, the accuracy of the best constant answer (the test set's most common one): what
+    a model that learned only the answers' marginal distribution scores (0 is common under *)."""
+    best = []
+    for n in range(1, max_ops + 1):
+        answers = [s.answer for s in test if s.ops == n]
+        best.append(max(answers.count(a) for a in set(answers)) / len(answers))
+    return best
+
+
+def report(
+    results: dict[str, dict], settings: Settings, data_info: dict, wall: float, out: Path, baseline: list[float]
+) -> str:
     """Markdown table (returned, and written with report.json and accuracy.png into `out`)."""
     lengths = list(range(1, settings.max_ops + 1))
     header = "| model | layers⊗loops | params | read-out | " + " | ".join(f"ℓ={n}" for n in lengths) + " | all |"
@@ -211,11 +230,13 @@ def report(results: dict[str, dict], settings: Settings, data_info: dict, wall: 
                 lines.append(row(name, result, f"step {t + 1}", result["per_step"][t], result["overall_per_step"][t]))
             exit_label = f"Q-exit q={settings.q}"
             lines.append(row(name, result, exit_label, result["exit"], result["overall_exit"]))
+    cells = " | ".join(f"{100 * a:.1f}" for a in baseline)
+    lines.append(f"| best constant answer | – | 0 | – | {cells} | – |")
     table = "\n".join(lines)
     facts = "\n".join(
         f"- {name}: peak lr {r['train']['peak_lr']:.2g}, {r['train']['steps']} steps, {r['train']['tokens']:,} tokens, "
         f"{r['train']['train_seconds']:.0f} s of steps, final train loss {r['train']['final_train_loss']:.3f}, "
-        f"test loss {r['train']['test_loss']:.3f}"
+        f"answer CE on the test set {r['train']['test_ce']:.3f} (uniform: {np.log(settings.modulus):.3f})"
         + (f"; mean Q-exit step {np.mean([s for s in r['exit_mean_step']]):.2f}" if r["steps"] > 1 else "")
         for name, r in results.items()
     )
@@ -229,12 +250,13 @@ def report(results: dict[str, dict], settings: Settings, data_info: dict, wall: 
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
     record = {"settings": asdict(settings), "data": data_info, "wall_seconds": wall, "models": results}
+    record["best_constant_answer"] = baseline
     (out / "report.json").write_text(json.dumps(record, indent=1))
-    plot(results, settings, out / "accuracy.png")
+    plot(results, settings, out / "accuracy.png", baseline)
     return text
 
 
-def plot(results: dict[str, dict], settings: Settings, path: Path) -> Path:
+def plot(results: dict[str, dict], settings: Settings, path: Path, baseline: list[float]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,7 +268,8 @@ def plot(results: dict[str, dict], settings: Settings, path: Path) -> Path:
         ax.plot(ops, [100 * a for a in result["per_step"][-1]], marker="o", label=f"{name} ({label(result)})")
         if result["steps"] > 1:
             ax.plot(ops, [100 * a for a in result["exit"]], ls="--", marker=".", label=f"{name}, Q-exit q={settings.q}")
-    ax.axhline(100 / settings.modulus, color="grey", lw=0.8, ls=":", label="chance")
+    ax.axhline(100 / settings.modulus, color="grey", lw=0.8, ls=":", label="chance (uniform)")
+    ax.plot(result["ops"], [100 * a for a in baseline], color="grey", lw=0.8, ls="-.", label="best constant answer")
     ax.set_xlabel("operations ℓ")
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_title(f"Mano, F_{settings.modulus}, L = {settings.max_ops}, held-out test")
@@ -300,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(final_checkpoint(run_dir / experiment), test, settings.max_ops, settings.q)
         result["train"] = run_facts(run_dir / experiment) | {"wall_seconds": seconds[experiment]}
         results[experiment] = result
-    text = report(results, settings, data_info, time.monotonic() - started, run_dir)
+    baseline = constant_baseline(test, settings.max_ops)
+    text = report(results, settings, data_info, time.monotonic() - started, run_dir, baseline)
     print(text)
     print(f"report: {run_dir / 'report.md'}, {run_dir / 'report.json'}, {run_dir / 'accuracy.png'}")
     return 0

@@ -18,6 +18,7 @@ def test_repro_mano_end_to_end(tmp_path, monkeypatch):
     tiny = ["train.steps=3", "train.global_batch_size=8", "train.micro_batch_size=8", "schedule.warmup_steps=1"]
     tiny += ["train.eval_batches=1", "train.log_every=1", "mano_flat_deep:model.num_layers=3"]
     args = ["--run-dir", str(run_dir), "--max-ops", "3", "--train-samples", "200", "--test-per-length", "4"]
+    args += ["--jobs", "3"]  # three subprocesses side by side: their start-up (imports) dominates
     assert repro_mano.main([*args, *tiny]) == 0
     report = json.loads((run_dir / "report.json").read_text())
     models = report["models"]
@@ -31,9 +32,6 @@ def test_repro_mano_end_to_end(tmp_path, monkeypatch):
     assert looped["counts"] == [4, 4, 4] and all(1 <= s <= 4 for s in looped["exit_mean_step"])
     assert all(0 <= a <= 1 for m in models.values() for accs in m["per_step"] for a in accs)
     text = (run_dir / "report.md").read_text()
-    assert "| mano_looped | 2⊗4 |" in text and "Q-exit q=0.5" in text
+    assert "| mano_looped | 2⊗4 |" in text and "Q-exit q=0.5" in text and "best constant answer" in text
+    assert len(json.loads((run_dir / "report.json").read_text())["best_constant_answer"]) == 3
     assert (run_dir / "accuracy.png").stat().st_size > 5000
-    # A second run trains nothing (each stage is finished) and reports the same accuracies.
-    assert repro_mano.main([*args, *tiny]) == 0
-    again = json.loads((run_dir / "report.json").read_text())["models"]
-    assert [m["per_step"] for m in again.values()] == [m["per_step"] for m in models.values()]

@@ -240,9 +240,10 @@ def report(
         + (f"; mean Q-exit step {np.mean([s for s in r['exit_mean_step']]):.2f}" if r["steps"] > 1 else "")
         for name, r in results.items()
     )
+    counts = " / ".join(str(c) for c in next(iter(results.values()))["counts"])
     text = (
         f"# Mano (F_{settings.modulus}, ℓ uniform in [1, {settings.max_ops}]): exact-match accuracy (%) on held-out "
-        f"expressions\n\n{data_info['test_per_length']} test expressions per ℓ (none seen in training); "
+        f"expressions\n\nTest expressions per ℓ: {counts} (none seen in training); "
         f"{data_info['train_samples']:,} training samples ({data_info['train_tokens']:,} tokens), "
         f"seed {settings.seed}; "
         f"chance is {100 / settings.modulus:.1f}%. Total wall time {wall / 60:.1f} min.\n\n{table}\n\n{facts}\n"

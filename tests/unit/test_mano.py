@@ -22,11 +22,13 @@ def value_over_integers(tokens: list[str]) -> tuple[int, list[str]]:
     return {"+": a + b, "-": a - b, "*": a * b}[head], rest
 
 
-def test_answers_are_exact_and_lengths_as_stated():
-    train, test = mano.generate(seed=3, max_ops=7, train_samples=3000, test_per_length=20)
+@pytest.mark.parametrize("modulus", [23, 7])
+def test_answers_are_exact_and_lengths_as_stated(modulus):
+    train, test = mano.generate(seed=3, max_ops=7, train_samples=3000, test_per_length=20, modulus=modulus)
     for sample in train + test:
         value, rest = value_over_integers(list(sample.expression))
-        assert rest == [] and sample.answer == value % 23
+        assert rest == [] and sample.answer == value % modulus
+        assert all(int(t) < modulus for t in sample.expression if t not in "+-*")
         assert sum(token in "+-*" for token in sample.expression) == sample.ops
         assert len(sample.expression) == 2 * sample.ops + 1
     assert {s.ops for s in train} == set(range(1, 8))
@@ -102,6 +104,8 @@ def test_recipes_compose_same_data_same_budget():
     assert len({c.run_dir for c in cfgs.values()}) == 3
 
 
-def test_max_ops_out_of_range_is_refused():
+def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_ops"):
         mano.generate(0, 40, 1, 1)
+    with pytest.raises(ValueError, match="prime"):
+        mano.generate(0, 3, 1, 1, modulus=9)

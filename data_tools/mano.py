@@ -1,9 +1,10 @@
 """Mano: knowledge manipulation over the field F_23 (Scaling Latent Reasoning via Looped LMs, §6).
 
-A sample is an expression tree with `ops` operations (+, -, * modulo 23) written in prefix
-notation, and its value, answered without chain of thought:
+A sample is an expression tree with `ops` operations (+, -, * modulo p: 23 as in the paper, or
+any smaller prime with `modulus`) written in prefix notation, and its value, answered without
+chain of thought:
 
-    <bos> <len_3> + * 4 7 - 2 19 <ans> 9 <|endoftext|> <pad> ...
+    <bos> <len_3> + * 4 7 - 2 19 <ans> 11 <|endoftext|> <pad> ...
 
 `ops` is uniform in [1, L]. The tree's shape is random (the operations of a node are split
 uniformly at random between its two children), operators and leaves are uniform. The answer is

@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast test-slurm demo demo-single check lint format dry-run clean
+.PHONY: setup test test-fast test-slurm demo demo-single repro-mano check lint format dry-run clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ demo: setup
 # One stage only: a 1-layer LoopLM trained for 500 steps (recipes/demo.yaml).
 demo-single: setup
 	$(VENV)/bin/ouro-train --config-name demo
+
+# The Mano result of the paper (§6) at CPU scale: flat 2x1, looped 2x4, flat 8x1 on the same data
+# (data_tools/repro_mano.py, recipes/repro_mano.yaml); report.md/.json and accuracy.png in runs/repro_mano.
+repro-mano: setup
+	$(PY) -m data_tools.repro_mano --run-dir runs/repro_mano
 
 # The released sizes and the plans of both pipelines (stage table, memory per GPU, commands).
 dry-run: setup

@@ -5,6 +5,7 @@ ouro-data sft --source chat --tokenizer tokenizer.json --out shards/chat chat.js
 ouro-data inspect shards/web [--tokenizer tokenizer.json] [--verify]
 ouro-data train-tokenizer --out tok.json [--vocab-size N] [--input FILES...]
 ouro-data demo-tokenizer [--vocab-size N]
+ouro-data synth mano --out data/mano [--max-ops L] [--train-samples N] [--test-per-length M] [--seed S]
 """
 
 from __future__ import annotations
@@ -125,6 +126,20 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth_mano(args: argparse.Namespace) -> int:
+    from data_tools.mano import write_dataset
+
+    info = write_dataset(
+        args.out, args.seed, args.max_ops, args.train_samples, args.test_per_length, args.jsonl, args.modulus
+    )
+    print(
+        f"mano (F_{info['modulus']}, 1..{info['max_ops']} ops, seed {info['seed']}): "
+        f"{info['train_samples']:,} training samples ({info['train_tokens']:,} tokens), "
+        f"{info['test_samples']:,} held-out test samples -> {args.out}"
+    )
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     # One line instead of argparse's usage dump; --help has the rest. Subparsers inherit this class.
     def error(self, message: str) -> NoReturn:
@@ -183,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(run=_demo_tokenizer)
+
+    p = sub.add_parser("synth", help="synthetic data sets (exact answers, fixed vocabularies)")
+    synth = p.add_subparsers(dest="task", required=True)
+    p = synth.add_parser("mano", help="Mano: prefix arithmetic over F_23 (Ouro paper, section 6)")
+    p.add_argument("--out", required=True, help="output directory (tokenizer.json, train/, test/, test.jsonl)")
+    p.add_argument("--max-ops", type=int, default=8, help="L: operations per expression uniform in [1, L]")
+    p.add_argument("--train-samples", type=int, default=100_000)
+    p.add_argument("--test-per-length", type=int, default=200, help="held-out expressions per number of ops")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modulus", type=int, default=23, help="the prime p of F_p (<= 23: numbers are single tokens)")
+    p.add_argument("--jsonl", action="store_true", help="also write train.jsonl")
+    p.set_defaults(run=_synth_mano)
     return parser
 
 

@@ -154,7 +154,7 @@ def write_shards(
 ):
     """Token documents + loss masks -> webdataset shards and an SFT-kind manifest (the loader's format)."""
     from ouro_train.data.manifest import Manifest, dtype_for_vocab
-    from ouro_train.data.tokenize import TokenizeOptions, _write_shard, tokenizer_info
+    from ouro_train.data.tokenize import TokenizeOptions, _write_shard, copy_tokenizer, tokenizer_info
 
     options = TokenizeOptions(source=source, tokenizer_path=str(tokenizer_path), out_dir=str(out), bos_token=BOS)
     _, info = tokenizer_info(str(tokenizer_path), options)
@@ -166,6 +166,7 @@ def write_shards(
         name = f"{source}-{len(shards):05d}.tar"
         shards.append(_write_shard(out, name, [tokens[r] for r in rows], dtype, [mask[r] for r in rows]))
     manifest = Manifest(source=source, tokenizer=info, dtype=dtype, kind="sft", shards=shards)
+    copy_tokenizer(tokenizer_path, out, info.sha256)  # the checkpoints trained on it carry it
     manifest.save(out)
     return manifest
 

@@ -59,8 +59,10 @@ def main() -> None:
     data = args.data or args.run / "data" / "pretrain_val"
     model = load_model(path)
     cfg = model.config
-    print(f"model {path}: {cfg.num_layers} layers x {cfg.recurrent_steps} steps, hidden {cfg.hidden_size}, "
-          f"{model.num_parameters():,} parameters; {torch.get_num_threads()} thread(s)")
+    print(
+        f"model {path}: {cfg.num_layers} layers x {cfg.recurrent_steps} steps, hidden {cfg.hidden_size}, "
+        f"{model.num_parameters():,} parameters; {torch.get_num_threads()} thread(s)"
+    )
     docs = shard_documents(data, args.documents, args.max_tokens, cfg.vocab_size)
     prompt = docs[0].tokens[:16][None]
 
@@ -73,24 +75,34 @@ def main() -> None:
         same = cached.tokens.tolist() == plain.tolist()
         print(f"| {new} | {new / cached_s:.1f} | {new / plain_s:.1f} | {plain_s / cached_s:.1f}x | {same} |")
 
-    print(f"\n2. Q-exit (generation: batch 1, 256 new tokens, median of {args.repeats}; perplexity: "
-          f"{len(docs)} held-out documents of <= {args.max_tokens} tokens, real exit, KV full)")
+    print(
+        f"\n2. Q-exit (generation: batch 1, 256 new tokens, median of {args.repeats}; perplexity: "
+        f"{len(docs)} held-out documents of <= {args.max_tokens} tokens, real exit, KV full)"
+    )
     qs = (0.3, 0.5, 0.7, 0.9, 1.0)
     result = evaluate(model, docs, qs, ("full", "last"))
     runs = {(r["kv_policy"], r["exit"]): r for r in result["runs"]}
     all_s, _ = timed(lambda: generate(model, prompt, max_new_tokens=256), args.repeats)
-    print("| exit | mean steps (gen) | ms/token (gen) | vs all | mean steps (eval) | recurrent FLOPs saved "
-          "| perplexity | change | change, KV last |")
+    print(
+        "| exit | mean steps (gen) | ms/token (gen) | vs all | mean steps (eval) | recurrent FLOPs saved "
+        "| perplexity | change | change, KV last |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     base = runs["full", "all"]
-    print(f"| all | {cfg.recurrent_steps:.2f} | {1e3 * all_s / 256:.2f} | 1.00 | {base['mean_steps']:.2f} | 0.0% "
-          f"| {base['ppl']:.3f} | +0.00% | {runs['last', 'all']['ppl_change']:+.2%} |")
+    print(
+        f"| all | {cfg.recurrent_steps:.2f} | {1e3 * all_s / 256:.2f} | 1.00 | {base['mean_steps']:.2f} | 0.0% "
+        f"| {base['ppl']:.3f} | +0.00% | {runs['last', 'all']['ppl_change']:+.2%} |"
+    )
     for q in qs:
-        seconds, out = timed(lambda q=q: generate(model, prompt, max_new_tokens=256, exit_policy=f"q:{q}"), args.repeats)
+        seconds, out = timed(
+            lambda q=q: generate(model, prompt, max_new_tokens=256, exit_policy=f"q:{q}"), args.repeats
+        )
         row, last = runs["full", f"q:{q:g}"], runs["last", f"q:{q:g}"]
-        print(f"| q:{q:g} | {out.mean_steps():.2f} | {1e3 * seconds / 256:.2f} | {seconds / all_s:.2f} | "
-              f"{row['mean_steps']:.2f} | {1 - row['step_fraction']:.1%} | {row['ppl']:.3f} | {row['ppl_change']:+.2%} "
-              f"| {last['ppl_change']:+.2%} |")
+        print(
+            f"| q:{q:g} | {out.mean_steps():.2f} | {1e3 * seconds / 256:.2f} | {seconds / all_s:.2f} | "
+            f"{row['mean_steps']:.2f} | {1 - row['step_fraction']:.1%} | {row['ppl']:.3f} | {row['ppl_change']:+.2%} "
+            f"| {last['ppl_change']:+.2%} |"
+        )
 
     print("\n3. KV cache per token (keys + values, all layers and steps the policy keeps)")
     big = compose_config(["model=ouro_1p4b"]).model

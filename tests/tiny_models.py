@@ -52,3 +52,20 @@ def model_and_prompt(seed: int = 0, steps: int = 3, length: int = 7, **overrides
 
 def logit(p: float) -> float:
     return math.log(p / (1 - p))
+
+
+# The exit gate's parameters: what stage II trains (everything else is frozen).
+GATE = ("model.early_exit_gate.weight", "model.early_exit_gate.bias")
+
+
+def handed_off_model(model_cfg: ModelConfig) -> LoopLM:
+    """The seeded model with its LM moved off the initial weights, as after the SFT hand-off: a
+    resume that rebuilt the LM from the seed instead of the checkpoint would show."""
+    torch.manual_seed(0)
+    model = LoopLM(model_cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name not in GATE:
+                param.add_(0.05 * torch.randn(param.shape, generator=g))
+    return model

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ouro_train.checkpoint.hf import DTYPES, import_hf
 from ouro_train.checkpoint.store import CheckpointError
 from ouro_train.config.schema import ModelConfig
 from ouro_train.inference.generate import ExitPolicy, q_exit_steps, score
@@ -37,14 +38,12 @@ from ouro_train.model.looplm import LoopLM
 from ouro_train.utils.atomic import atomic_write_text
 
 DEFAULT_Q = (0.3, 0.5, 0.7, 0.9, 1.0)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # -- the model ------------------------------------------------------------------------------------
 def load_model(path: Path, dtype: str = "float32", device: str = "cpu") -> LoopLM:
     """A LoopLM from a checkpoint directory, an `ouro-import` weights directory (its
     model.safetensors carries the config) or a Hugging Face Ouro directory (config.json)."""
-    from ouro_train.checkpoint.hf import import_hf
     from ouro_train.checkpoint.weights import WEIGHTS, read_weights
 
     path = Path(path)

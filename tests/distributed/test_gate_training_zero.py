@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TRAINABLE, tiny_config
+from tiny_models import GATE, TRAINABLE, handed_off_model, tiny_config
 
 from ouro_train.config import Config, ObjectiveConfig, OptimConfig, ParallelConfig, TrainConfig
 from ouro_train.model import LoopLM
@@ -23,7 +23,6 @@ from ouro_train.train.trainer import Trainer
 pytestmark = pytest.mark.slow  # spawned gloo processes
 
 VOCAB, SEQ, GLOBAL_ROWS, STEPS = 64, 16, 4, 4
-GATE = ("model.early_exit_gate.weight", "model.early_exit_gate.bias")
 
 
 def make_config(zero: int, world: int) -> Config:
@@ -43,18 +42,6 @@ def global_batch(step: int) -> dict:
     tokens = torch.randint(0, VOCAB, (GLOBAL_ROWS, SEQ + 1), generator=g)
     mask = torch.rand(GLOBAL_ROWS, SEQ, generator=g) < 0.8  # uneven loss tokens across ranks
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
-
-
-def handed_off_model(cfg: Config) -> LoopLM:
-    """The seeded model with its LM moved off the initial weights (as after the SFT hand-off)."""
-    torch.manual_seed(0)
-    model = LoopLM(cfg.model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name not in GATE:
-                param.add_(0.05 * torch.randn(param.shape, generator=g))
-    return model
 
 
 def partition_everything() -> None:
@@ -117,7 +104,7 @@ def gate_runs(zeros: list[int]) -> dict:
         for zero in zeros:
             cfg = make_config(zero, int(os.environ["WORLD_SIZE"]))
             layout = init_parallel(cfg.parallel, cfg.model, "cpu")
-            trainer = build_trainer(cfg, layout, handed_off_model(cfg))
+            trainer = build_trainer(cfg, layout, handed_off_model(cfg.model))
             before = full_weights(trainer.engine.module)
             metrics = [trainer.train_step() for _ in range(STEPS)]
             out[f"zero{zero}"] = {
@@ -133,7 +120,7 @@ def gate_runs(zeros: list[int]) -> dict:
 
 def single_process() -> dict:
     cfg = make_config(0, 1)
-    trainer = build_trainer(cfg, None, handed_off_model(cfg))
+    trainer = build_trainer(cfg, None, handed_off_model(cfg.model))
     metrics = [trainer.train_step() for _ in range(STEPS)]
     return {
         "run": [(m["loss"], m["grad_norm"]) for m in metrics],
@@ -180,7 +167,7 @@ def save_gate_checkpoint(zero: int, root: str) -> tuple[str, dict, list]:
     cfg = make_config(zero, int(os.environ["WORLD_SIZE"]))
     layout = init_parallel(cfg.parallel, cfg.model, "cpu")
     try:
-        trainer = build_trainer(cfg, layout, handed_off_model(cfg))
+        trainer = build_trainer(cfg, layout, handed_off_model(cfg.model))
         for _ in range(2):
             trainer.train_step()
         saved = Checkpointer(cfg, Path(root), layout.rank, layout.world_size).save(trainer, None)

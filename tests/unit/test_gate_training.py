@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import TRAINABLE, tiny_config
+from tiny_models import GATE, TRAINABLE, handed_off_model, tiny_config
 
 from ouro_train.checkpoint.manager import Checkpointer
 from ouro_train.config import Config, ObjectiveConfig, OptimConfig, TrainConfig
@@ -22,7 +22,6 @@ from ouro_train.model.objective import gate_loss
 from ouro_train.train.trainer import Trainer
 
 VOCAB, SEQ, ROWS = 64, 16, 4
-GATE = ("model.early_exit_gate.weight", "model.early_exit_gate.bias")
 
 
 def gate_config(steps: int = 6, lr: float = 3e-2) -> Config:
@@ -38,19 +37,6 @@ def batch(step: int) -> dict:
     g = torch.Generator().manual_seed(300 + step % 2)  # two batches, alternating: the "training data"
     tokens = torch.randint(0, VOCAB, (ROWS, SEQ + 1), generator=g)
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-
-
-def handed_off_model(cfg: Config) -> LoopLM:
-    """A model whose LM is not the seeded initial one, as after a hand-off from SFT: a resume that
-    rebuilt the LM from the seed instead of the checkpoint would show."""
-    torch.manual_seed(0)
-    model = LoopLM(cfg.model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name not in GATE:
-                param.add_(0.05 * torch.randn(param.shape, generator=g))
-    return model
 
 
 def trainer_for(cfg: Config, model: LoopLM, start: int = 0) -> Trainer:
@@ -74,7 +60,7 @@ def mean_gate_loss(model: LoopLM, cfg: Config) -> float:
 @pytest.mark.slow  # ~10 s on 2 busy cores
 def test_gate_training_leaves_the_lm_bit_identical_and_lowers_the_gate_loss():
     cfg = gate_config(steps=8)
-    model = handed_off_model(cfg)
+    model = handed_off_model(cfg.model)
     before, loss_before = snapshot(model), mean_gate_loss(model, cfg)
     trainer = trainer_for(cfg, model)
     for _ in range(8):
@@ -93,7 +79,7 @@ def test_gate_training_leaves_the_lm_bit_identical_and_lowers_the_gate_loss():
 @pytest.mark.slow  # 4-5 s on 2 busy cores
 def test_only_the_gate_gets_gradients_and_optimizer_state():
     cfg = gate_config()
-    model = handed_off_model(cfg)
+    model = handed_off_model(cfg.model)
     trainer = trainer_for(cfg, model)
     out = trainer._loss(batch(0))
     out.loss_sum.backward()
@@ -119,11 +105,11 @@ def test_a_gate_training_checkpoint_resumes_bit_for_bit(tmp_path):
     """4 steps straight vs 2 steps, a checkpoint, a fresh trainer built like a resumed stage (the
     seeded initial weights, not the handed-off LM), 2 more: the same losses, the same tensors."""
     cfg = gate_config(steps=4)
-    handed = snapshot(handed_off_model(cfg))
-    straight = trainer_for(cfg, handed_off_model(cfg))
+    handed = snapshot(handed_off_model(cfg.model))
+    straight = trainer_for(cfg, handed_off_model(cfg.model))
     expected = [straight.train_step()["loss"] for _ in range(4)]
 
-    first = trainer_for(cfg, handed_off_model(cfg))
+    first = trainer_for(cfg, handed_off_model(cfg.model))
     got = [first.train_step()["loss"] for _ in range(2)]
     saved = Checkpointer(cfg, tmp_path).save(first, None)
     weights = load_file(saved / "model.safetensors")

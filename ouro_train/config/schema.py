@@ -46,6 +46,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # Two departures from the reference's init, for small models trained briefly (recipes/model/
+    # mano.yaml): the embedding's std (None: init_std) and the initial weight of the sandwich norms
+    # that close each residual branch (input_layernorm_2, post_attention_layernorm_2; 1 in the
+    # reference). Those norms make every branch add a unit-RMS vector to a stream whose embedding
+    # has RMS init_std, so at init a deep stack buries the token's identity under 2 L R such
+    # vectors; a unit embedding and branch norms of 0.1 start it near the identity instead.
+    embed_init_std: float | None = None
+    branch_norm_init: float = 1.0
     max_position_embeddings: int = 65536
     # Attention backend (ouro_train/kernels/attention.py), the same semantics on packed rows:
     # `sdpa` (torch; CPU and GPU; packed rows one document segment at a time), `flex` (torch
@@ -102,6 +110,9 @@ class ModelConfig:
         _require(self.rope_theta > 0, f"{section}.rope_theta", f"must be > 0, got {self.rope_theta}")
         _require(self.norm_eps > 0, f"{section}.norm_eps", f"must be > 0, got {self.norm_eps}")
         _require(self.init_std > 0, f"{section}.init_std", f"must be > 0, got {self.init_std}")
+        if self.embed_init_std is not None:
+            _require(self.embed_init_std > 0, f"{section}.embed_init_std", f"must be > 0, got {self.embed_init_std}")
+        _require(self.branch_norm_init > 0, f"{section}.branch_norm_init", f"must be > 0, got {self.branch_norm_init}")
         _one_of(self.attention, ATTENTION_BACKENDS, f"{section}.attention")
         _one_of(self.kernels, ("torch", "triton"), f"{section}.kernels")
 

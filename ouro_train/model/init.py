@@ -14,7 +14,9 @@ from typing import Literal
 
 import torch
 
-InitKind = Literal["normal", "zeros", "ones"]
+InitKind = Literal["normal", "constant"]
+# How one parameter starts: ("normal", std) draws N(0, std); ("constant", c) fills it with c.
+Init = tuple[InitKind, float]
 
 
 def draw_model_seed() -> int:
@@ -33,21 +35,20 @@ def parameter_seed(model_seed: int, name: str) -> int:
 def initial_value(
     name: str,
     shape: torch.Size | tuple[int, ...],
-    kind: InitKind,
+    init: Init,
     model_seed: int,
-    std: float,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The full initial tensor of parameter `name`, on the CPU: N(0, std) for linears and the
-    embedding, zeros for biases, ones for norms. Drawn in fp32 on the CPU generator whatever the
-    target dtype and device (CUDA's generator gives other numbers), then cast."""
+    """The full initial tensor of parameter `name`, on the CPU: ("normal", std) for linears and the
+    embedding, ("constant", 0) for biases, ("constant", 1) for norms (LoopLM.init_rules). Drawn in
+    fp32 on the CPU generator whatever the target dtype and device (CUDA's generator gives other
+    numbers), then cast."""
+    kind, value = init
     if kind == "normal":
         generator = torch.Generator(device="cpu").manual_seed(parameter_seed(model_seed, name))
-        value = torch.empty(shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=generator)
-    elif kind == "zeros":
-        value = torch.zeros(shape, dtype=torch.float32, device="cpu")
-    elif kind == "ones":
-        value = torch.ones(shape, dtype=torch.float32, device="cpu")
+        full = torch.empty(shape, dtype=torch.float32, device="cpu").normal_(0.0, value, generator=generator)
+    elif kind == "constant":
+        full = torch.full(shape, float(value), dtype=torch.float32, device="cpu")
     else:
-        raise ValueError(f"{name}: unknown initialisation {kind!r}; use normal, zeros or ones")
-    return value.to(dtype)
+        raise ValueError(f"{name}: unknown initialisation {kind!r}; use normal or constant")
+    return full.to(dtype)

@@ -21,8 +21,11 @@ from torch import nn
 
 from ouro_train.config.schema import ModelConfig
 from ouro_train.kernels.attention import AttentionPlan, plan_attention
-from ouro_train.model.init import InitKind, draw_model_seed, initial_value
+from ouro_train.model.init import Init, draw_model_seed, initial_value
 from ouro_train.model.layers import DecoderLayer, KVCacheSlot, LMHead, RMSNorm, RotaryEmbedding
+
+# The sandwich norms on the output of each residual branch (attention, MLP) of a DecoderLayer.
+BRANCH_NORMS = ("input_layernorm_2.", "post_attention_layernorm_2.")
 
 
 @dataclass
@@ -73,32 +76,38 @@ class LoopLM(nn.Module):
             self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         self.reset_parameters()
 
-    def init_kinds(self) -> dict[str, InitKind]:
-        """How each parameter starts, by name: normal(0, init_std) weights of linears and the
-        embedding, zero biases (the exit gate's), unit norms: the reference's init."""
-        kinds: dict[str, InitKind] = {}
+    def init_rules(self) -> dict[str, Init]:
+        """How each parameter starts, by name. The reference's init by default: N(0, init_std) weights
+        of linears and the embedding, zero biases (the exit gate's), unit norms. `embed_init_std` and
+        `branch_norm_init` change the embedding's std and the weight of the sandwich norms that close
+        each residual branch (ModelConfig)."""
+        cfg = self.config
+        rules: dict[str, Init] = {}
         for prefix, module in self.named_modules():
             prefix = f"{prefix}." if prefix else ""
-            if isinstance(module, nn.Linear | nn.Embedding):
-                kinds[f"{prefix}weight"] = "normal"
+            if isinstance(module, nn.Embedding):
+                rules[f"{prefix}weight"] = ("normal", cfg.embed_init_std or cfg.init_std)
+            elif isinstance(module, nn.Linear):
+                rules[f"{prefix}weight"] = ("normal", cfg.init_std)
                 if getattr(module, "bias", None) is not None:
-                    kinds[f"{prefix}bias"] = "zeros"
+                    rules[f"{prefix}bias"] = ("constant", 0.0)
             elif isinstance(module, RMSNorm):
-                kinds[f"{prefix}weight"] = "ones"
-        unknown = sorted({name for name, _ in self.named_parameters()} - set(kinds))
+                closes_branch = prefix.endswith(BRANCH_NORMS)
+                rules[f"{prefix}weight"] = ("constant", cfg.branch_norm_init if closes_branch else 1.0)
+        unknown = sorted({name for name, _ in self.named_parameters()} - set(rules))
         if unknown:
-            raise TypeError(f"no initialisation rule for {unknown[:4]}: add its module type to LoopLM.init_kinds")
-        return kinds
+            raise TypeError(f"no initialisation rule for {unknown[:4]}: add its module type to LoopLM.init_rules")
+        return rules
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Every parameter from `initial_value(name, ...)`. Skipped: parameters on the meta device
         and ZeRO-3 partitions (built under zero.Init), which materialize.py fills shard by shard."""
-        for name, kind in self.init_kinds().items():
+        for name, rule in self.init_rules().items():
             param = self.get_parameter(name)
             if param.is_meta or hasattr(param, "ds_id"):
                 continue
-            param.copy_(initial_value(name, param.shape, kind, self.init_seed, self.config.init_std))
+            param.copy_(initial_value(name, param.shape, rule, self.init_seed))
 
     @torch.no_grad()
     def init_buffers(self, device: torch.device | str) -> None:

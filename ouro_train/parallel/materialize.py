@@ -49,12 +49,12 @@ class InitialWeights:
     """The initial weights of a LoopLM (meta, partitioned or plain), computed one parameter at a time."""
 
     def __init__(self, model: LoopLM) -> None:
-        self.seed, self.std = model.init_seed, model.config.init_std
-        self.kinds = model.init_kinds()
+        self.seed = model.init_seed
+        self.rules = model.init_rules()
         self.shapes = parameter_shapes(model)
 
     def get(self, name: str, dim: int | None = None, rank: int = 0, parts: int = 1) -> torch.Tensor:
-        full = initial_value(name, self.shapes[name], self.kinds[name], self.seed, self.std)
+        full = initial_value(name, self.shapes[name], self.rules[name], self.seed)
         if dim is None:
             return full
         size = full.shape[dim] // parts

@@ -9,6 +9,7 @@ match the single process within test_parallel.py's tolerance (float summation or
 losses are what caught weight decay grouped by the shape of ZeRO-3's empty partitions (train/engine.py).
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -176,13 +177,43 @@ def test_initial_values_depend_on_seed_name_and_shape_only():
     # The distributions are the reference's.
     assert torch.equal(plain["model.early_exit_gate.bias"], torch.zeros(1))
     assert torch.equal(plain["model.layers.0.input_layernorm.weight"], torch.ones(cfg.hidden_size))
-    embedding = initial_value("model.embed_tokens.weight", (4096, 64), "normal", 5, 0.02)
+    embedding = initial_value("model.embed_tokens.weight", (4096, 64), ("normal", 0.02), 5)
     assert embedding.mean().abs() < 1e-3 and embedding.std().item() == pytest.approx(0.02, rel=0.02)
     # A stable hash, not Python's salted one, and torch's CPU generator: these numbers fix every
     # seed's weights; if a change (ours or torch's) moves them, a seed no longer gives its weights.
     assert parameter_seed(0, "lm_head.weight") == 204870285910561070
-    pinned = initial_value("lm_head.weight", (20,), "normal", 0, 1.0)[:3]
+    pinned = initial_value("lm_head.weight", (20,), ("normal", 1.0), 0)[:3]
     torch.testing.assert_close(pinned, torch.tensor([1.5101603269577026, -0.08456794172525406, 0.9325374364852905]))
+
+
+def test_embedding_std_and_branch_norm_init_options():
+    """`embed_init_std` and `branch_norm_init` (recipes/model/mano.yaml) reach the plain build and the
+    sharded one alike; only the embedding and the two branch-closing norms of each layer change."""
+    cfg = dataclasses.replace(tiny_config(), embed_init_std=1.0, branch_norm_init=0.1)
+    plain = LoopLM(cfg, seed=5).state_dict()
+    reference = LoopLM(tiny_config(), seed=5).state_dict()
+    with torch.device("meta"):
+        source = InitialWeights(LoopLM(cfg, seed=5))
+    changed = set()
+    for name, value in plain.items():
+        assert torch.equal(source.get(name), value), name
+        if not torch.equal(value, reference[name]):
+            changed.add(name)
+    branch_norms = {
+        f"model.layers.{i}.{n}_2.weight"
+        for i in range(cfg.num_layers)
+        for n in ("input_layernorm", "post_attention_layernorm")
+    }
+    assert changed == branch_norms | {"model.embed_tokens.weight"}
+    for name in branch_norms:
+        assert torch.equal(plain[name], torch.full((cfg.hidden_size,), 0.1)), name
+    assert plain["model.embed_tokens.weight"].std().item() == pytest.approx(1.0, rel=0.05)
+    # The same draw, scaled: the seed still fixes the embedding.
+    torch.testing.assert_close(
+        plain["model.embed_tokens.weight"] * cfg.init_std, reference["model.embed_tokens.weight"]
+    )
+    with pytest.raises(ValueError, match="model.branch_norm_init"):
+        dataclasses.replace(cfg, branch_norm_init=0.0)
 
 
 def test_the_global_seed_still_chooses_the_weights():

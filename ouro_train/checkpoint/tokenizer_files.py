@@ -430,6 +430,9 @@ def training_tokenizer(cfg) -> tuple[ModelTokenizer | None, TokenizerRecord | No
         )
         return None, record
     tokenizer = _read_tokenizer(file)
+    # Loss-masked (SFT-kind) data is a chat model's when its tokenizer has ChatML's <|im_end|>
+    # (`ouro-data sft`); other masked data (`ouro-data synth mano`: the answer token only) is not.
+    chat = chat and tokenizer.token_to_id(IM_END_TOKEN) is not None
     eos_ids = chat_eos_ids(tokenizer, [info.eos_id]) if chat else [info.eos_id]
     return (
         ModelTokenizer(

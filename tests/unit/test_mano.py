@@ -88,6 +88,14 @@ def test_cli_writes_shards_the_loader_reads(tmp_path, capsys):
         end = row.index("<ans>")
         assert int(mano.VOCAB[label]) == mano.evaluate(row[2:end])
     assert len(evaluation()) == cfg.train.eval_batches
+    # A checkpoint of these (loss-masked, not ChatML) shards keeps the Mano tokenizer as a plain
+    # one: no chat template, EOS only (it has no <|im_end|>).
+    from ouro_train.checkpoint.tokenizer_files import load_model_tokenizer, save_checkpoint_tokenizer
+
+    (tmp_path / "ckpt").mkdir()
+    save_checkpoint_tokenizer(tmp_path / "ckpt", cfg)
+    found = load_model_tokenizer(tmp_path / "ckpt")
+    assert (found.eos_ids, found.chat_template) == ([mano.TOKEN_ID[mano.EOS]], None)
 
 
 def test_recipes_compose_same_data_same_budget():

@@ -20,3 +20,10 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
 # The tests use tiny tensors, where one thread loses nothing; a test that needs more sets its own.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (minutes of CLI runs and spawned processes) first, the rest in file order.
+    xdist hands tests out in collection order: a multi-minute test handed out last keeps one worker
+    busy after the other has run dry, which ordering the long ones first avoids."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

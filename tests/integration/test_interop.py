@@ -124,16 +124,6 @@ def test_upcycle_cli_writes_weights_a_bigger_model_trains_from(tmp_path):
     out = run(tmp_path, "ouro-upcycle", str(checkpoint), str(tmp_path / "up"), "--order", "interleave")
     assert (tmp_path / "up" / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
     assert "model.num_layers=4 model.recurrent_steps=2" in out.stdout
-    grown = run(
-        tmp_path,
-        "ouro-train",
-        f"run_dir={tmp_path / 'stage2'}",
-        f"checkpoint.init_from={tmp_path / 'up'}",
-        "model.num_layers=4",
-        "model.recurrent_steps=2",
-        *TRAIN,
-    )
-    assert "initialised weights from" in grown.stdout and "step 2 | loss" in grown.stdout
 
     # Moments are duplicated with their layers (interleave: new layers 2i and 2i+1 <- layer i),
     # and the next stage takes them, the learning rate and the data position from the output.
@@ -159,5 +149,6 @@ def test_upcycle_cli_writes_weights_a_bigger_model_trains_from(tmp_path):
         *TRAIN,
     )
     assert "weights, optimizer, learning rate" in carried.stdout and "data position {'demo': 2}" in carried.stdout
+    assert "step 2 | loss" in carried.stdout  # the bigger model trains (a weights-only start: test above)
     reset = run(tmp_path, "ouro-upcycle", str(checkpoint), str(tmp_path / "up2"), "--optimizer", "reset")
     assert "optimizer moments: reset" in reset.stdout and not (tmp_path / "up2" / "optimizer.safetensors").exists()

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.slow  # the demo pipeline's CLI, every stage
 
 BIN = Path(sys.executable).parent
 SMALL = [
-    "train.tokens=8192",
+    # 4 steps of 1,024 tokens in every stage (one row of 1,024, two of 512 or four of 256).
+    "train.tokens=4096",
+    "train.global_batch_tokens=1024",
+    "train.micro_batch_size=1",
     "train.eval_batches=1",
     "checkpoint.every_steps=1",
     "warmup:schedule.warmup_steps=2",
@@ -122,10 +125,17 @@ def test_a_stage_whose_input_is_missing_fails_clearly(tmp_path):
 
 def test_stages_run_on_two_processes_with_torchrun(tmp_path):
     """nproc=2: each stage runs under torchrun (ZeRO-1, data parallel 2), hand-off included."""
-    out = pipeline(tmp_path, "nproc=2", "parallel.zero_stage=1", "train.micro_batch_size=4", "stop_after=stable1")
+    out = pipeline(
+        tmp_path,
+        "nproc=2",
+        "parallel.zero_stage=1",
+        "train.micro_batch_size=2",
+        "checkpoint.every_steps=0",
+        "stop_after=stable1",
+    )
     assert out.stdout.count("tensor parallel 1 x data parallel 2, ZeRO 1") == 2
     run = tmp_path / "run"
     for name in ("warmup", "stable1"):
         assert (run / name / "final_eval.json").is_file()
-    state = json.loads((run / "stable1" / "checkpoints" / "step_00000002" / "train_state.json").read_text())
+    state = json.loads((run / "stable1" / "checkpoints" / "step_00000004" / "train_state.json").read_text())
     assert state["world_size"] == 2 and state["final"] is True

@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 # The inner loop: unit and parity tests, less those marked slow (subprocess CLI runs, spawned
 # processes, anything over ~5 s). `make test` still runs everything.

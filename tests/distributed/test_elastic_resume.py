@@ -29,26 +29,28 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")[0]}
 
 
-@pytest.mark.parametrize("zero", [1, 3])
-def test_zero_checkpoint_resumes_on_one_and_four_processes(tmp_path, zero):
+@pytest.mark.parametrize("zero, resumes", [(1, [(1, 1), (4, 2)]), (3, [(1, 3)])])
+def test_zero_checkpoint_resumes_on_one_and_four_processes(tmp_path, zero, resumes):
+    """(processes, ZeRO stage) of each resume: ZeRO-1 on 1 process (accumulation 4), then on 4
+    (accumulation 1) at stage 2, which reuses the first resume's conversion; ZeRO-3 on 1 process
+    (ZeRO-3 shards convert to ZeRO-3 only)."""
     straight = launch(2, tmp_path / "straight", tmp_path, f"parallel.zero_stage={zero}")
     assert "ZeRO" in straight.stdout
     # Its step-3 checkpoint (every_steps=3, keep_last=2) is what a run cut after step 3 leaves.
     checkpoint = tmp_path / "straight" / "checkpoints" / "step_00000003"
     assert checkpoint.is_dir()
     expected = losses(tmp_path / "straight")
-    # 1 process at the same ZeRO stage (accumulation 4), then 4 processes (accumulation 1), where
-    # ZeRO-1 also changes to stage 2 (ZeRO-3 shards convert to ZeRO-3 only).
-    one = launch(1, tmp_path / "one", tmp_path, f"parallel.zero_stage={zero}", f"checkpoint.resume={checkpoint}")
-    assert "converted" in one.stdout and "universal" in one.stdout
-    stage = 2 if zero == 1 else 3
-    four = launch(4, tmp_path / "four", tmp_path, f"parallel.zero_stage={stage}", f"checkpoint.resume={checkpoint}")
-    assert "converted" not in four.stdout, "the universal conversion is cached in the checkpoint"
-    for run in ("one", "four"):
-        got = losses(tmp_path / run)
-        assert sorted(got) == [4, 5, 6], run
+    for index, (nproc, stage) in enumerate(resumes):
+        run = tmp_path / f"resume{index}"
+        out = launch(nproc, run, tmp_path, f"parallel.zero_stage={stage}", f"checkpoint.resume={checkpoint}")
+        if index == 0:
+            assert "converted" in out.stdout and "universal" in out.stdout
+        else:
+            assert "converted" not in out.stdout, "the universal conversion is cached in the checkpoint"
+        got = losses(run)
+        assert sorted(got) == [4, 5, 6], (nproc, stage)
         for step in (4, 5, 6):
-            assert got[step] == pytest.approx(expected[step], rel=1e-5), (run, step, got, expected)
+            assert got[step] == pytest.approx(expected[step], rel=1e-5), (nproc, stage, step, got, expected)
 
 
 def test_zero_0_and_single_process_checkpoints(tmp_path):

@@ -152,6 +152,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.post_attention_layernorm_2 = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
 
+    def branch_norms(self) -> tuple[RMSNorm, RMSNorm]:
+        """The norms on the output of each residual branch (ModelConfig.branch_norm_init)."""
+        return self.input_layernorm_2, self.post_attention_layernorm_2
+
     def forward(
         self,
         x: torch.Tensor,

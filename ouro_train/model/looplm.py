@@ -24,9 +24,6 @@ from ouro_train.kernels.attention import AttentionPlan, plan_attention
 from ouro_train.model.init import Init, draw_model_seed, initial_value
 from ouro_train.model.layers import DecoderLayer, KVCacheSlot, LMHead, RMSNorm, RotaryEmbedding
 
-# The sandwich norms on the output of each residual branch (attention, MLP) of a DecoderLayer.
-BRANCH_NORMS = ("input_layernorm_2.", "post_attention_layernorm_2.")
-
 
 @dataclass
 class LoopOutput:
@@ -82,6 +79,7 @@ class LoopLM(nn.Module):
         `branch_norm_init` change the embedding's std and the weight of the sandwich norms that close
         each residual branch (ModelConfig)."""
         cfg = self.config
+        closing = {id(norm) for layer in self.model.layers for norm in layer.branch_norms()}
         rules: dict[str, Init] = {}
         for prefix, module in self.named_modules():
             prefix = f"{prefix}." if prefix else ""
@@ -92,8 +90,7 @@ class LoopLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     rules[f"{prefix}bias"] = ("constant", 0.0)
             elif isinstance(module, RMSNorm):
-                closes_branch = prefix.endswith(BRANCH_NORMS)
-                rules[f"{prefix}weight"] = ("constant", cfg.branch_norm_init if closes_branch else 1.0)
+                rules[f"{prefix}weight"] = ("constant", cfg.branch_norm_init if id(module) in closing else 1.0)
         unknown = sorted({name for name, _ in self.named_parameters()} - set(rules))
         if unknown:
             raise TypeError(f"no initialisation rule for {unknown[:4]}: add its module type to LoopLM.init_rules")

@@ -1,12 +1,12 @@
 """`ouro-generate` and `ouro-eval`: sample from a model, and measure its early exit.
 
-ouro-generate runs/demo_pipeline/sft/checkpoints/step_00000030 --chat --prompt "What is a list?"
+ouro-generate runs/demo_pipeline/sft --chat --prompt "What is a list?"
 ouro-generate hf/ouro-mine --prompt "def fib(n):" --exit q:0.5 --kv-policy last --max-new-tokens 64
-ouro-eval runs/demo_pipeline/gate_training/checkpoints/step_00000040 \
-    --data runs/demo_pipeline/data/pretrain_val --out eval/
+ouro-eval runs/demo_pipeline/gate_training --data runs/demo_pipeline/data/pretrain_val --out eval/
 
-MODEL is a checkpoint directory, an `ouro-import` weights directory or an exported Hugging Face
-directory; its tokenizer comes with it (or --tokenizer tokenizer.json).
+MODEL is a checkpoint, run directory or stage directory (then its newest complete checkpoint,
+named on stderr), an `ouro-import` weights directory or an exported Hugging Face directory; its
+tokenizer comes with it (or --tokenizer tokenizer.json).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ouro_train.checkpoint.locate import locate_model
 from ouro_train.checkpoint.store import CheckpointError
 from ouro_train.config.schema import ConfigError
 from ouro_train.data.manifest import DataError
@@ -27,7 +28,12 @@ ERRORS = (CheckpointError, ConfigError, DataError, ValueError, FileNotFoundError
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=Path, help="checkpoint, ouro-import weights or exported HF directory")
+    parser.add_argument(
+        "model",
+        type=Path,
+        help="a checkpoint, run directory or stage directory (its newest complete checkpoint), "
+        "ouro-import weights or an exported HF directory",
+    )
     parser.add_argument(
         "--tokenizer", type=Path, help="tokenizer.json (or a directory with one), when the model directory has none"
     )
@@ -95,6 +101,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON line per prompt (ids, exit steps)")
     args = parser.parse_args(argv)
     try:
+        args.model = locate_model(args.model)
         tok = _tokenizer(args)
         rows, shown = _prompts(args, tok)
         model = load_model(args.model, args.dtype, args.device)
@@ -204,6 +211,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         for q in qs:
             if not 0.0 <= q <= 1.0:
                 raise ValueError(f"--q {q:g}: thresholds are in [0, 1]")
+        args.model = locate_model(args.model)
         model = load_model(args.model, args.dtype, args.device)
         if args.data:
             docs = shard_documents(args.data, args.documents, args.max_tokens, model.config.vocab_size)

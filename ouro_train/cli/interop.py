@@ -1,6 +1,7 @@
 """`ouro-export` and `ouro-import`: the released Ouro Hugging Face layout <-> ouro-train weights.
 
-ouro-export runs/x/checkpoints/step_00001000 hf/ouro-mine [--dtype bfloat16]
+ouro-export runs/x hf/ouro-mine [--dtype bfloat16]     # the run's newest complete checkpoint
+ouro-export runs/x/checkpoints/step_00001000 hf/ouro-x-1000   # that checkpoint
 ouro-export old/step_00000100 hf/ouro-old --tokenizer data/tok/tokenizer.json   # a checkpoint without one
 ouro-import hf/Ouro-1.4B weights/ouro-1.4b      # then: ouro-train checkpoint.init_from=weights/ouro-1.4b
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ouro_train.checkpoint.hf import DTYPES, export_hf, import_hf
+from ouro_train.checkpoint.locate import locate_model
 from ouro_train.checkpoint.store import CheckpointError
 from ouro_train.checkpoint.tokenizer_files import (
     CHATML_TEMPLATE,
@@ -47,7 +49,12 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ouro-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (or its model.safetensors)")
+    parser.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a checkpoint, run directory or stage directory (its newest complete checkpoint), or "
+        "ouro-import weights (or a model.safetensors)",
+    )
     parser.add_argument("out", type=Path, help="output directory (safetensors, config.json, tokenizer files)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument(
@@ -69,6 +76,7 @@ def export_main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        args.checkpoint = locate_model(args.checkpoint)
         state, raw_cfg = read_weights(args.checkpoint)
         if not raw_cfg:
             raise CheckpointError(f"{args.checkpoint}: the weights carry no model config")

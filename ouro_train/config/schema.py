@@ -7,6 +7,7 @@ in each class's `validate()`, which `OmegaConf.to_object` runs through `__post_i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,7 +156,7 @@ class OptimConfig:
         self.validate()
 
     def validate(self, section: str = "optim") -> None:
-        _require(self.lr > 0, f"{section}.lr", f"must be > 0, got {self.lr}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"{section}.lr", f"must be a finite number > 0, got {self.lr}")
         for key in ("beta1", "beta2"):
             _require(
                 0 <= getattr(self, key) < 1,
@@ -466,6 +467,16 @@ class CheckpointConfig:
     # (ds_to_universal's included) is forced to torch's weights-only unpickler
     # (checkpoint/safety.py). True skips that, for files you wrote and trust.
     trust_engine_files: bool = False
+    # Roll back after a divergence (the command the exit-3 message prints): resume from
+    # checkpoint.resume (a checkpoint path; `auto`: the newest) with this peak learning rate instead
+    # of the saved one, for this stage's own schedule and a continued (init_schedule=keep) one
+    # alike. Everything else about the training config is still checked. The checkpoints after it
+    # are moved aside (checkpoints/rolled_back-*/, never resumed), the rollback is recorded in every
+    # later train_state.json and in the next step's metrics, and later resumes keep the new rate.
+    rollback_lr: float | None = None
+    # ... and step over the next N batches (optimizer steps' worth) of data after it, as large runs
+    # do to pass a bad stretch. With or without rollback_lr.
+    rollback_skip_batches: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -486,6 +497,25 @@ class CheckpointConfig:
         for key in ("every_steps", "every_minutes", "keep_every"):
             _require(getattr(self, key) >= 0, f"{section}.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(self.keep_last >= 1, f"{section}.keep_last", f"must be >= 1, got {self.keep_last}")
+        _require(
+            self.rollback_lr is None or (math.isfinite(self.rollback_lr) and self.rollback_lr > 0),
+            f"{section}.rollback_lr",
+            f"must be a finite learning rate > 0, got {self.rollback_lr}",
+        )
+        _require(
+            self.rollback_skip_batches >= 0,
+            f"{section}.rollback_skip_batches",
+            f"must be >= 0, got {self.rollback_skip_batches}",
+        )
+        _require(
+            not self.rolls_back or self.resume != "none",
+            f"{section}.rollback_lr",
+            "a rollback resumes from a checkpoint: set checkpoint.resume to its path (or auto), not none",
+        )
+
+    @property
+    def rolls_back(self) -> bool:
+        return self.rollback_lr is not None or self.rollback_skip_batches > 0
 
 
 @dataclass
@@ -505,6 +535,12 @@ class GuardConfig:
     # Accepted steps seen before spikes are judged (the first steps of a run fall fast).
     min_history: int = 20
     max_consecutive_bad: int = 5
+    # The update is judged before it is applied: AdamW moves each element by at most ~1.17 x the
+    # learning rate (betas 0.9/0.95; train/guard.py adamw_update_bound), so a step whose largest
+    # possible update ||dw|| is more than this many times ||w|| is skipped. 1.0 lets any sane
+    # learning rate through (Ouro-1.4B at 3e-4: ~0.02; the tiny test models at 1e-2: ~0.3) and stops
+    # an absurd one before it writes blown-up weights into a checkpoint. 0: off.
+    max_update_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -514,6 +550,11 @@ class GuardConfig:
         _require(self.spike_min_ratio >= 1, f"{section}.spike_min_ratio", f"must be >= 1, got {self.spike_min_ratio}")
         for key in ("window", "min_history", "max_consecutive_bad"):
             _require(getattr(self, key) >= 1, f"{section}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _require(
+            self.max_update_ratio >= 0,
+            f"{section}.max_update_ratio",
+            f"must be >= 0 (0: off), got {self.max_update_ratio}",
+        )
         _require(
             self.min_history <= self.window,
             f"{section}.min_history",

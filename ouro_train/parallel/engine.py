@@ -14,7 +14,7 @@ from torch import nn
 
 from ouro_train.config.resolve import resolve
 from ouro_train.config.schema import Config
-from ouro_train.train.engine import build_optimizer
+from ouro_train.train.engine import build_optimizer, optimizer_overflow_is_divergence, squared_norm
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
@@ -60,6 +60,17 @@ def tensor_parallel_grad_norm(model: nn.Module, tp_group) -> float:
         dist.all_reduce(sharded, group=tp_group)
         sharded = sharded.cpu()
     return float((sharded + replicated).sqrt())
+
+
+def zero3_partition(param: nn.Parameter) -> torch.Tensor:
+    """The elements of a ZeRO-3 parameter this rank holds, without the last partition's padding
+    (DeepSpeed allocates it with torch.empty: not zeros)."""
+    size = param.ds_tensor.ds_numel
+    rank = getattr(param, "ds_zero_partition_rank", None)
+    if rank is None:
+        rank = dist.get_rank(group=param.ds_process_group)
+    valid = max(0, min(size, param.ds_numel - rank * size))
+    return param.ds_tensor.narrow(0, 0, valid)
 
 
 class DeepSpeedEngine:
@@ -120,7 +131,8 @@ class DeepSpeedEngine:
             skip = skip or (own_norm is not None and not math.isfinite(own_norm))
             self.inner_optimizer.skip = skip
         try:
-            self.engine.step()
+            with optimizer_overflow_is_divergence():
+                self.engine.step()
         finally:
             self.inner_optimizer.skip = False
         if boundary:
@@ -130,6 +142,26 @@ class DeepSpeedEngine:
 
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm
+
+    def param_norm_sq_share(self) -> torch.Tensor:
+        """See `Engine.param_norm_sq_share`. ZeRO-3 ranks hold disjoint partitions (`ds_tensor`):
+        their squares add up over data parallel. Below ZeRO-3 every data-parallel rank holds the
+        whole (or the whole TP shard of the) model: each sends 1/dp of it. Tensor-parallel shards
+        are summed over the TP group here (an extra collective only when TP > 1); parameters
+        replicated on the TP ranks count once."""
+        trained = [p for p in self.module.parameters() if p.requires_grad]
+        device = next(self.module.parameters()).device
+        local = [zero3_partition(p) if hasattr(p, "ds_tensor") else p for p in trained]
+        sharded = squared_norm(
+            [t for p, t in zip(trained, local) if getattr(p, "tensor_model_parallel", False)], device
+        )
+        replicated = squared_norm(
+            [t for p, t in zip(trained, local) if not getattr(p, "tensor_model_parallel", False)], device
+        )
+        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            dist.all_reduce(sharded, group=self.tp_group)
+        share = sharded + replicated
+        return share if self.stage == 3 else share / self.dp_size
 
     def save_checkpoint(self, directory) -> None:
         """Every rank: model and optimizer shards in DeepSpeed's layout (tag `state`)."""

@@ -9,6 +9,7 @@ already normalised by the loss tokens of the whole step, so nothing here rescale
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
@@ -31,6 +32,44 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def trained_numel(model: nn.Module, tensor_parallel: int = 1) -> int:
+    """Elements of the trained parameters of the whole model, whatever this rank holds of them (a
+    ZeRO-3 partition knows its full size; a tensor-parallel shard is one of `tensor_parallel`)."""
+    return sum(
+        p.ds_numel
+        if hasattr(p, "ds_numel")
+        else p.numel() * (tensor_parallel if getattr(p, "tensor_model_parallel", False) else 1)
+        for p in model.parameters()
+        if p.requires_grad
+    )
+
+
+def squared_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """sum ||t||^2 over `tensors` as a 0-d fp32 tensor on `device` (one foreach kernel, no host sync)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.stack(torch._foreach_norm([t.detach().float() for t in tensors])).pow(2).sum().to(device)
+
+
+@contextlib.contextmanager
+def optimizer_overflow_is_divergence():
+    """A learning rate or moment too large for the optimizer's arithmetic (torch raises "value
+    cannot be converted to type float without overflow") is a divergence (exit status 3, the
+    guard's message and rollback command), not a traceback. The guard's update check skips such
+    steps before they get here; this is the net under it."""
+    from ouro_train.train.guard import TrainingDiverged
+
+    try:
+        yield
+    except RuntimeError as error:
+        if "overflow" not in str(error):
+            raise
+        raise TrainingDiverged(
+            f"the optimizer overflowed ({error}): the learning rate or the Adam moments are out of float range",
+            "optimizer_overflow",
+        ) from error
 
 
 class SkippableAdamW(torch.optim.AdamW):
@@ -81,6 +120,12 @@ class Engine(Protocol):
 
     def get_global_grad_norm(self) -> float | None: ...
 
+    def param_norm_sq_share(self) -> torch.Tensor:
+        """This rank's share of ||w||^2 over the trained parameters: 0-d, on the device, such that
+        `all_reduce_sum` over the data-parallel ranks gives the whole model's (no host sync here:
+        the trainer sends it with the step's loss totals, in the same all-reduce)."""
+        ...
+
     def save_checkpoint(self, directory: Path) -> None: ...
 
 
@@ -125,7 +170,8 @@ class LocalEngine:
             self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             self.update_skipped = skip or not math.isfinite(self._grad_norm)
             if not self.update_skipped:
-                self.optimizer.step()
+                with optimizer_overflow_is_divergence():
+                    self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_steps += 1
         self.micro_steps += 1
@@ -141,6 +187,10 @@ class LocalEngine:
     def get_global_grad_norm(self) -> float | None:
         """Norm of the gradient before clipping at the last optimizer step."""
         return self._grad_norm
+
+    def param_norm_sq_share(self) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        return squared_norm(params, params[0].device if params else torch.device("cpu"))
 
     def state_dict(self) -> dict:
         return {
@@ -169,12 +219,7 @@ class LocalEngine:
                 f"{path}: missing; this checkpoint was not written by a single-process run "
                 "(relaunch with the layout that saved it)"
             )
-        try:
-            # weights_only: a checkpoint holds tensors and numbers, never code to run.
-            state = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception as error:
-            raise CheckpointError(
-                f"{path}: unreadable ({error}); the checkpoint is truncated or corrupt: delete it to resume "
-                "from the previous one"
-            ) from error
-        self.load_state_dict(state)
+        from ouro_train.checkpoint.safety import safe_torch_load
+
+        # weights_only: a checkpoint holds tensors and numbers, never code to run.
+        self.load_state_dict(safe_torch_load(path, mmap=False))

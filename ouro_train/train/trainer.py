@@ -9,6 +9,7 @@ Plug-in points for the later layers of the stack:
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -22,8 +23,14 @@ from ouro_train.config.schema import Config
 from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX
 from ouro_train.model.looplm import LoopLM
 from ouro_train.model.objective import LossOutput, gate_loss, looplm_loss, loss_token_mask
-from ouro_train.train.engine import Engine, LocalEngine, build_optimizer
-from ouro_train.train.guard import NONFINITE_GRAD, StabilityGuard, TrainingDiverged
+from ouro_train.train.engine import Engine, LocalEngine, build_optimizer, trained_numel
+from ouro_train.train.guard import (
+    NONFINITE_GRAD,
+    UPDATE_TOO_LARGE,
+    StabilityGuard,
+    TrainingDiverged,
+    adamw_update_bound,
+)
 from ouro_train.train.schedules import lr_at
 from ouro_train.train.signals import StopOnSignal
 
@@ -125,6 +132,31 @@ class Trainer:
         self.state = TrainState()
         self.guard = StabilityGuard(cfg.guard)
         self.pending_verdict: str | None = None
+        # What the update check needs (train/guard.py): AdamW's per-element bound and the size of
+        # what is trained (the exit gate alone in stage II).
+        self.update_bound = adamw_update_bound(cfg.optim.beta1, cfg.optim.beta2)
+        self.trained_numel = trained_numel(self.engine.module, cfg.parallel.tensor_parallel)
+        self.last_update_ratio: float | None = None
+        # Fields for the next step's metrics only (a rollback says so in the step after it).
+        self.annotations: dict = {}
+
+    def update_ratio(self, lr: float, param_norm: float) -> float | None:
+        """The largest ||dw|| / ||w|| AdamW can make at `lr`: each element of its normalised update
+        is at most `update_bound` (whatever the gradient), decoupled weight decay adds lr * wd * w.
+        None: not judged (unbounded betas, or no weights to compare with)."""
+        if self.update_bound is None or not param_norm > 0 or not math.isfinite(param_norm):
+            return None
+        return lr * (self.update_bound * math.sqrt(self.trained_numel) / param_norm + self.cfg.optim.weight_decay)
+
+    def suggested_lr(self, reason: str | None) -> float:
+        """The peak learning rate a rollback after `reason` should try: half the current one, and
+        for an update that was too large also a tenth of what the guard would have accepted there."""
+        peak = self.resolved.lr
+        suggestion = peak / 2
+        ratio, limit = self.last_update_ratio, self.cfg.guard.max_update_ratio
+        if reason == UPDATE_TOO_LARGE and ratio and limit > 0:
+            suggestion = min(suggestion, peak * limit / ratio / 10)
+        return float(f"{suggestion:.3g}")
 
     def _autocast(self):
         if self.cfg.train.precision == "bf16":
@@ -174,9 +206,14 @@ class Trainer:
             verdict = None
             if index == len(micro_batches) - 1:
                 # The step's loss over every rank, before the optimizer step, so that the guard can
-                # cancel the update everywhere (the same all-reduce gives the metrics).
-                totals = self.engine.all_reduce_sum(totals)
-                verdict = self.guard.verdict(float(totals[0]) / max(step_tokens, 1.0))
+                # cancel the update everywhere (the same all-reduce gives the metrics and ||w||).
+                reduced = self.engine.all_reduce_sum(
+                    torch.cat([totals, self.engine.param_norm_sq_share().reshape(1).to(totals)])
+                )
+                loss_sum, norm_sq = reduced[[0, -1]].tolist()  # the one host sync of the verdict
+                totals, param_norm = reduced[:-1], math.sqrt(norm_sq)
+                self.last_update_ratio = self.update_ratio(lr, param_norm)
+                verdict = self.guard.verdict(loss_sum / max(step_tokens, 1.0), param_norm, self.last_update_ratio)
             self.engine.step(skip=verdict is not None)
         if verdict is None and self.engine.update_skipped:
             verdict = NONFINITE_GRAD
@@ -184,14 +221,21 @@ class Trainer:
         self.state.step += 1
         self.state.tokens += input_tokens
         elapsed = time.perf_counter() - started
-        metrics = self._metrics(totals, step_tokens) | {
-            "step": self.state.step,
-            "tokens": self.state.tokens,
-            "lr": lr,
-            "grad_norm": self.engine.get_global_grad_norm(),
-            "tokens_per_s": input_tokens / elapsed,
-            "step_time_s": elapsed,
-        }
+        metrics = (
+            self._metrics(totals, step_tokens)
+            | {
+                "step": self.state.step,
+                "tokens": self.state.tokens,
+                "lr": lr,
+                "grad_norm": self.engine.get_global_grad_norm(),
+                "param_norm": param_norm,
+                "update_ratio_max": self.last_update_ratio,
+                "tokens_per_s": input_tokens / elapsed,
+                "step_time_s": elapsed,
+            }
+            | self.annotations
+        )
+        self.annotations = {}
         self.pending_verdict = verdict
         metrics["skipped"] = int(verdict is not None)
         if verdict is not None:
@@ -273,11 +317,18 @@ class Trainer:
         self.stopped_by_signal: int | None = None
         with StopOnSignal() if signals is None else contextlib.nullcontext(signals) as signals:
             while self.state.step < stop:
-                metrics = self.train_step()
+                try:
+                    metrics = self.train_step()
+                except TrainingDiverged as error:  # the optimizer itself overflowed (train/engine.py)
+                    for hook in _hooks(self.callbacks, "on_train_end"):
+                        hook(self)
+                    error.rollback_lr = self.suggested_lr(error.reason)
+                    raise
                 diverged = None
                 try:
                     self.guard.record(self.state.step, metrics["loss"], self.pending_verdict)
                 except TrainingDiverged as error:
+                    error.rollback_lr = self.suggested_lr(error.reason)
                     diverged = error
                 metrics |= self.guard.metrics()
                 for hook in _hooks(self.callbacks, "step_metrics"):

@@ -44,7 +44,9 @@ def global_batch(step: int) -> dict:
 def train_losses(
     tp: int, zero: int, checkpointing: str, steps: int = 5, teardown: bool = True, sequence_parallel: bool = False
 ) -> list:
-    """Train from the same seed on this process's share of each global batch -> [(loss, grad norm)]."""
+    """Train from the same seed on this process's share of each global batch -> [(loss, grad norm,
+    parameter norm)] (the parameter norm is the stability guard's: summed over ZeRO-3 partitions
+    and tensor-parallel shards, counted once where replicated)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg = make_config(tp, zero, checkpointing, rows=GLOBAL_ROWS * tp // world)
     cfg.parallel.sequence_parallel = sequence_parallel
@@ -63,7 +65,7 @@ def train_losses(
         out = []
         for _ in range(steps):
             metrics = trainer.train_step()
-            out.append((metrics["loss"], metrics["grad_norm"]))
+            out.append((metrics["loss"], metrics["grad_norm"], metrics["param_norm"]))
         return out
     finally:
         if teardown:
@@ -83,14 +85,15 @@ def zero_sweep() -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference() -> list[tuple[float, float]]:
+def reference() -> list[tuple[float, float, float]]:
     return train_losses(1, 0, "none")
 
 
 def assert_same_run(got, expected, label):
-    for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, expected)):
+    for step, ((loss, norm, weights), (ref_loss, ref_norm, ref_weights)) in enumerate(zip(got, expected)):
         assert loss == pytest.approx(ref_loss, rel=5e-5), f"{label} step {step + 1}: loss"
         assert norm == pytest.approx(ref_norm, rel=5e-5), f"{label} step {step + 1}: grad norm"
+        assert weights == pytest.approx(ref_weights, rel=1e-5), f"{label} step {step + 1}: parameter norm"
 
 
 @pytest.mark.slow

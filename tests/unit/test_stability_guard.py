@@ -79,6 +79,8 @@ def test_bad_steps_in_a_row_stop_and_the_state_round_trips():
         "guard/nonfinite_loss": 1,
         "guard/nonfinite_grad_norm": 1,
         "guard/loss_spike": 1,
+        "guard/update_too_large": 0,
+        "guard/nonfinite_weights": 0,
         "guard/consecutive_bad": 2,
     }
     with pytest.raises(TrainingDiverged, match=r"3 bad steps in a row \(steps 4-6.*weights are those of step 3"):

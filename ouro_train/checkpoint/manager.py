@@ -194,6 +194,10 @@ class Checkpointer:
         self.world_size = world_size
         self.dp_size = world_size // cfg.parallel.tensor_parallel
         self.resolved = resolved or resolve(cfg, self.dp_size)
+        # The run's rollbacks (checkpoint/rollback.py), carried into every checkpoint it saves; a
+        # rollback being made now lets the resume differ from the checkpoint in its peak LR.
+        self.rollbacks: list[dict] = []
+        self.rolling_back = False
 
     def save(self, trainer, loader_state: dict | None, final: bool = False) -> Path:
         """`final`: the stage's last checkpoint, which also carries the layout-free optimizer state
@@ -267,9 +271,12 @@ class Checkpointer:
                 "final": final,
                 "loader": loader_state,
                 # Healthy: no skipped (bad) step since the last accepted one; retention keeps the
-                # newest healthy checkpoint whatever keep_last says.
+                # newest healthy checkpoint whatever keep_last says, and a rollback goes to it.
+                # `health` says why its weights can be trained on (train/guard.py).
                 "healthy": trainer.guard.healthy,
+                "health": trainer.guard.health(step),
                 "guard": trainer.guard.state_dict(),
+                "rollbacks": self.rollbacks,
                 "config_hash": config_hash(self.cfg, self.resolved),
                 "config": training_config(self.cfg, self.resolved),
                 "code_version": code_version(),
@@ -338,7 +345,9 @@ class Checkpointer:
             self._load_elsewhere(path, trainer, saved, now)
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
         if saved[0] == self.world_size and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            from ouro_train.checkpoint.safety import safe_torch_load
+
+            set_rng_state(safe_torch_load(rng_file, mmap=False))
         else:  # another world: per-rank streams cannot carry over; derive them from the seed
             seed_everything(self.cfg.train.seed + 1000003 * state["step"] + self.rank)
         trainer.state.step = state["step"]
@@ -399,11 +408,21 @@ class Checkpointer:
         if state.get("config_hash") == config_hash(self.cfg, self.resolved):
             return
         saved, now = state.get("config", {}), training_config(self.cfg, self.resolved)
-        changed = sorted(k for k in set(saved) | set(now) if str(saved.get(k)) != str(now.get(k)))
+        # A rollback changes the peak learning rate on purpose (checkpoint.rollback_lr), nothing else.
+        ignored = {"optim.lr"} if self.rolling_back else set()
+        changed = sorted(k for k in set(saved) | set(now) if str(saved.get(k)) != str(now.get(k)) and k not in ignored)
+        if not changed:
+            return
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
         raise CheckpointError(
             f"{path}: the training config changed since this checkpoint ({details}); resume with the saved config, "
             "or start a new run directory (or a new stage) for a changed one"
+            + (
+                f"; to go on from it with another peak learning rate, roll back: checkpoint.resume={path} "
+                "checkpoint.rollback_lr=<new rate> (optim.lr stays as saved)"
+                if changed == ["optim.lr"]
+                else ""
+            )
             + (
                 "; at another data-parallel size set train.global_batch_size to the saved global_batch_rows "
                 "so the accumulation steps are derived"

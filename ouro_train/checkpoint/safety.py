@@ -53,6 +53,9 @@ WAY_OUT = (
     "if you wrote this checkpoint and trust it, set checkpoint.trust_engine_files=true; otherwise resume "
     "from an earlier checkpoint"
 )
+# For the files ouro-train itself writes and always reads weights-only (RNG states, the local
+# engine's file): no switch turns that off, so the only way out is another checkpoint.
+NO_WAY_OUT = "ouro-train reads this file only with that unpickler: resume from an earlier checkpoint"
 
 _REFUSED = (
     re.compile(r"GLOBAL (\S+) was not an allowed global"),
@@ -125,32 +128,56 @@ def refused_what(message: str) -> str:
     if match:
         code = int(match.group(1))
         return f"its pickle uses the opcode {_OPCODES.get(code, code)}, which that unpickler does not accept"
-    lines = [line.strip() for line in message.splitlines() if line.strip() and "WeightsUnpickler" not in line]
-    return "its pickle failed there: " + next((x for x in lines if "Weights only load failed" not in x), "")[:200]
+    # torch's own text advises re-running with weights_only=False, which would run the payload: never
+    # passed on (nor anything else of its advice).
+    lines = [
+        line.strip()
+        for line in message.splitlines()
+        if line.strip() and not any(x in line for x in ("WeightsUnpickler", "weights_only", "Weights only load failed"))
+    ]
+    return "its pickle failed there: " + next(iter(lines), "")[:200]
 
 
-def refused(error: BaseException, path: str | None, where: Path | str) -> CheckpointError:
+def refused(error: BaseException, path: str | None, where: Path | str, trustable: bool = True) -> CheckpointError:
+    """`trustable`: a DeepSpeed engine file, which checkpoint.trust_engine_files lets DeepSpeed
+    unpickle fully; other files (RNG states, the local engine's) are always read weights-only."""
     name = path if path is not None else f"a file under {where}"
     return CheckpointError(
         f"{name}: refused by torch's weights-only unpickler: {refused_what(str(error))} (checkpoints written by "
         "ouro-train hold only tensors, containers and DeepSpeed's value classes; a full unpickler could run code "
-        f"from this one); {WAY_OUT}"
+        f"from this one); {WAY_OUT if trustable else NO_WAY_OUT}"
     )
 
 
+def safe_torch_load(path: Path, *, trustable: bool = False, mmap: bool = True):
+    """Read one torch.save file of a checkpoint with torch's weights-only unpickler, or raise
+    CheckpointError naming it: refused (what the pickle referenced) or unreadable (truncated,
+    corrupt, foreign). Every torch file of a checkpoint that ouro-train reads itself goes through
+    here. With `mmap`, storages of the (zip) torch format are memory-mapped: no tensor data is
+    read. DeepSpeed's value classes are allowlisted on first need (importing DeepSpeed takes
+    seconds; single-process checkpoints never reference them)."""
+    path = Path(path)
+    mmap = mmap and zipfile.is_zipfile(path)
+    for attempt in range(2):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as error:
+            if attempt == 0 and any(name in str(error) for name in DEEPSPEED_VALUE_CLASSES):
+                allow_deepspeed_values()
+                continue
+            raise refused(error, str(path), path, trustable) from error
+        except Exception as error:  # noqa: BLE001 - any other failure: truncated, corrupt or foreign
+            detail = " ".join(line for line in str(error).splitlines() if "weights_only" not in line)
+            raise CheckpointError(
+                f"{path}: not a readable torch checkpoint file ({type(error).__name__}: {detail[:300]}); it is "
+                "truncated, corrupt or foreign: resume from an earlier checkpoint"
+            ) from error
+    raise AssertionError("unreachable")
+
+
 def load_engine_file(path: Path):
-    """Read one torch.save file with the weights-only unpickler, or raise CheckpointError naming it.
-    Storages of the (zip) torch format are memory-mapped: the tensor data is not read."""
-    allow_deepspeed_values()
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as error:
-        raise refused(error, str(path), path) from error
-    except Exception as error:  # noqa: BLE001 - any other failure: truncated, corrupt or foreign
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint file ({type(error).__name__}: {str(error)[:300]}); it is "
-            "truncated, corrupt or foreign: resume from an earlier checkpoint"
-        ) from error
+    """A DeepSpeed engine file, weights-only (`safe_torch_load`), or CheckpointError naming it."""
+    return safe_torch_load(path, trustable=True)
 
 
 def verify_engine_files(directory: Path) -> None:

@@ -45,6 +45,12 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(path: Path) -> int | None:
+    """The step of a `step_N` checkpoint directory (complete or not), else None."""
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
 def temporary_dir(root: Path, step: int) -> Path:
     return root / f".tmp-{step_name(step)}"
 
@@ -77,21 +83,30 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def find_latest(root: Path) -> Path | None:
-    """The newest usable checkpoint: complete, and whose files are whole (checkpoint_problem).
-    A broken newer one (a truncated engine file, a corrupt train_state.json) is passed over with
-    a warning that names it; resume then continues from the one before."""
+def find_latest(root: Path, trust_engine_files: bool = False) -> Path | None:
+    """The newest usable checkpoint: complete, and whose files are whole and readable the safe way
+    (checkpoint_problem). A broken newer one (a truncated engine file, a corrupt train_state.json,
+    a torch file the weights-only unpickler refuses) is passed over with a warning that names it;
+    resume then continues from the one before."""
     pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text().strip()
         if not is_complete(named):
             _warn(f"{pointer} names {named}, which is not a complete checkpoint; falling back")
     for candidate in reversed(complete_checkpoints(root)):
-        problem = checkpoint_problem(candidate)
+        problem = checkpoint_problem(candidate, trust_engine_files)
         if problem is None:
             return candidate
         _warn(f"skipping checkpoint {candidate}: {problem}; resuming from an earlier one (delete it to silence this)")
     return None
+
+
+def rollback_target(root: Path) -> Path | None:
+    """Where to roll back to after a divergence: the newest usable checkpoint recorded healthy (no
+    bad step pending when it was saved), else the newest usable one (its weights are those of the
+    last accepted step: bad steps' updates are never applied), else None. No warnings: for a message."""
+    usable = [c for c in reversed(complete_checkpoints(root)) if checkpoint_problem(c) is None]
+    return next((c for c in usable if _healthy(c)), usable[0] if usable else None)
 
 
 def _warn(message: str) -> None:
@@ -99,10 +114,16 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a complete checkpoint cannot be resumed from, or None. Reads only headers and the
-    train state: a torch file's zip directory (at its end, so a truncation shows), a safetensors
-    header against the file size, and that every rank's files are there."""
+def checkpoint_problem(path: Path, trust_engine_files: bool = False) -> str | None:
+    """Why a complete checkpoint cannot be resumed from, or None. Reads headers and small files,
+    never tensor data: a torch file's zip directory (at its end, so a truncation shows) and its
+    pickle through torch's weights-only unpickler (storages memory-mapped, not read; DeepSpeed's
+    engine files not with `trust_engine_files`), a safetensors header against the file size,
+    every JSON file (train state, tokenizer), and that every rank's files are there. So a file
+    that would be refused or unreadable at load time makes the checkpoint broken here, where
+    resume can still fall back to the one before."""
+    from ouro_train.checkpoint.safety import safe_torch_load
+
     try:
         state = json.loads((path / TRAIN_STATE).read_text())
         world = int(state["world_size"])
@@ -120,8 +141,19 @@ def checkpoint_problem(path: Path) -> str | None:
         problem = None
         if file.suffix == ".pt":
             problem = _zip_problem(file)
+            deepspeed_file = "engine" in file.relative_to(path).parts and file.name != "engine.pt"
+            if problem is None and not (trust_engine_files and deepspeed_file):
+                try:
+                    safe_torch_load(file, trustable=deepspeed_file)
+                except CheckpointError as error:
+                    return str(error)
         elif file.suffix == ".safetensors":
             problem = _safetensors_problem(file)
+        elif file.suffix == ".json":
+            try:
+                json.loads(file.read_text())
+            except (OSError, ValueError) as error:
+                problem = f"unreadable JSON ({type(error).__name__}: {error})"
         if problem:
             return f"{file} is {problem}"
     rng = len(list((path / "rng").glob("rank_*.pt")))

@@ -6,6 +6,7 @@ and turns the outcome into an exit status (train/signals.py); the work is all in
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -36,9 +37,29 @@ def _hydra_main(raw: DictConfig) -> None:
         sys.exit(EXIT_BAD_INPUT)
     except TrainingDiverged as error:
         print(f"error: training diverged: {error}", file=sys.stderr)
+        print(diverged_advice(error), file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
     except StoppedBySignal:
         sys.exit(EXIT_STOPPED)
+
+
+def diverged_advice(error: TrainingDiverged) -> str:
+    """Where to go back to and the exact command (checkpoint/rollback.py)."""
+    from ouro_train.checkpoint.rollback import rollback_command
+
+    if error.rollback_checkpoint is None:
+        return (
+            "No checkpoint of this run to roll back to (checkpoint.every_steps / every_minutes were off or it "
+            "diverged before the first save): start a new run directory with a lower optim.lr"
+            + (f", e.g. optim.lr={error.rollback_lr:g}" if error.rollback_lr else "")
+        )
+    note = f" ({error.rollback_note})" if error.rollback_note else ""
+    launcher = " under the same launcher (torchrun / srun)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    return (
+        f"Roll back to {error.rollback_checkpoint}{note} with a lower peak learning rate{launcher}:\n"
+        f"  {rollback_command(error.rollback_checkpoint, error.rollback_lr)}\n"
+        "(add checkpoint.rollback_skip_batches=N to also step over the next N batches of data)"
+    )
 
 
 def main() -> None:

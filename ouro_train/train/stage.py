@@ -63,20 +63,20 @@ def dry_run(cfg: Config, dp_size: int = 1) -> dict:
     return {"parameters": built, **asdict(counts)}
 
 
-def resolve_resume(resume: str, root: Path) -> Path | None:
+def resolve_resume(resume: str, root: Path, trust_engine_files: bool = False) -> Path | None:
     from ouro_train.checkpoint.store import CheckpointError, checkpoint_problem, find_latest, is_complete
 
     if resume == "none":
         return None
     if resume == "auto":
-        return find_latest(root)
+        return find_latest(root, trust_engine_files)
     path = Path(resume)
     if not is_complete(path):
         raise CheckpointError(
             f"checkpoint.resume={resume}: not a complete checkpoint directory (no COMPLETE "
             "marker, train_state.json or engine/); pick one under <run_dir>/checkpoints"
         )
-    problem = checkpoint_problem(path)
+    problem = checkpoint_problem(path, trust_engine_files)
     if problem:
         raise CheckpointError(f"checkpoint.resume={resume}: {problem}; pick an earlier one under <run_dir>/checkpoints")
     return path
@@ -141,18 +141,21 @@ def run_stage(cfg: Config) -> dict:
     """One stage on 1 process, or on every process torchrun / srun started (same code); -> the
     final evaluation's metrics. Raises StoppedBySignal (checkpoint saved), TrainingDiverged, and
     ConfigError / DataError / CheckpointError / RunDirError for bad input (message names the key or file)."""
+    from ouro_train.checkpoint import rollback
     from ouro_train.checkpoint.callback import CheckpointCallback
     from ouro_train.checkpoint.manager import Checkpointer
+    from ouro_train.checkpoint.store import CheckpointError, read_train_state, rollback_target
     from ouro_train.data.build import build_data
     from ouro_train.parallel import build_model, destroy_parallel, init_parallel, parallelize
     from ouro_train.train.callbacks import ConsoleLogger, JsonlLogger
+    from ouro_train.train.guard import TrainingDiverged
     from ouro_train.train.report import plot_loss_per_step, truncate_metrics
     from ouro_train.train.trainer import Trainer, freeze_for_objective
 
     run_dir = Path(cfg.run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint_root = run_dir / "checkpoints"
-    resume_from = resolve_resume(cfg.checkpoint.resume, checkpoint_root)
+    resume_from = resolve_resume(cfg.checkpoint.resume, checkpoint_root, cfg.checkpoint.trust_engine_files)
     # From here to the end a SIGTERM / SIGUSR1 is recorded, never fatal: in start-up the first step
     # boundary stops the run (with a checkpoint); during the final evaluation and save the stage
     # finishes (the signal came when nothing was left to stop).
@@ -175,9 +178,22 @@ def run_stage(cfg: Config) -> dict:
         if refused:
             raise RunDirError(refused)
         source = handoff_source(cfg)
-        # The continued LR of a hand-off is part of what this stage trains (and of its config hash).
-        handed_lr = source["next_lr"] if source is not None and cfg.checkpoint.init_schedule == "keep" else None
-        resolved = resolve(cfg, layout.dp, lr=handed_lr)
+        # The continued LR of a hand-off is part of what this stage trains (and of its config hash),
+        # and so is the LR of a rollback (checkpoint/rollback.py), kept by every later resume.
+        lr = source["next_lr"] if source is not None and cfg.checkpoint.init_schedule == "keep" else None
+        saved_state = read_train_state(resume_from) if resume_from is not None else {}
+        lr = rollback.resumed_lr(saved_state) or lr
+        rolled_back = None
+        if cfg.checkpoint.rolls_back:
+            if resume_from is None:
+                raise CheckpointError(
+                    f"checkpoint.rollback_lr / rollback_skip_batches: no checkpoint to roll back to in "
+                    f"{checkpoint_root}; set checkpoint.resume to the checkpoint the divergence message named"
+                )
+            current = lr if lr is not None else cfg.optim.lr
+            rolled_back = rollback.plan(cfg, resume_from, saved_state, checkpoint_root, current)
+            lr = rolled_back["lr"]
+        resolved = resolve(cfg, layout.dp, lr=lr)
         train_batches, eval_batches = build_data(cfg, layout.dp_rank, layout.dp)
         # Only this rank's share of the model is ever built (parallel/materialize.py): the initial
         # weights (seeded by train.seed, the same at any layout) or, for a new stage, the previous
@@ -195,6 +211,8 @@ def run_stage(cfg: Config) -> dict:
         )
         trainer = Trainer(cfg, model, train_batches, eval_batches, engine=engine, resolved=resolved)
         checkpointer = Checkpointer(cfg, checkpoint_root, layout.rank, layout.world_size, resolved)
+        checkpointer.rollbacks = list(saved_state.get("rollbacks") or []) + ([rolled_back] if rolled_back else [])
+        checkpointer.rolling_back = rolled_back is not None
         loader_state = (lambda: train_batches.state_dict()) if hasattr(train_batches, "state_dict") else (lambda: None)
         resumed = None
         if resume_from is not None:
@@ -202,6 +220,13 @@ def run_stage(cfg: Config) -> dict:
             say(f"resumed from {resume_from} at step {trainer.state.step}")
         elif source is not None:
             say(hand_off(cfg, resolved, source, trainer, train_batches))
+        if rolled_back is not None:
+            trainer.guard.reset_streak()
+            for _ in range(rolled_back["skip_batches"] * resolved.grad_accum_steps):  # each rank its own stream
+                next(train_batches)
+            trainer.annotations = rollback.metrics_fields(rolled_back)
+            aside = rollback.set_aside_newer(checkpoint_root, rolled_back, metrics_path) if main_rank else None
+            say(rollback.describe(rolled_back, aside))
         if main_rank:
             # Log lines of steps after the checkpoint (a run killed after it) are replaced, not doubled,
             # and a line torn by a kill or a full disk is dropped (with a warning naming the file).
@@ -225,7 +250,15 @@ def run_stage(cfg: Config) -> dict:
             trainer.callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
         saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         trainer.callbacks.append(saver)
-        final = trainer.fit(signals)
+        try:
+            final = trainer.fit(signals)
+        except TrainingDiverged as error:
+            # Where to go back to: the CLI prints the rollback command with it.
+            error.rollback_checkpoint = rollback_target(checkpoint_root)
+            if error.rollback_checkpoint is not None:
+                health = read_train_state(error.rollback_checkpoint).get("health") or {}
+                error.rollback_note = health.get("why", "")
+            raise
         if trainer.stopped_by_signal is not None:
             if cfg.checkpoint.save_on_signal:
                 saver.save(trainer)

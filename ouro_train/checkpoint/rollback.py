@@ -1,0 +1,133 @@
+"""Rolling back after a divergence, the way large runs do: back to a healthy checkpoint, on with a
+lower learning rate, optionally past the stretch of data that blew up.
+
+The stability guard (train/guard.py) ends a diverging run with exit status 3, and its message
+prints the command built here (`rollback_command`): the same `ouro-train` invocation with
+`checkpoint.resume=<the newest healthy checkpoint> checkpoint.rollback_lr=<a lower peak LR>`.
+That resume is allowed to differ from the checkpoint in its peak learning rate only (everything
+else about the training config is still checked, checkpoint/manager.py) and:
+
+- the checkpoints after it, from the abandoned trajectory, are moved aside to
+  `checkpoints/rolled_back-<step>-<time>/` with the metrics lines they logged: never resumed,
+  never rotated away by retention, kept for the post-mortem until the user deletes them;
+- `checkpoint.rollback_skip_batches=N` steps over the next N optimizer steps' worth of data;
+- the rollback is recorded (`rollbacks` in every later train_state.json, `rollback_*` fields in the
+  next step's metrics), and every later resume of the run keeps the new rate (`resumed_lr`), so
+  the plain command continues it;
+- running the same rollback command again after the run went on is refused rather than silently
+  throwing that progress away.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ouro_train.checkpoint.store import (
+    LATEST,
+    CheckpointError,
+    complete_checkpoints,
+    read_train_state,
+    step_name,
+    step_of,
+)
+from ouro_train.config.schema import Config
+from ouro_train.utils.atomic import atomic_write_text
+
+# The keys a rollback command sets; taken out of the original command line before they are added.
+ROLLBACK_KEYS = ("checkpoint.resume", "checkpoint.rollback_lr", "checkpoint.rollback_skip_batches")
+
+
+def saved_peak_lr(state: dict) -> float | None:
+    """The peak learning rate a checkpoint was trained with (after any earlier rollback)."""
+    value = state.get("config", {}).get("optim.lr")
+    return None if value is None else float(value)
+
+
+def resumed_lr(state: dict) -> float | None:
+    """The peak learning rate a plain resume of this checkpoint continues with: that of its last
+    rollback, if it was rolled back (None: the config's, as for any run)."""
+    rollbacks = state.get("rollbacks") or []
+    return float(rollbacks[-1]["lr"]) if rollbacks else None
+
+
+def plan(cfg: Config, checkpoint: Path, state: dict, root: Path, current_lr: float) -> dict:
+    """The record of the rollback that `cfg` asks for from `checkpoint` (train state `state`);
+    `current_lr`: the peak LR a plain resume would use. Raises CheckpointError for a rollback
+    that is repeated after the run went on from it."""
+    new_lr = cfg.checkpoint.rollback_lr if cfg.checkpoint.rollback_lr is not None else current_lr
+    record = {
+        "from_checkpoint": checkpoint.name,
+        "from_step": int(state["step"]),
+        "previous_lr": saved_peak_lr(state),
+        "lr": float(new_lr),
+        "skip_batches": cfg.checkpoint.rollback_skip_batches,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for later in complete_checkpoints(root):
+        if step_of(later) <= record["from_step"]:
+            continue
+        try:
+            done = read_train_state(later).get("rollbacks") or []
+        except CheckpointError:
+            continue
+        same = (checkpoint.name, record["lr"], record["skip_batches"])
+        if any((r["from_checkpoint"], r["lr"], r["skip_batches"]) == same for r in done):
+            raise CheckpointError(
+                f"checkpoint.rollback_lr: {root} was already rolled back from {checkpoint.name} to learning rate "
+                f"{record['lr']:g} and has trained on to {later.name} since; to continue it, run without "
+                "checkpoint.rollback_lr / checkpoint.rollback_skip_batches / checkpoint.resume (the newest checkpoint "
+                "keeps the new rate); to roll back again, change the learning rate or name another checkpoint"
+            )
+    return record
+
+
+def set_aside_newer(root: Path, record: dict, metrics_path: Path) -> Path | None:
+    """Rank 0, before anything is saved: move the checkpoints after the rollback's (complete or not)
+    into `rolled_back-<step>-<time>/` with a copy of metrics.jsonl (the caller then truncates it),
+    and point `latest` at the checkpoint rolled back to. -> that folder, or None if nothing moved."""
+    step = record["from_step"]
+    newer = [p for p in root.iterdir() if step_of(p) is not None and step_of(p) > step] if root.is_dir() else []
+    if not newer:
+        return None
+    aside = root / f"rolled_back-{step_name(step)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in sorted(newer):
+        os.replace(path, aside / path.name)
+    if metrics_path.is_file():
+        shutil.copy2(metrics_path, aside / metrics_path.name)
+    atomic_write_text(root / LATEST, record["from_checkpoint"], durable=True)
+    return aside
+
+
+def describe(record: dict, aside: Path | None) -> str:
+    text = f"rolled back to {record['from_checkpoint']} (step {record['from_step']}): peak learning rate "
+    text += f"{record['previous_lr']:g} -> {record['lr']:g}"
+    if record["skip_batches"]:
+        text += f", skipping the next {record['skip_batches']} batches of data"
+    if aside is not None:
+        text += f"; the later checkpoints and their metrics are in {aside} (never resumed; delete it when done)"
+    return text
+
+
+def metrics_fields(record: dict) -> dict:
+    """What the first step after the rollback carries in metrics.jsonl (and wandb)."""
+    return {
+        "rollback_from_step": record["from_step"],
+        "rollback_lr": record["lr"],
+        "rollback_skip_batches": record["skip_batches"],
+    }
+
+
+def rollback_command(checkpoint: Path, lr: float | None, argv: list[str] | None = None) -> str:
+    """The command that rolls this run back to `checkpoint` at peak learning rate `lr` (None: a
+    placeholder to fill in): the current ouro-train command line with the rollback keys replaced
+    (torchrun / srun: the same launcher)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept = [a for a in args if not a.lstrip("+~").startswith(tuple(f"{k}=" for k in ROLLBACK_KEYS))]
+    rate = "<lower-rate>" if lr is None else f"{lr:g}"
+    return shlex.join(["ouro-train", *kept, f"checkpoint.resume={checkpoint}", f"checkpoint.rollback_lr={rate}"])

@@ -12,8 +12,10 @@ Three kinds of model directory carry one, and `load_model_tokenizer(path)` reads
   tokenizer.json (shards tokenized before tokenizers were copied beside them) records
   tokenizer_info.json with "file": null and the data's sha256, so that `--tokenizer PATH` can be
   checked against it.
-* an `ouro-export` output (the Hugging Face layout): tokenizer.json, tokenizer_config.json (bos /
-  eos / pad tokens, the ChatML `chat_template` of a chat model), special_tokens_map.json and
+* an `ouro-export` output (the Hugging Face layout): tokenizer.json (the training tokenizer, whose
+  post-processor prepends the BOS training prepended, so that `tokenizer(text)` prompts the model
+  as ouro-generate does), tokenizer_config.json (bos / eos / pad tokens, model_input_names, the
+  ChatML `chat_template` of a chat model), special_tokens_map.json and
   generation_config.json (bos / eos / pad ids; eos is a list for a chat model: <|endoftext|> and
   <|im_end|> both end a turn).
 * any Hugging Face model directory with a tokenizer.json (what `ouro-import` reads).
@@ -338,11 +340,57 @@ def copy_record(source: Path, target: Path) -> bool:
     return True
 
 
+def prompt_ids(model_tokenizer: ModelTokenizer, text: str) -> list[int]:
+    """The ids a model is prompted with for `text`: its BOS first where training prepended one
+    (`ouro-data tokenize --bos-token`, recorded as bos_id), then the text with no special tokens
+    from the tokenizer itself (training encodes with add_special_tokens=False). ouro-generate
+    feeds this; an exported tokenizer.json's post-processor adds exactly the same (hf_tokenizer_json)."""
+    ids = model_tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
+    return ([model_tokenizer.bos_id] if model_tokenizer.bos_id is not None else []) + ids
+
+
+def hf_tokenizer_json(model_tokenizer: ModelTokenizer) -> str | None:
+    """The exported tokenizer.json's text, or None where the training tokenizer's file already
+    encodes as `prompt_ids` does (then it is copied byte for byte). Hugging Face users call
+    `tokenizer(text)`, which applies the post-processor: with a BOS, a TemplateProcessing
+    "<bos> $A" (pair "<bos> $A <bos> $B", as transformers writes for add_bos_token), so that they
+    prompt the model as it was trained and as ouro-generate does; without one, a post-processor
+    that adds nothing. Only `post_processor` changes: the vocabulary, merges and added tokens stay."""
+    tokenizer, bos_id = model_tokenizer.tokenizer, model_tokenizer.bos_id
+    probe = "a b"
+    if tokenizer.encode(probe).ids == prompt_ids(model_tokenizer, probe):
+        return None
+    from tokenizers import processors
+
+    bos = model_tokenizer.token(bos_id)
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0" if bos is not None else "$A:0",
+        pair=f"{bos}:0 $A:0 {bos}:1 $B:1" if bos is not None else "$A:0 $B:1",
+        special_tokens=[(bos, bos_id)] if bos is not None else [],
+    )
+    assert model_tokenizer.path is not None
+    raw = json.loads(Path(model_tokenizer.path).read_text(encoding="utf-8"))
+    raw["post_processor"] = json.loads(copy.to_str())["post_processor"]
+    text = json.dumps(raw, ensure_ascii=False, indent=2)
+    if Tokenizer.from_str(text).encode(probe).ids != prompt_ids(model_tokenizer, probe):  # never expected
+        raise CheckpointError(f"{model_tokenizer.path}: could not give the exported tokenizer a BOS post-processor")
+    return text
+
+
 def write_hf_files(directory: Path, model_tokenizer: ModelTokenizer, max_length: int) -> None:
-    """The Hugging Face tokenizer files: what AutoTokenizer and generate() read."""
+    """The Hugging Face tokenizer files: what AutoTokenizer and generate() read.
+    `tokenizer(text, return_tensors="pt")` gives input_ids (BOS first where training prepended
+    one, see hf_tokenizer_json) and attention_mask only (model_input_names), which is what
+    `model.generate(**inputs)` accepts: transformers 4's default adds token_type_ids, which it
+    refuses. (apply_chat_template encodes without the post-processor, as the SFT data was.)"""
     directory = Path(directory)
     assert model_tokenizer.path is not None
-    shutil.copyfile(model_tokenizer.path, directory / TOKENIZER)
+    text = hf_tokenizer_json(model_tokenizer)
+    if text is None:
+        shutil.copyfile(model_tokenizer.path, directory / TOKENIZER)
+    else:
+        atomic_write_text(directory / TOKENIZER, text)
     token = model_tokenizer.token
     # transformers takes one eos token; for a chat model the one that ends an assistant turn.
     eos_token = token(model_tokenizer.eos_ids[-1]) if model_tokenizer.eos_ids else None
@@ -356,8 +404,11 @@ def write_hf_files(directory: Path, model_tokenizer: ModelTokenizer, max_length:
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
         "unk_token": None,
-        "add_bos_token": False,
+        # transformers 5 rebuilds the post-processor from these two when they are given: the same
+        # template as tokenizer.json's, which readers that do not (the tokenizers library) apply.
+        "add_bos_token": model_tokenizer.bos_id is not None,
         "add_eos_token": False,
+        "model_input_names": ["input_ids", "attention_mask"],
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
         "additional_special_tokens": [t.content for i, t in sorted(added.items()) if t.special],

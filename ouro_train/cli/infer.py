@@ -56,15 +56,17 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     from ouro_train.data.sft import ROLES, special_ids
 
     ids = special_ids(tokenizer, False, "chat prompt")
+    # No post-processor specials (an exported tokenizer.json adds a BOS): SFT data has none.
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
     tokens: list[int] = []
     previous, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
     try:
         for message in messages:
             if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
                 raise ValueError(f"chat message {message!r:.80}: needs role in {ROLES} and string content")
-            tokens += [ids.im_start, *tokenizer.encode(f"{message['role']}\n").ids]
-            tokens += [*tokenizer.encode(message["content"]).ids, ids.im_end, *tokenizer.encode("\n").ids]
-        tokens += [ids.im_start, *tokenizer.encode("assistant\n").ids]
+            tokens += [ids.im_start, *encode(f"{message['role']}\n")]
+            tokens += [*encode(message["content"]), ids.im_end, *encode("\n")]
+        tokens += [ids.im_start, *encode("assistant\n")]
     finally:
         tokenizer.encode_special_tokens = previous
     return tokens
@@ -151,6 +153,7 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 def _prompts(args, tok) -> tuple[list[list[int]], list[str]]:
     """-> (token ids per prompt, how each is shown)."""
+    from ouro_train.checkpoint.tokenizer_files import prompt_ids
     from ouro_train.data.tokenize import iter_jsonl
 
     records: list[dict] = [{"prompt": p} for p in args.prompt]
@@ -171,8 +174,7 @@ def _prompts(args, tok) -> tuple[list[list[int]], list[str]]:
                 ]
                 rows.append(chat_prompt(tok.tokenizer, messages))
             else:
-                ids = tok.tokenizer.encode(text).ids
-                rows.append(([tok.bos_id] if tok.bos_id is not None else []) + ids)
+                rows.append(prompt_ids(tok, text))
             shown.append(text)
         else:
             raise ValueError(f"prompt record {record!r:.80}: needs a 'prompt' string or a 'messages' list")
@@ -216,7 +218,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         if args.data:
             docs = shard_documents(args.data, args.documents, args.max_tokens, model.config.vocab_size)
         else:
-            docs = jsonl_documents(args.prompts, _tokenizer(args).tokenizer, args.documents, args.max_tokens)
+            tok = _tokenizer(args)
+            docs = jsonl_documents(args.prompts, tok.tokenizer, args.documents, args.max_tokens, tok.bos_id)
         result = evaluate(model, docs, qs, tuple(args.kv_policies.split(",")), args.batch_size)
         result["source"] = {"model": str(args.model), "data": str(args.data or args.prompts)}
         write_outputs(result, args.out, f"Exit evaluation of {args.model}")

@@ -125,9 +125,11 @@ def shard_documents(directory: Path, count: int, max_tokens: int, vocab_size: in
     return docs
 
 
-def jsonl_documents(path: Path, tokenizer, count: int, max_tokens: int) -> list[Document]:
-    """{"text": ...} lines (every token scored) or {"messages": [...]} (ChatML; the assistant turns
-    scored, as in SFT)."""
+def jsonl_documents(path: Path, tokenizer, count: int, max_tokens: int, bos_id: int | None = None) -> list[Document]:
+    """{"text": ...} lines (every token scored; `bos_id` first, where the model's pretraining data
+    prepended one) or {"messages": [...]} (ChatML; the assistant turns scored, as in SFT). Text is
+    encoded without the tokenizer's own specials, as the training data was (an exported
+    tokenizer.json's post-processor adds a BOS)."""
     from ouro_train.data.sft import render_conversation, special_ids
     from ouro_train.data.tokenize import iter_jsonl
 
@@ -141,7 +143,10 @@ def jsonl_documents(path: Path, tokenizer, count: int, max_tokens: int) -> list[
                 torch.from_numpy(tokens[:max_tokens].astype(np.int64)), torch.from_numpy(mask[:max_tokens] > 0)
             )
         elif isinstance(record.get("text"), str):
-            doc = Document(torch.tensor(tokenizer.encode(record["text"]).ids[:max_tokens], dtype=torch.long), None)
+            ids = ([bos_id] if bos_id is not None else []) + tokenizer.encode(
+                record["text"], add_special_tokens=False
+            ).ids
+            doc = Document(torch.tensor(ids[:max_tokens], dtype=torch.long), None)
         else:
             raise ValueError(f"{where}: expected a 'text' string or a 'messages' list")
         if doc.tokens.numel() >= 2:

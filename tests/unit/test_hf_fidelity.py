@@ -21,6 +21,7 @@ from ouro_train.checkpoint.tokenizer_files import (
     TOKENIZER_INFO,
     ModelTokenizer,
     load_model_tokenizer,
+    prompt_ids,
     save_checkpoint_tokenizer,
     write_record,
 )
@@ -137,9 +138,16 @@ def test_export_writes_the_tokenizer_ids_and_files(tmp_path, tokenizer_file):
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["pad_token"]) == ("<s>", "<|im_end|>", "<pad>")
     assert tok_cfg["chat_template"] == CHATML_TEMPLATE and tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    # What tokenizer(text, return_tensors="pt") returns is what model.generate(**...) accepts (no token_type_ids).
+    assert tok_cfg["model_input_names"] == ["input_ids", "attention_mask"] and tok_cfg["add_bos_token"] is True
     special_map = json.loads((out / "special_tokens_map.json").read_text())
     assert special_map["eos_token"] == "<|im_end|>" and "<think>" in special_map["additional_special_tokens"]
-    assert (out / TOKENIZER).read_bytes() == tokenizer_file.read_bytes()
+    # The training tokenizer, with a post-processor that prepends the BOS training prepended.
+    exported, original = json.loads((out / TOKENIZER).read_text()), json.loads(tokenizer_file.read_text())
+    assert original["post_processor"] is None and exported["post_processor"]["type"] == "TemplateProcessing"
+    assert {k: v for k, v in exported.items() if k != "post_processor"} == {
+        k: v for k, v in original.items() if k != "post_processor"
+    }
 
 
 def test_export_import_round_trip_keeps_the_tokenizer(tmp_path, tokenizer_file):
@@ -149,7 +157,10 @@ def test_export_import_round_trip_keeps_the_tokenizer(tmp_path, tokenizer_file):
     want = Tokenizer.from_file(str(tokenizer_file)).encode(TEXT).ids
     for directory in (tmp_path / "ckpt", out, tmp_path / "imported", tmp_path / "imported" / WEIGHTS):
         found = load_model_tokenizer(directory)
-        assert found.tokenizer.encode(TEXT).ids == want
+        assert found.tokenizer.encode(TEXT, add_special_tokens=False).ids == want
+        # Prompted alike from every directory: one BOS, whether or not the file's post-processor adds it.
+        assert prompt_ids(found, TEXT) == [BOS, *want]
+        assert found.tokenizer.encode(TEXT).ids == (want if directory == tmp_path / "ckpt" else [BOS, *want])
         assert (found.bos_id, found.eos_ids, found.pad_id, found.is_chat) == (BOS, [EOS, IM_END], PAD, True)
     # ... and again through a second export of the imported weights.
     assert export_main([str(tmp_path / "imported"), str(tmp_path / "again")]) == 0

@@ -261,6 +261,7 @@ class Checkpointer:
             lambda: torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt"), tmp, step
         )
         if self.rank == 0 and not error:
+            health = trainer.guard.health(step)
             state = {
                 "stage": self.cfg.stage_name,
                 "step": step,
@@ -270,11 +271,11 @@ class Checkpointer:
                 "next_lr": lr_at(step, self.resolved.lr, self.resolved.steps, self.cfg.schedule),
                 "final": final,
                 "loader": loader_state,
-                # Healthy: no skipped (bad) step since the last accepted one; retention keeps the
-                # newest healthy checkpoint whatever keep_last says, and a rollback goes to it.
-                # `health` says why its weights can be trained on (train/guard.py).
-                "healthy": trainer.guard.healthy,
-                "health": trainer.guard.health(step),
+                # Healthy: its weights can be trained on (every update in them passed the guard);
+                # `health` says why (train/guard.py). Retention keeps the newest healthy checkpoint
+                # whatever keep_last says, and a rollback goes to it.
+                "healthy": health["healthy"],
+                "health": health,
                 "guard": trainer.guard.state_dict(),
                 "rollbacks": self.rollbacks,
                 "config_hash": config_hash(self.cfg, self.resolved),

@@ -102,11 +102,14 @@ def find_latest(root: Path, trust_engine_files: bool = False) -> Path | None:
 
 
 def rollback_target(root: Path) -> Path | None:
-    """Where to roll back to after a divergence: the newest usable checkpoint recorded healthy (no
-    bad step pending when it was saved), else the newest usable one (its weights are those of the
-    last accepted step: bad steps' updates are never applied), else None. No warnings: for a message."""
+    """Where to roll back to after a divergence: the newest usable checkpoint recorded healthy
+    (trainable weights) and saved before the last stretch of bad steps began, else the newest
+    healthy one (its weights are those of the last accepted step: a bad step's update is never
+    applied), else the newest usable one, else None. No warnings: it is for a message."""
     usable = [c for c in reversed(complete_checkpoints(root)) if checkpoint_problem(c) is None]
-    return next((c for c in usable if _healthy(c)), usable[0] if usable else None)
+    healthy = [c for c in usable if _healthy(c)]
+    calm = [c for c in healthy if not _state(c).get("health", {}).get("bad_steps_pending", 0)]
+    return next(iter(calm + healthy + usable), None)
 
 
 def _warn(message: str) -> None:
@@ -207,11 +210,15 @@ def read_train_state_if_any(path: Path) -> dict:
     return read_train_state(path) if (path / TRAIN_STATE).is_file() else {}
 
 
-def _healthy(path: Path) -> bool:
+def _state(path: Path) -> dict:
     try:
-        return bool(json.loads((path / TRAIN_STATE).read_text()).get("healthy", True))
+        return json.loads((path / TRAIN_STATE).read_text())
     except (OSError, ValueError):
-        return False
+        return {"healthy": False}
+
+
+def _healthy(path: Path) -> bool:
+    return bool(_state(path).get("healthy", True))
 
 
 def apply_retention(root: Path, keep_last: int, keep_every: int) -> list[Path]:

@@ -156,10 +156,15 @@ class StabilityGuard:
         return self.consecutive_bad == 0
 
     def health(self, step: int) -> dict:
-        """Why the weights at `step` can be trained on (recorded in each checkpoint): every update
-        they hold was accepted, the last one with these figures; and whether bad steps are pending."""
+        """Why the weights at `step` can be trained on (recorded in each checkpoint). `healthy`:
+        every update they hold passed the guard (while it is on, always: a bad step's update is
+        never applied, and no checkpoint is written from non-finite weights); `weights_of_step`:
+        the last accepted step (0: the initial weights); `bad_steps_pending`: bad steps skipped
+        since then (a rollback prefers a checkpoint from before such a stretch)."""
         last = self.last_accepted
-        if last is None:
+        if not self.cfg.enabled:
+            why = "guard disabled (guard.enabled=false): no update was checked"
+        elif last is None:
             why = "no update accepted yet: the weights are the initial ones"
         else:
             figures = [f"loss {last['loss']:.4g}"]
@@ -170,13 +175,12 @@ class StabilityGuard:
                     f"update at most {last['update_ratio_max']:.3g} x the weights (limit {self.cfg.max_update_ratio:g})"
                 )
             why = f"the weights are those of step {last['step']}, whose update passed the guard: " + ", ".join(figures)
-        if not self.cfg.enabled:
-            why = "guard disabled (guard.enabled=false): nothing was checked"
         if self.consecutive_bad:
             why += f"; steps {self.first_bad_step}-{step} were bad and skipped"
         return {
-            "healthy": self.healthy,
+            "healthy": self.cfg.enabled,
             "weights_of_step": 0 if last is None else last["step"],
+            "bad_steps_pending": self.consecutive_bad,
             "why": why,
         }
 

@@ -5,6 +5,7 @@ traceback; every torch file of a checkpoint is read weights-only, and a refused 
 checkpoint broken (resume falls back) with no advice to unpickle it fully. The rollback command
 end to end is in tests/integration/test_rollback.py."""
 
+import json
 import math
 import shlex
 
@@ -117,6 +118,7 @@ def test_weights_that_are_not_finite_end_the_run_at_once_and_health_says_why():
     assert guard.health(0) == {
         "healthy": True,
         "weights_of_step": 0,
+        "bad_steps_pending": 0,
         "why": "no update accepted yet: the weights are the initial ones",
     }
     assert guard.verdict(3.0, 12.5, 0.02) is None
@@ -124,7 +126,7 @@ def test_weights_that_are_not_finite_end_the_run_at_once_and_health_says_why():
     assert guard.verdict(3.0, 12.5, 1.5) == UPDATE_TOO_LARGE
     guard.record(2, 3.0, UPDATE_TOO_LARGE)
     health = guard.health(2)
-    assert not health["healthy"] and health["weights_of_step"] == 1
+    assert health["healthy"] and health["weights_of_step"] == 1 and health["bad_steps_pending"] == 1
     assert "step 1, whose update passed the guard: loss 3, parameter norm 12.5, update at most 0.02" in health["why"]
     assert health["why"].endswith("steps 2-2 were bad and skipped")
     assert guard.verdict(3.0, float("nan"), None) == NONFINITE_WEIGHTS
@@ -181,12 +183,18 @@ def test_a_refused_or_unreadable_file_makes_the_checkpoint_broken(tmp_path, dama
     assert not (tmp_path / "ran").exists()
 
 
-def test_rollback_target_prefers_the_newest_healthy_checkpoint(tmp_path):
-    healthy = fake_save(tmp_path, 2, healthy=True)
-    pending = fake_save(tmp_path, 4, healthy=False)
-    assert rollback_target(tmp_path) == healthy
-    (healthy / "COMPLETE").unlink()
-    assert rollback_target(tmp_path) == pending  # no healthy one: the newest (its weights are accepted ones)
+def test_rollback_target_prefers_healthy_checkpoints_from_before_the_bad_stretch(tmp_path):
+    calm = fake_save(tmp_path, 2)
+    pending = fake_save(tmp_path, 4)
+    state = json.loads((pending / "train_state.json").read_text())
+    state["health"] = {"healthy": True, "bad_steps_pending": 2}
+    (pending / "train_state.json").write_text(json.dumps(state))
+    unhealthy = fake_save(tmp_path, 6, healthy=False)  # e.g. saved with the guard off
+    assert rollback_target(tmp_path) == calm
+    (calm / "COMPLETE").unlink()
+    assert rollback_target(tmp_path) == pending  # healthy weights, saved during the bad stretch
+    (pending / "COMPLETE").unlink()
+    assert rollback_target(tmp_path) == unhealthy  # the newest usable one
     assert rollback_target(tmp_path / "nothing") is None
 
 

@@ -458,7 +458,9 @@ class CheckpointConfig:
     # ... and continue its data stream: sources with the same name resume after the tokens it used.
     init_data_position: bool = False
     every_steps: int = 0  # 0: off
-    every_minutes: float = 0.0  # 0: off
+    # On by default, so that a run nobody configured still loses at most this much to a crash
+    # (a signal or Ctrl-C saves at the step boundary anyway). 0: off.
+    every_minutes: float = 30.0
     keep_last: int = 2  # newest complete checkpoints kept
     keep_every: int = 0  # also keep every step that is a multiple of this (0: off)
     save_final: bool = True

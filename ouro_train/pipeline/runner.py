@@ -311,6 +311,7 @@ class _Forward(StopOnSignal):
     an upcycle) the signal is only recorded: `run` checks `requested` before it starts anything."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    ABORT_ON_SECOND_INTERRUPT = False  # a second Ctrl-C at the terminal aborts the stage itself
 
     def __init__(self) -> None:
         super().__init__(on_signal=lambda signum: self._tell())

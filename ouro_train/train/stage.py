@@ -220,6 +220,12 @@ def run_stage(cfg: Config) -> dict:
             say(f"resumed from {resume_from} at step {trainer.state.step}")
         elif source is not None:
             say(hand_off(cfg, resolved, source, trainer, train_batches))
+        else:
+            say(
+                f"starting fresh: no checkpoint in {checkpoint_root} to resume"
+                if cfg.checkpoint.resume == "auto"
+                else "starting fresh (checkpoint.resume=none)"
+            )
         if rolled_back is not None:
             trainer.guard.reset_streak()
             for _ in range(rolled_back["skip_batches"] * resolved.grad_accum_steps):  # each rank its own stream

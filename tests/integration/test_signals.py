@@ -3,7 +3,7 @@ import signal
 import subprocess
 
 import pytest
-from cli_runs import TINY, logged_lines, start_cli, wait_until
+from cli_runs import TINY, logged_lines, run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.slow  # a CLI subprocess
 
@@ -19,3 +19,35 @@ def test_sigusr1_stops_training_cleanly_at_a_step_boundary(tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert 3 <= steps[-1] < 5000 and steps == list(range(1, steps[-1] + 1))  # whole steps only
     assert f"stopped by signal {int(signal.SIGUSR1)} after step {steps[-1]}" in out
+
+
+def test_ctrl_c_saves_exits_75_and_the_same_command_resumes_at_the_next_step(tmp_path):
+    """A newcomer's Ctrl-C loses nothing: SIGINT is a stop like SIGTERM (no checkpoint interval
+    configured: the stop saves anyway), and the same command continues with every step logged once."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    args = [f"run_dir={tmp_path / 'run'}", *TINY, "train.steps=5000"]
+    proc = start_cli(tmp_path, *args, **pipes)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    wait_until(lambda: logged_lines(metrics) >= 3, "3 logged steps", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "Ctrl-C: stopping at the end of this step and saving a checkpoint" in err
+    stopped = [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1]
+    assert f"stopped by signal {int(signal.SIGINT)} after step {stopped}" in out
+    assert "run the same command again to resume" in out
+    again = run_cli(tmp_path, *args, "train.max_steps_this_run=2")
+    assert f"at step {stopped}" in again.stdout
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == list(range(1, stopped + 3))  # every step once, the resumed ones after the stop
+
+
+def test_a_second_ctrl_c_aborts():
+    from ouro_train.train.signals import StopOnSignal
+
+    with StopOnSignal() as signals:
+        signal.raise_signal(signal.SIGINT)
+        assert signals.requested == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)

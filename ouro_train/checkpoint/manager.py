@@ -66,6 +66,10 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
+# A resume may change only these to make the run longer (or shorter) when its schedule allows it
+# (Checkpointer._extend); train.steps is the resolved length, train.tokens one way to set it.
+LENGTH_KEYS = {"train.steps", "train.tokens"}
+
 # How the batch is cut (per-rank micro-batches, accumulation) is a memory choice; what is trained is
 # the number of sequences per optimizer step, recorded as train.global_batch_rows instead.
 BATCH_SPLIT = ("train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size")
@@ -198,6 +202,7 @@ class Checkpointer:
         # rollback being made now lets the resume differ from the checkpoint in its peak LR.
         self.rollbacks: list[dict] = []
         self.rolling_back = False
+        self.extension = ""  # set by a resume that makes the run longer (check_compatible)
 
     def save(self, trainer, loader_state: dict | None, final: bool = False) -> Path:
         """`final`: the stage's last checkpoint, which also carries the layout-free optimizer state
@@ -333,6 +338,8 @@ class Checkpointer:
         """
         state = read_train_state(path)
         self.check_compatible(path, state)
+        if self.extension and self.rank == 0:
+            print(self.extension)
         saved = saved_layout(path, state)
         now = (
             self.world_size,
@@ -405,6 +412,41 @@ class Checkpointer:
         if self.rank == 0:
             print(f"resumed {change} (through {universal})")
 
+    def _extend(self, path: Path, state: dict, saved_steps: int) -> str:
+        """A resume that changes only the run's length (train.steps / train.tokens) continues the same
+        run when the schedule gives every step already trained the same learning rate at the new
+        length: constant phases extend (schedule.kind=constant; wsd before its decay starts), a
+        started cosine or decay does not. -> the line that says so, or CheckpointError with the
+        command that continues from this checkpoint as a new stage instead."""
+        from ouro_train.checkpoint.rollback import rerun_command
+        from ouro_train.train.schedules import lr_at
+
+        steps, done, peak, schedule = self.resolved.steps, int(state["step"]), self.resolved.lr, self.cfg.schedule
+        for step in range(done):
+            before, after = lr_at(step, peak, saved_steps, schedule), lr_at(step, peak, steps, schedule)
+            if before != after:
+                settings = {
+                    "run_dir": f"{self.root.parent}-continued",
+                    "train.steps": str(max(steps - done, 1)),
+                    "checkpoint.init_from": str(path),
+                    "checkpoint.init_schedule": "keep",
+                    "checkpoint.init_data_position": "true",
+                }
+                if state.get("final"):  # only a stage's final checkpoint carries the layout-free moments
+                    settings["checkpoint.init_optimizer"] = "true"
+                raise CheckpointError(
+                    f"{path}: train.steps {saved_steps} -> {steps}: at the new length the {schedule.kind} schedule "
+                    f"gives the {done} steps already trained other learning rates (step {step + 1}: {before:.4g} -> "
+                    f"{after:.4g}), so this is not the same run made longer; a run extends while its schedule is "
+                    "constant (schedule.kind=constant, or wsd before its decay starts). To go on from this "
+                    f"checkpoint for {max(steps - done, 1)} more steps as a new stage, at the learning rate it "
+                    f"reached:\n  {rerun_command(settings)}"
+                )
+        return (
+            f"extending the run: train.steps {saved_steps} -> {steps} (the {schedule.kind} schedule gives the "
+            f"{done} steps already trained the same learning rates)"
+        )
+
     def check_compatible(self, path: Path, state: dict) -> None:
         if state.get("config_hash") == config_hash(self.cfg, self.resolved):
             return
@@ -413,6 +455,9 @@ class Checkpointer:
         ignored = {"optim.lr"} if self.rolling_back else set()
         changed = sorted(k for k in set(saved) | set(now) if str(saved.get(k)) != str(now.get(k)) and k not in ignored)
         if not changed:
+            return
+        if set(changed) <= LENGTH_KEYS:
+            self.extension = self._extend(path, state, int(saved["train.steps"]))
             return
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
         raise CheckpointError(

@@ -38,8 +38,7 @@ from ouro_train.checkpoint.store import (
 from ouro_train.config.schema import Config
 from ouro_train.utils.atomic import atomic_write_text
 
-# The keys a rollback command sets; taken out of the original command line before they are added.
-ROLLBACK_KEYS = ("checkpoint.resume", "checkpoint.rollback_lr", "checkpoint.rollback_skip_batches")
+SKIP_KEY = "checkpoint.rollback_skip_batches"
 
 
 def saved_peak_lr(state: dict) -> float | None:
@@ -123,11 +122,17 @@ def metrics_fields(record: dict) -> dict:
     }
 
 
+def rerun_command(settings: dict[str, str], argv: list[str] | None = None) -> str:
+    """The current ouro-train command line (torchrun / srun: under the same launcher) with the keys
+    of `settings` set to their values (replacing any given, `+key=` and `~key` included)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept = [a for a in args if not a.lstrip("+~").startswith(tuple(f"{k}=" for k in settings))]
+    return shlex.join(["ouro-train", *kept, *(f"{k}={v}" for k, v in settings.items())])
+
+
 def rollback_command(checkpoint: Path, lr: float | None, argv: list[str] | None = None) -> str:
     """The command that rolls this run back to `checkpoint` at peak learning rate `lr` (None: a
-    placeholder to fill in): the current ouro-train command line with the rollback keys replaced
-    (torchrun / srun: the same launcher)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    kept = [a for a in args if not a.lstrip("+~").startswith(tuple(f"{k}=" for k in ROLLBACK_KEYS))]
+    placeholder to fill in); a skip of an earlier rollback is not repeated."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.lstrip("+~").startswith(f"{SKIP_KEY}=")]
     rate = "<lower-rate>" if lr is None else f"{lr:g}"
-    return shlex.join(["ouro-train", *kept, f"checkpoint.resume={checkpoint}", f"checkpoint.rollback_lr={rate}"])
+    return rerun_command({"checkpoint.resume": str(checkpoint), "checkpoint.rollback_lr": rate}, args)

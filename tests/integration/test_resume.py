@@ -58,3 +58,12 @@ def test_broken_newest_checkpoint_falls_back_and_config_change_is_refused(tmp_pa
     fallback = ouro_train(tmp_path, f"run_dir={run}", "train.max_steps_this_run=1")
     assert f"skipping checkpoint {checkpoints / 'step_00000003'}" in fallback.stderr
     assert "step_00000002 at step 2" in fallback.stdout
+
+
+def test_raising_train_steps_continues_a_finished_run(tmp_path):
+    run = f"run_dir={tmp_path / 'run'}"
+    ouro_train(tmp_path, run, "train.steps=4", "schedule.kind=constant")
+    longer = ouro_train(tmp_path, run, "train.steps=6", "schedule.kind=constant")
+    assert "extending the run: train.steps 4 -> 6" in longer.stdout and "at step 4" in longer.stdout
+    assert list(losses(tmp_path / "run")) == list(range(1, 7))
+    assert (tmp_path / "run" / "checkpoints" / "step_00000006" / "COMPLETE").is_file()

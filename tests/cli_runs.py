@@ -23,6 +23,8 @@ TINY = [
     "model.vocab_size=512",
     "data.tokenizer_vocab_size=512",
     "logging.progress_bar=false",
+    # matplotlib's import and the plot cost ~2 s per run; tests of the plot turn it on.
+    "logging.plot=false",
     # wandb's import and its service process cost ~5 s per run; the tests that check the wandb
     # integration (the demo pipeline's sft stage, the SIGTERM-to-wandb-service test) turn it on.
     "logging.wandb=false",

@@ -28,6 +28,7 @@ class CheckpointCallback(Callback):
         self.every_seconds = every_minutes * 60
         self.last_save = time.monotonic()
         self.last_step_saved: int | None = None
+        self.last_path = None  # the newest checkpoint this run saved
 
     def wants_save(self, trainer: Trainer) -> bool:
         """This rank's clock; the trainer's step decision saves when any rank's interval has passed."""
@@ -40,6 +41,6 @@ class CheckpointCallback(Callback):
     def save(self, trainer: Trainer, final: bool = False) -> None:
         if self.last_step_saved == trainer.state.step and not final:
             return
-        self.checkpointer.save(trainer, self.loader_state(), final=final)
+        self.last_path = self.checkpointer.save(trainer, self.loader_state(), final=final)
         self.last_save = time.monotonic()
         self.last_step_saved = trainer.state.step

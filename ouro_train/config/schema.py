@@ -567,10 +567,11 @@ class GuardConfig:
 @dataclass
 class LoggingConfig:
     console: bool = True
+    # tqdm's bar, on a terminal only (a redirected log gets the plain lines alone).
     progress_bar: bool = True
     jsonl: bool = True
     # Write loss_per_step.png into the run directory at the end of training.
-    plot: bool = False
+    plot: bool = True
     # Weights & Biases: one run per stage, grouped by `wandb_group` (the pipeline's run directory
     # name when a pipeline runs it). `offline` unless configured (or WANDB_MODE is set): files in
     # <run_dir>/wandb, to `wandb sync` later.

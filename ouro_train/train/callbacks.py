@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,8 +13,23 @@ from tqdm import tqdm
 from ouro_train.train.trainer import Callback, Trainer
 
 
+def clock(seconds: float) -> str:
+    """H:MM:SS."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def format_metrics(metrics: dict) -> str:
-    """One console line: loss, CE and exit probability per recurrent step, entropy, grad norm, lr, speed."""
+    """One console line, made for a log file as much as a terminal: step (of the total), loss, CE
+    and exit probability per recurrent step, entropy, grad norm, lr, tokens/s, TFLOP/s per device
+    and MFU (where the peak is known), peak memory, tokens seen and the ETA of the stage."""
     prefix = "eval/" if any(key.startswith("eval/") for key in metrics) else ""
     get = lambda key: metrics.get(prefix + key)  # noqa: E731
     steps = sorted(int(key[len(prefix) + 7 :]) for key in metrics if key.startswith(prefix + "ce_step"))
@@ -26,8 +42,17 @@ def format_metrics(metrics: dict) -> str:
         parts.append(f"gnorm {grad_norm:.3f}" if grad_norm is not None and math.isfinite(grad_norm) else "gnorm -")
         parts.append(f"lr {metrics['lr']:.2e}")
         parts.append(f"{metrics['tokens_per_s'] / 1e3:.1f}k tok/s")
+        if "tflops_per_device" in metrics:
+            parts.append(f"{metrics['tflops_per_device']:.3g} TFLOP/s")
     if "mfu" in metrics:
         parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    if not prefix:
+        if "peak_memory_gib" in metrics:
+            parts.append(f"mem {metrics['peak_memory_gib']:.2f} GiB")
+        if "tokens" in metrics:
+            parts.append(f"{_count(metrics['tokens'])} tokens")
+        if "eta_s" in metrics:
+            parts.append(f"ETA {clock(metrics['eta_s'])} ({metrics['step']}/{metrics['steps_total']})")
     if metrics.get("skipped"):
         reason = metrics["skip_reason"].replace("_", " ")
         parts.append(f"update SKIPPED ({reason}; {metrics['guard/skipped_steps']} so far)")
@@ -35,9 +60,12 @@ def format_metrics(metrics: dict) -> str:
 
 
 class ConsoleLogger(Callback):
+    """A line every `every` steps (and the first, and every skipped one); the tqdm bar only on a
+    terminal: in a redirected log (a SLURM output file) its carriage-return frames are noise."""
+
     def __init__(self, every: int, progress_bar: bool = True) -> None:
         self.every = every
-        self.progress_bar = progress_bar
+        self.progress_bar = progress_bar and sys.stderr.isatty()
         self.bar: tqdm | None = None
 
     def _write(self, line: str) -> None:
@@ -105,7 +133,9 @@ def peak_tflops(configured: float | None, device: str) -> float | None:
 class Throughput(Callback):
     """Achieved TFLOP/s per device and, where the device's peak is known, MFU: metrics derived
     from each step's, which the loggers then see. FLOPs per token count all R recurrent steps,
-    forward + backward (3x forward; recomputation not counted), as in ouro_train/model/flops.py."""
+    forward + backward (3x forward; recomputation not counted), as in ouro_train/model/flops.py.
+    Also this process's peak memory (CUDA: allocated by torch; CPU: resident set) and the ETA of
+    the stage (the mean step time of this launch times the steps left)."""
 
     order = Callback.METRICS
 
@@ -113,10 +143,31 @@ class Throughput(Callback):
         self.flops_per_token = train_flops_per_token
         self.world_size = world_size
         self.peak = peak
+        self.step_times: list[float] = []
 
     def step_metrics(self, trainer: Trainer, metrics: Mapping) -> dict:
         achieved = self.flops_per_token * metrics["tokens_per_s"] / self.world_size / 1e12
-        return {"tflops_per_device": achieved} | ({"mfu": achieved / self.peak} if self.peak else {})
+        out = {"tflops_per_device": achieved} | ({"mfu": achieved / self.peak} if self.peak else {})
+        self.step_times.append(metrics["step_time_s"])
+        recent = self.step_times[1:] or self.step_times  # the first step compiles and warms up
+        total = trainer.resolved.steps
+        out |= {
+            "steps_total": total,
+            "eta_s": max(total - metrics["step"], 0) * sum(recent) / len(recent),
+            "peak_memory_gib": peak_memory_gib(trainer.device),
+        }
+        return out
+
+
+def peak_memory_gib(device) -> float:
+    """Peak memory of this process so far: torch's CUDA allocator peak, or the resident set's."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class WandbLogger(Callback):

@@ -9,6 +9,7 @@ and the pipeline runner starts that CLI once per stage. `dry_run(cfg)` prints th
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -256,6 +257,7 @@ def run_stage(cfg: Config) -> dict:
             trainer.callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
         saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         trainer.callbacks.append(saver)
+        started, first_step, first_tokens = time.monotonic(), trainer.state.step, trainer.state.tokens
         try:
             final = trainer.fit(signals)
         except TrainingDiverged as error:
@@ -287,12 +289,48 @@ def run_stage(cfg: Config) -> dict:
                 print(f"data {name}: {seen['tokens']:,} tokens seen ({samples:,} samples, {epochs:.3f} epochs)")
         if cfg.logging.plot and cfg.logging.jsonl:
             print(f"plot: {plot_loss_per_step(metrics_path, run_dir / 'loss_per_step.png')}")
+        saved = saver.last_path if cfg.checkpoint.save_final else None
+        print(
+            run_summary(cfg, trainer, time.monotonic() - started, first_step, first_tokens, final, saved, metrics_path)
+        )
         return final
     finally:
         if lock is not None:
             lock.release()
         destroy_parallel()
         signals.__exit__(None, None, None)
+
+
+def run_summary(
+    cfg: Config,
+    trainer,
+    seconds: float,
+    first_step: int,
+    first_tokens: int,
+    final: dict,
+    checkpoint: Path | None,
+    metrics_path: Path,
+) -> str:
+    """The end-of-run line: what this launch trained, how fast, the evaluation, where the result is."""
+    from ouro_train.train.callbacks import clock
+    from ouro_train.train.report import read_metrics
+
+    steps, tokens = trainer.state.step - first_step, trainer.state.tokens - first_tokens
+    line = (
+        f"done: stage {cfg.stage_name}, step {trainer.state.step}; this launch {steps:,} steps, {tokens:,} tokens in "
+        f"{clock(seconds)} ({tokens / max(seconds, 1e-9):,.0f} tokens/s); {trainer.state.tokens:,} tokens in all"
+    )
+    if "eval/loss" in final:
+        line += f"; eval loss {final['eval/loss']:.4f}"
+        evals = read_metrics(metrics_path)[1] if metrics_path.is_file() else []
+        best = min(evals, key=lambda r: r["eval/loss"], default=None)
+        if best is not None and best["eval/loss"] < final["eval/loss"]:
+            line += f" (best {best['eval/loss']:.4f} at step {best['step']})"
+    return line + (
+        f"; final checkpoint {checkpoint}"
+        if checkpoint is not None
+        else "; no final checkpoint (checkpoint.save_final=false)"
+    )
 
 
 def check_backends(cfg: Config) -> None:

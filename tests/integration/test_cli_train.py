@@ -21,6 +21,7 @@ def test_demo_data_training_writes_metrics_and_plot(tmp_path):
         "demo",
         f"run_dir={tmp_path / 'run'}",
         *TINY,
+        "logging.plot=true",  # the default, which TINY turns off for speed
         "train.micro_batch_size=4",
         "train.eval_batches=2",
         "train.steps=6",

@@ -37,8 +37,13 @@ def test_ctrl_c_saves_exits_75_and_the_same_command_resumes_at_the_next_step(tmp
     stopped = [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1]
     assert f"stopped by signal {int(signal.SIGINT)} after step {stopped}" in out
     assert "run the same command again to resume" in out
-    again = run_cli(tmp_path, *args, "train.max_steps_this_run=2")
-    assert f"at step {stopped}" in again.stdout
+    # Logs made for clusters: no TTY here, so no progress bar frames even when it is asked for; each
+    # line says the pace and what is left; an end-of-run summary names the final checkpoint.
+    again = run_cli(tmp_path, *args, "train.max_steps_this_run=2", "logging.progress_bar=true", "train.log_every=1")
+    assert f"at step {stopped}" in again.stdout and "\r" not in again.stdout + again.stderr
+    line = next(x for x in again.stdout.splitlines() if x.startswith(f"step {stopped + 1} |"))
+    assert " tok/s | " in line and "TFLOP/s" in line and " GiB | " in line and "ETA " in line and "/5000)" in line
+    assert f"done: stage main, step {stopped + 2}; this launch 2 steps" in again.stdout
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
     assert steps == list(range(1, stopped + 3))  # every step once, the resumed ones after the stop
 

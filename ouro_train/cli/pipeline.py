@@ -56,10 +56,14 @@ def parse(argv: list[str]) -> tuple[PipelineOptions, list[str]]:
         if arg in ("-h", "--help"):
             print(__doc__)
             sys.exit(0)
-        key, sep, _ = arg.partition("=")
+        key, sep, value = arg.partition("=")
         if not sep:
             raise ConfigError(f"argument {arg!r}: expected key=value (see ouro-pipeline --help)")
-        (options if key in KEYS else overrides).append(arg)
+        if key.lstrip("+") in KEYS:  # `+nproc=2` (hydra's advice elsewhere) is nproc=2
+            options.append(f"{key.lstrip('+')}={value}")
+        else:
+            _check_stage_override(key)
+            overrides.append(arg)
     try:
         parsed = OmegaConf.merge(OmegaConf.structured(PipelineOptions), OmegaConf.from_dotlist(options))
         return OmegaConf.to_object(parsed), overrides  # type: ignore[return-value]
@@ -70,6 +74,32 @@ def parse(argv: list[str]) -> tuple[PipelineOptions, list[str]]:
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "argument"
         raise ConfigError(f"{key}: {str(error).splitlines()[0]} (see ouro-pipeline --help)") from error
+
+
+def _check_stage_override(key: str) -> None:
+    """A key given to every stage is a config key or a recipe group (ouro-train's): one that is
+    neither fails here, naming it and the closest pipeline key, config key or group."""
+    import re
+    from difflib import get_close_matches
+
+    from ouro_train.config.schema import Config
+    from ouro_train.config.store import key_type, recipe_groups
+
+    name = key.lstrip("+~")
+    if ":" in name:  # STAGE:key=value: the stage it names checks it
+        return
+    groups = list(recipe_groups())
+    head = re.split(r"[./@\[]", name, maxsplit=1)[0]
+    known = [f.name for f in fields(Config)] + groups + ["hydra"]
+    if head not in known:
+        hint = get_close_matches(head, [*KEYS, *known], n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(
+            f"unknown key '{name}'{suggestion} (pipeline keys: {', '.join(KEYS)}; any other KEY=VALUE goes to "
+            f"every training stage: a config key such as train.steps, or a recipe group: {', '.join(groups)})"
+        )
+    if name not in groups and head != "hydra" and not any(c in name for c in "/@"):
+        key_type(name, Config, groups)  # a dotted key: its first unknown part and the closest valid key
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,17 +33,21 @@ def _one_of(value: Any, choices: tuple, key: str) -> None:
 class ModelConfig:
     """The LoopLM's shape. Field names follow the paper; `to_hf_config` maps them to HF names."""
 
-    name: str = "tiny"
-    vocab_size: int = 4096
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
+    name: str = field(
+        default="tiny", metadata={"help": "model name (runs/<name> by default; set by the model= recipe)"}
+    )
+    vocab_size: int = field(default=4096, metadata={"help": "vocabulary size (must cover the tokenizer's ids)"})
+    hidden_size: int = field(default=128, metadata={"help": "width of the residual stream"})
+    num_layers: int = field(default=2, metadata={"help": "decoder layers in the stack"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads"})
     num_kv_heads: int = 2
     # None means hidden_size // num_heads (what the released models use: 2048 / 16 = 128).
     head_dim: int | None = None
     intermediate_size: int = 352
     # R, the number of times the whole layer stack is applied (4 in the released models).
-    recurrent_steps: int = 4
+    recurrent_steps: int = field(
+        default=4, metadata={"help": "R: times the whole layer stack is applied (4 in the released models)"}
+    )
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -60,11 +64,11 @@ class ModelConfig:
     # `sdpa` (torch; CPU and GPU; packed rows one document segment at a time), `flex` (torch
     # flex_attention with a document-causal BlockMask; trains on CUDA, forward only on CPU), `flash`
     # (flash-attn varlen; CUDA, bf16, the `.[gpu]` extra). None builds an S x S mask.
-    attention: str = "sdpa"
+    attention: str = field(default="sdpa", metadata={"help": "attention backend: sdpa | flex | flash"})
     # RMSNorm (with the sandwich residual add fused in), SwiGLU and RoPE: `torch` (plain torch, any
     # device) or `triton` (fused Triton kernels; CUDA only, an error elsewhere). Same math: a run
     # may resume with the other one.
-    kernels: str = "torch"
+    kernels: str = field(default="torch", metadata={"help": "norm / SwiGLU / RoPE kernels: torch | triton (CUDA)"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,9 +126,12 @@ class ModelConfig:
 class ObjectiveConfig:
     """Stage I: sum_t p(t) CE_t - beta H(p). Stage II (`gate`): LM frozen, only the exit gate trains."""
 
-    kind: str = "stage1"
+    kind: str = field(
+        default="stage1",
+        metadata={"help": "stage1 (sum_t p(t) CE_t - beta H(p)) | gate (stage II: only the exit gate trains)"},
+    )
     # Entropy coefficient beta: 0.1 in stage 1a, 0.05 afterwards (OURO_SPEC).
-    beta: float = 0.1
+    beta: float = field(default=0.1, metadata={"help": "entropy coefficient beta (0.1 in stage 1a, 0.05 afterwards)"})
     # Tokens per chunk of the step-wise cross-entropy: bounds logits memory to chunk x vocab.
     ce_chunk_size: int = 4096
     # Stage II target w_t = sigmoid(k (I_t - gamma)), I_t = max(0, CE_{t-1} - CE_t).
@@ -145,12 +152,12 @@ class ObjectiveConfig:
 class OptimConfig:
     """AdamW as in the paper: betas (0.9, 0.95), weight decay 0.1, clipping 1.0."""
 
-    lr: float = 3e-4
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8  # OPEN in the paper; our choice (the torch default).
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # 0 disables clipping
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0: off)"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -177,11 +184,15 @@ class ScheduleConfig:
     `cosine` decays from the end of warmup to the last step. Both end at `final_lr`.
     """
 
-    kind: str = "constant"
-    warmup_steps: int = 0
-    final_lr: float = 0.0
+    kind: str = field(
+        default="constant", metadata={"help": "after warmup: constant | cosine | wsd (warmup-stable-decay)"}
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    final_lr: float = field(default=0.0, metadata={"help": "learning rate at the last step (cosine, wsd)"})
     decay_steps: int | None = None
-    decay_fraction: float = 0.2
+    decay_fraction: float = field(
+        default=0.2, metadata={"help": "wsd: the fraction of the run that decays (unless decay_steps)"}
+    )
     decay_shape: str = "linear"
 
     def __post_init__(self) -> None:
@@ -222,12 +233,20 @@ class DataConfig:
     (deterministic, resumable at any data-parallel size; see ouro_train/data/loader.py).
     """
 
-    source: str = "demo"
-    sources: list[SourceConfig] = field(default_factory=list)
+    source: str = field(
+        default="demo", metadata={"help": "demo (the embedded corpus, no files) | shards (tokenized sources)"}
+    )
+    sources: list[SourceConfig] = field(
+        default_factory=list, metadata={"help": "shards: [{name, path, weight}, ...] (ouro-data tokenize output)"}
+    )
     # Held-out sources for evaluation (shards only); empty: no evaluation.
-    eval_sources: list[SourceConfig] = field(default_factory=list)
+    eval_sources: list[SourceConfig] = field(
+        default_factory=list, metadata={"help": "held-out sources to evaluate on (empty: none)"}
+    )
     # Loader worker processes per rank (0: read in the training process).
-    num_workers: int = 0
+    num_workers: int = field(
+        default=0, metadata={"help": "loader worker processes per rank (0: in the training process)"}
+    )
     # Attention stays inside each packed document and no label crosses a document boundary.
     document_masking: bool = True
     # Position ids restart at 0 at every document (else 0..S-1 along the packed row).
@@ -236,7 +255,9 @@ class DataConfig:
     # corrupt copy fails naming the shard): the shard is read once more per process, ~1-1.3 s
     # per GB from the page cache. false skips it, for storage you trust (e.g. after one
     # `ouro-data inspect --verify` there).
-    verify_checksums: bool = True
+    verify_checksums: bool = field(
+        default=True, metadata={"help": "check each shard's sha256 the first time it is opened"}
+    )
     # Demo only: tokenizer trained once on the embedded corpus with `tokenizers`, cached.
     tokenizer_vocab_size: int = 4096
     # None: $OURO_CACHE_DIR or ~/.cache/ouro-train.
@@ -284,31 +305,43 @@ DEFAULT_STEPS = 100
 
 @dataclass
 class TrainConfig:
+    """The stage's length and batch, precision, device, seed and logging cadence."""
+
     # Optimizer steps of the stage. None: from `tokens` when that is set, else DEFAULT_STEPS.
-    steps: int | None = None
+    steps: int | None = field(
+        default=None, metadata={"help": "optimizer steps of the stage (null: from train.tokens, else 100)"}
+    )
     # Stage length and batch in tokens, as the paper states them. `tokens` gives the steps
     # (tokens / global_batch_tokens, rounded up) and `global_batch_tokens` the global batch in
     # sequences (global_batch_tokens / seq_len); each excludes its counterpart (`steps`,
     # `global_batch_size`): set one of each pair.
-    tokens: int | None = None
-    global_batch_tokens: int | None = None
+    tokens: int | None = field(
+        default=None, metadata={"help": "stage length in tokens (with global_batch_tokens; instead of steps)"}
+    )
+    global_batch_tokens: int | None = field(
+        default=None, metadata={"help": "tokens per optimizer step (instead of global_batch_size)"}
+    )
     # Sequences per rank per forward pass (a memory knob).
-    micro_batch_size: int = 8
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per rank per forward pass (a memory knob)"})
     grad_accum_steps: int = 1
     # Sequences per optimizer step over all ranks. When set, the accumulation steps are derived
     # from it at start-up (global / (micro_batch_size x data-parallel size)), so the same recipe
     # trains the same batches at any world size, and a resume at another world size sees the same data.
-    global_batch_size: int | None = None
-    seq_len: int = 128
+    global_batch_size: int | None = field(
+        default=None, metadata={"help": "sequences per optimizer step over all ranks (sets grad accumulation)"}
+    )
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
     # Autocast dtype for the forward pass; parameters and optimizer state stay fp32.
-    precision: str = "fp32"
-    device: str = "cpu"
-    seed: int = 1234
-    eval_every: int = 0  # 0: evaluate only at the end
+    precision: str = field(default="fp32", metadata={"help": "autocast dtype of the forward pass: fp32 | bf16"})
+    device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
+    seed: int = field(default=1234, metadata={"help": "seed of the initial weights and the data order"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
     eval_batches: int = 4
-    log_every: int = 10
+    log_every: int = field(default=10, metadata={"help": "log a line every N steps"})
     # Stop after this many steps of this run (the schedule still spans `steps`); None: run to `steps`.
-    max_steps_this_run: int | None = None
+    max_steps_this_run: int | None = field(
+        default=None, metadata={"help": "stop after N steps of this run (resume later; the schedule still spans steps)"}
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -375,15 +408,19 @@ class ParallelConfig:
     """How one run spreads over processes. The data-parallel size is derived:
     dp = world_size / tensor_parallel (checked against the world size at start-up)."""
 
-    tensor_parallel: int = 1
+    tensor_parallel: int = field(
+        default=1, metadata={"help": "tensor-parallel size (data parallel is world size / this)"}
+    )
     # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+ gradients),
     # 3 (+ parameters). Shards over the data-parallel group only.
-    zero_stage: int = 0
+    zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
     # Keep ZeRO optimizer states (and, at stage 3, parameters) in CPU memory.
     cpu_offload: bool = False
     # Recompute activations in backward: `layer` (each decoder layer use) or `step` (each
     # whole recurrent step, the cheaper in memory: R x fewer saved states per layer).
-    activation_checkpointing: str = "none"
+    activation_checkpointing: str = field(
+        default="none", metadata={"help": "recompute activations: none | layer | step"}
+    )
     # Megatron sequence parallelism in the tensor-parallel group (norms and residuals on a
     # sequence shard). Needs tensor_parallel > 1.
     sequence_parallel: bool = False
@@ -392,7 +429,7 @@ class ParallelConfig:
     # torch.compile each decoder layer (it runs L x R times per forward: one compiled unit reused by
     # every layer and recurrent step). On in the GPU pipelines; not with ZeRO-3, whose parameter
     # hooks run inside every layer call.
-    compile: bool = False
+    compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -445,10 +482,14 @@ class CheckpointConfig:
 
     # `auto`: continue from the newest complete checkpoint of the run directory if there is one;
     # `none`: always start fresh; or the path of a checkpoint directory.
-    resume: str = "auto"
+    resume: str = field(
+        default="auto", metadata={"help": "auto (the newest checkpoint of run_dir) | none | a checkpoint path"}
+    )
     # Start (when there is nothing to resume) from the weights of this checkpoint directory or
     # `ouro-import` output (model.safetensors): weights only, fresh optimizer, any world size.
-    init_from: str | None = None
+    init_from: str | None = field(
+        default=None, metadata={"help": "start from the weights of this checkpoint (a previous stage)"}
+    )
     # Hand-off from `init_from` (a previous stage's final checkpoint or an ouro-upcycle output):
     # also its Adam moments and step (optimizer.safetensors; any world size) ...
     init_optimizer: bool = False
@@ -457,11 +498,11 @@ class CheckpointConfig:
     init_schedule: str = "reset"
     # ... and continue its data stream: sources with the same name resume after the tokens it used.
     init_data_position: bool = False
-    every_steps: int = 0  # 0: off
+    every_steps: int = field(default=0, metadata={"help": "save every N steps (0: off)"})
     # On by default, so that a run nobody configured still loses at most this much to a crash
     # (a signal or Ctrl-C saves at the step boundary anyway). 0: off.
-    every_minutes: float = 30.0
-    keep_last: int = 2  # newest complete checkpoints kept
+    every_minutes: float = field(default=30.0, metadata={"help": "save every N minutes (0: off)"})
+    keep_last: int = field(default=2, metadata={"help": "newest checkpoints kept"})
     keep_every: int = 0  # also keep every step that is a multiple of this (0: off)
     save_final: bool = True
     save_on_signal: bool = True  # SIGTERM / SIGUSR1: save at the step boundary, then exit
@@ -475,7 +516,9 @@ class CheckpointConfig:
     # alike. Everything else about the training config is still checked. The checkpoints after it
     # are moved aside (checkpoints/rolled_back-*/, never resumed), the rollback is recorded in every
     # later train_state.json and in the next step's metrics, and later resumes keep the new rate.
-    rollback_lr: float | None = None
+    rollback_lr: float | None = field(
+        default=None, metadata={"help": "roll back after a divergence with this peak learning rate"}
+    )
     # ... and step over the next N batches (optimizer steps' worth) of data after it, as large runs
     # do to pass a bad stretch. With or without rollback_lr.
     rollback_skip_batches: int = 0
@@ -527,7 +570,7 @@ class GuardConfig:
     consumed, the step counter and LR schedule advance, the weights and optimizer do not change);
     `max_consecutive_bad` bad steps in a row stop the run with exit status 3."""
 
-    enabled: bool = True
+    enabled: bool = field(default=True, metadata={"help": "skip updates with a non-finite or spiking loss"})
     # A loss spike: the step's loss is more than `spike_zscore` standard deviations above the mean
     # of the last `window` accepted steps' losses AND more than `spike_min_ratio` times that mean
     # (so that a very flat loss curve, tiny std, does not turn noise into spikes). 0: no spike check.
@@ -536,7 +579,7 @@ class GuardConfig:
     window: int = 100
     # Accepted steps seen before spikes are judged (the first steps of a run fall fast).
     min_history: int = 20
-    max_consecutive_bad: int = 5
+    max_consecutive_bad: int = field(default=5, metadata={"help": "stop (exit 3) after this many bad steps in a row"})
     # The update is judged before it is applied: AdamW moves each element by at most ~1.17 x the
     # learning rate (betas 0.9/0.95; train/guard.py adamw_update_bound), so a step whose largest
     # possible update ||dw|| is more than this many times ||w|| is skipped. 1.0 lets any sane
@@ -566,19 +609,23 @@ class GuardConfig:
 
 @dataclass
 class LoggingConfig:
+    """Console, metrics.jsonl, plots and Weights & Biases."""
+
     console: bool = True
     # tqdm's bar, on a terminal only (a redirected log gets the plain lines alone).
-    progress_bar: bool = True
+    progress_bar: bool = field(default=True, metadata={"help": "a progress bar on the console"})
     jsonl: bool = True
     # Write loss_per_step.png into the run directory at the end of training.
-    plot: bool = True
+    plot: bool = field(default=True, metadata={"help": "write loss_per_step.png into run_dir at the end"})
     # Weights & Biases: one run per stage, grouped by `wandb_group` (the pipeline's run directory
     # name when a pipeline runs it). `offline` unless configured (or WANDB_MODE is set): files in
     # <run_dir>/wandb, to `wandb sync` later.
-    wandb: bool = True
+    wandb: bool = field(
+        default=True, metadata={"help": "log to Weights & Biases (offline files in run_dir/wandb unless wandb_mode)"}
+    )
     wandb_project: str = "ouro-train"
     wandb_group: str | None = None
-    wandb_mode: str = "offline"
+    wandb_mode: str = field(default="offline", metadata={"help": "offline | online | disabled"})
     # Peak dense bf16 TFLOP/s per device, for MFU. None: looked up from the CUDA device name
     # (H100/H200 989, A100 312); no MFU on CPU.
     peak_tflops: float | None = None
@@ -600,12 +647,18 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # The stage this run is (warmup, stable1, ... in a pipeline): run names, logs, train state.
-    stage_name: str = "main"
+    stage_name: str = field(
+        default="main", metadata={"help": "the stage this run is (warmup, stable1, ... in a pipeline)"}
+    )
     # The directory data recipes' source paths start from (`${data_root}/nemotron_cc`).
-    data_root: str = "data"
-    run_dir: str = "runs/default"
+    data_root: str = field(default="data", metadata={"help": "the directory data recipes' source paths start from"})
+    run_dir: str = field(
+        default="runs/default", metadata={"help": "where checkpoints, metrics.jsonl and config.yaml go (resumed from)"}
+    )
     # Resolve the config, build the model on the meta device, print counts and FLOPs, exit.
-    dry_run: bool = False
+    dry_run: bool = field(
+        default=False, metadata={"help": "print the model's size, FLOPs, batch and memory, then exit; writes nothing"}
+    )
 
     def __post_init__(self) -> None:
         self.validate()

@@ -182,21 +182,34 @@ class RunDirLock:
         self.release()
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # hydra is a dependency; this keeps the module importable without it
-    _HydraCallback = object
+CONFIG_FILE = "config.yaml"
 
 
-class CheckRunDir(_HydraCallback):
-    """Hydra callback (recipes/config.yaml): hydra creates `hydra.run.dir` (our run_dir) before the
-    task runs, with a raw traceback when that path is a file; check it first and say so plainly."""
+def save_config(cfg, run_dir: Path) -> Path:
+    """The run's resolved, typed config as <run_dir>/config.yaml, written (atomically) by rank 0 each
+    time training starts in it: the config this start trains with. A RunDirError when it cannot be."""
+    from omegaconf import OmegaConf
 
-    def on_run_start(self, config, **kwargs) -> None:
-        import sys
+    from ouro_train.utils.atomic import atomic_write_text
 
-        try:
-            prepare_run_dir(Path(str(config.run_dir)))
-        except RunDirError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+    text = "# ouro-train: the resolved config this run trains with (rewritten at every start)\n"
+    text += OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    try:
+        return atomic_write_text(Path(run_dir) / CONFIG_FILE, text)
+    except OSError as error:
+        raise RunDirError(
+            f"run_dir={run_dir}: cannot write {CONFIG_FILE} ({error}); choose a writable run_dir"
+        ) from error
+
+
+def remove_unused_run_dir(path: Path) -> None:
+    """Remove a run directory that this command created and then refused to train in (bad input
+    found after it was made): only while it holds nothing but config.yaml; rank 0 only."""
+    if os.environ.get("RANK", "0") != "0" or not path.is_dir():
+        return
+    try:
+        if {p.name for p in path.iterdir()} <= {CONFIG_FILE}:
+            (path / CONFIG_FILE).unlink(missing_ok=True)
+            path.rmdir()
+    except OSError:
+        pass  # another process writes there now: it is not ours to remove

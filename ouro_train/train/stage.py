@@ -19,7 +19,7 @@ from ouro_train.config.resolve import Resolved, resolve
 from ouro_train.config.schema import Config
 from ouro_train.model.flops import count_model
 from ouro_train.model.looplm import LoopLM
-from ouro_train.train.rundir import RunDirError, RunDirLock, prepare_run_dir
+from ouro_train.train.rundir import RunDirError, RunDirLock, prepare_run_dir, save_config
 from ouro_train.train.signals import EXIT_STOPPED, StopOnSignal
 
 
@@ -172,6 +172,7 @@ def run_stage(cfg: Config) -> dict:
             try:
                 prepare_run_dir(run_dir)
                 lock = RunDirLock(run_dir).acquire()
+                save_config(cfg, run_dir)  # <run_dir>/config.yaml: the config this start trains with
                 refused = ""
             except RunDirError as error:
                 refused = str(error)

@@ -34,6 +34,12 @@ def test_demo_data_training_writes_metrics_and_plot(tmp_path):
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert {"ce_step1", "ce_step4", "p_step4", "entropy", "grad_norm", "lr", "tokens_per_s"} <= set(lines[0])
     assert (tmp_path / "run" / "loss_per_step.png").stat().st_size > 1000
+    # The resolved, typed config this run trained with; hydra leaves nothing (no .hydra/, no train.log).
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert saved.train.steps == 6 and saved.model.name == "demo" and saved.run_dir == str(tmp_path / "run")
+    assert not (tmp_path / "run" / ".hydra").exists() and not (tmp_path / "run" / "train.log").exists()
 
 
 def test_tokenizer_that_does_not_fit_the_model_fails_fast(tmp_path):

@@ -141,6 +141,8 @@ def load_optimizer_state(engine, state: dict[str, torch.Tensor], where: Path) ->
     """Every rank: set the moments and step of `engine`'s optimizer from a full state."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
+    from ouro_train.train.engine import use_implementation
+
     module: nn.Module = engine.module
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     missing = [n for n in names if f"exp_avg.{n}" not in state or f"exp_avg_sq.{n}" not in state]
@@ -174,10 +176,13 @@ def load_optimizer_state(engine, state: dict[str, torch.Tensor], where: Path) ->
                     _set_zero3_state(param, value, key)
                 else:
                     safe_set_full_optimizer_state(param, value, key)
+    inner = optimizer
     if optimizer is None:
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
         for param_state in inner.state.values():
             param_state["step"] = step.clone()  # one tensor each: torch's Adam increments in place
+    # The step counters where this run's AdamW kernel keeps them (fused: on the parameters' device).
+    use_implementation(inner, bool(inner.param_groups[0].get("fused")))
 
 
 def _set_zero3_state(param: nn.Parameter, value: torch.Tensor, key: str) -> None:

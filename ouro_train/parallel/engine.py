@@ -14,7 +14,12 @@ from torch import nn
 
 from ouro_train.config.resolve import resolve
 from ouro_train.config.schema import Config
-from ouro_train.train.engine import build_optimizer, optimizer_overflow_is_divergence, squared_norm
+from ouro_train.train.engine import (
+    build_optimizer,
+    optimizer_overflow_is_divergence,
+    squared_norm,
+    use_implementation,
+)
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
@@ -205,6 +210,7 @@ class DeepSpeedEngine:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         for group, settings in zip(inner.param_groups, self.group_settings, strict=True):
             group.update({k: v for k, v in settings.items() if k != "lr"})
+        use_implementation(inner, bool(self.group_settings[0].get("fused")))
         for state in inner.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()

@@ -88,10 +88,32 @@ class SkippableAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> SkippableAdamW:
-    # torch's AdamW also under DeepSpeed, which would otherwise build its fused/CPU Adam op (a C++ build).
+    # torch's AdamW also under DeepSpeed, which would otherwise build its fused/CPU Adam op (a C++ build);
+    # torch's own fused kernel (optim.fused) runs on CPU and CUDA alike.
     return SkippableAdamW(
-        parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+        parameter_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        **implementation(cfg.fused),
     )
+
+
+def implementation(fused: bool) -> dict:
+    """The AdamW kernel settings of a parameter group (optim.fused)."""
+    return {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True}
+
+
+def use_implementation(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """After loading a state dict (which brings its saver's settings): this run's kernel, with the
+    step counters where it keeps them (fused: on the parameter's device; foreach: on the CPU)."""
+    for group in optimizer.param_groups:
+        group.update(implementation(fused))
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if torch.is_tensor(state.get("step")):
+                device = param.device if fused else torch.device("cpu")
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
 class Engine(Protocol):
@@ -202,7 +224,9 @@ class LocalEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
+        fused = bool(self.optimizer.param_groups[0].get("fused"))
         self.optimizer.load_state_dict(state["optimizer"])
+        use_implementation(self.optimizer, fused)
         self.micro_steps = state["micro_steps"]
         self.global_steps = state["global_steps"]
 

@@ -104,13 +104,16 @@ def test_lr_1e39_ends_as_a_divergence_with_a_rollback_rate_not_an_overflow_trace
         trainer.fit()
     assert diverged.value.reason == UPDATE_TOO_LARGE
     assert 1e-4 < diverged.value.rollback_lr < 1e-1  # a tenth of what the guard would have accepted there
-    # With the update check off, the optimizer's own overflow is still a divergence (exit 3).
-    cfg = config(max_update_ratio=0.0)
-    cfg.optim.lr = 1e39
-    trainer = Trainer(cfg, LoopLM(cfg.model), batches())
-    with pytest.raises(TrainingDiverged, match="optimizer overflowed") as overflow:
-        trainer.fit()
-    assert overflow.value.reason == "optimizer_overflow" and overflow.value.rollback_lr == pytest.approx(5e38)
+    # With the update check off, what the optimizer makes of it is still a divergence (exit 3): the
+    # foreach kernel's overflow, the fused kernel's non-finite weights, judged at the next step.
+    outcomes = {False: ("optimizer overflowed", "optimizer_overflow"), True: ("NaN or inf", NONFINITE_WEIGHTS)}
+    for fused, (message, reason) in outcomes.items():
+        cfg = config(max_update_ratio=0.0)
+        cfg.optim.lr, cfg.optim.fused = 1e39, fused
+        trainer = Trainer(cfg, LoopLM(cfg.model), batches())
+        with pytest.raises(TrainingDiverged, match=message) as diverged:
+            trainer.fit()
+        assert diverged.value.reason == reason and diverged.value.rollback_lr == pytest.approx(5e38)
 
 
 def test_weights_that_are_not_finite_end_the_run_at_once_and_health_says_why():

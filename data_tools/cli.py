@@ -1,6 +1,7 @@
 """`ouro-data`: offline corpus tools.
 
 ouro-data tokenize --source web --tokenizer tokenizer.json --out shards/web 'raw/*.jsonl'
+ouro-data tokenize --source web --tokenizer tokenizer.json --out shards/web saved_dataset/ [--split train]
 ouro-data sft --source chat --tokenizer tokenizer.json --out shards/chat chat.jsonl
 ouro-data inspect shards/web [--tokenizer tokenizer.json] [--verify]
 ouro-data train-tokenizer --out tok.json [--vocab-size N] [--input FILES...]
@@ -27,7 +28,7 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
     if args.input:
         docs = []
-        for path in expand_inputs(args.input):
+        for path in expand_inputs(args.input, args.split):
             try:
                 docs.extend(doc for doc in read_documents(path, args.text_field) if doc)  # skip empty files
             except UnicodeDecodeError as error:  # the codec's message does not say which file
@@ -50,8 +51,20 @@ def _demo_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a stopped tokenize unwinds (its workers killed,
+    its temporaries removed) instead of dying where it stands."""
+
+
+def _raise_terminated(signum, frame) -> NoReturn:
+    raise _Terminated
+
+
 def _tokenize(args: argparse.Namespace) -> int:
-    from ouro_train.data.tokenize import TokenizeOptions, tokenize
+    import signal
+    import threading
+
+    from ouro_train.data.tokenize import TokenizeOptions, tokenize, work_directory
 
     options = TokenizeOptions(
         source=args.source,
@@ -62,8 +75,20 @@ def _tokenize(args: argparse.Namespace) -> int:
         append_eos=not args.no_eos,
         eos_token=args.eos_token,
         bos_token=args.bos_token,
+        split=args.split,
     )
-    manifest = tokenize(args.inputs, options, workers=args.workers)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    try:
+        manifest = tokenize(args.inputs, options, workers=args.workers)
+    except (KeyboardInterrupt, _Terminated) as stop:
+        work = work_directory(Path(args.out).resolve())
+        kept = f"; what was finished is kept in {work}, and the same command goes on from it" if work.is_dir() else ""
+        print(f"ouro-data tokenize: stopped; nothing was written to {args.out}{kept}", file=sys.stderr)
+        return 130 if isinstance(stop, KeyboardInterrupt) else 128 + signal.SIGTERM
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(
         f"{manifest.source}: {manifest.documents:,} documents, {manifest.tokens:,} tokens in "
         f"{len(manifest.shards)} shards -> {Path(args.out) / 'manifest.json'}"
@@ -74,7 +99,9 @@ def _tokenize(args: argparse.Namespace) -> int:
 def _sft(args: argparse.Namespace) -> int:
     from ouro_train.data.sft import build_sft_shards
 
-    manifest = build_sft_shards(args.inputs, args.tokenizer, args.out, args.source, thinking=args.thinking)
+    manifest = build_sft_shards(
+        args.inputs, args.tokenizer, args.out, args.source, thinking=args.thinking, split=args.split
+    )
     print(
         f"{manifest.source}: {manifest.documents:,} conversations, {manifest.tokens:,} tokens in "
         f"{len(manifest.shards)} shards -> {Path(args.out) / 'manifest.json'}"
@@ -140,6 +167,9 @@ def _synth_mano(args: argparse.Namespace) -> int:
     return 0
 
 
+SPLIT_HELP = "the split of a saved DatasetDict input (default: train)"
+
+
 class _Parser(argparse.ArgumentParser):
     # One line instead of argparse's usage dump; --help has the rest. Subparsers inherit this class.
     def error(self, message: str) -> NoReturn:
@@ -151,20 +181,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tokenize", help="corpus files -> webdataset token shards + manifest")
-    p.add_argument("inputs", nargs="+", help=".jsonl/.jsonl.gz/.parquet/.txt files or globs")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help=".jsonl/.jsonl.gz/.parquet/.txt files or globs, or directories of datasets saved with the "
+        "`datasets` library's save_to_disk",
+    )
     p.add_argument("--source", required=True, help="source name (used in shard names and mixtures)")
     p.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer.json")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--text-field", default="text")
     p.add_argument("--tokens-per-shard", type=int, default=50_000_000)
-    p.add_argument("--workers", type=int, default=1, help="processes (one input file each)")
+    p.add_argument("--workers", type=int, default=1, help="processes (one input file or saved Arrow file each)")
+    p.add_argument("--split", default=None, help=SPLIT_HELP)
     p.add_argument("--eos-token", default="<|endoftext|>")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to documents")
     p.add_argument("--bos-token", default=None, help="prepend this token to every document")
     p.set_defaults(run=_tokenize)
 
     p = sub.add_parser("sft", help="chat jsonl -> ChatML token shards with assistant loss masks")
-    p.add_argument("inputs", nargs="+")
+    p.add_argument("inputs", nargs="+", help="jsonl files or globs, or saved datasets, with 'messages'")
+    p.add_argument("--split", default=None, help=SPLIT_HELP)
     p.add_argument("--source", required=True)
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
@@ -192,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the embedded demo corpus",
     )
     p.add_argument("--text-field", default="text")
+    p.add_argument("--split", default=None, help=SPLIT_HELP)
     p.set_defaults(run=_train_tokenizer)
 
     p = sub.add_parser("demo-tokenizer", help="print the cached demo tokenizer's path (training it if needed)")

@@ -1,7 +1,9 @@
 """Chat data -> ChatML token documents with a loss mask on assistant turns.
 
 Input: jsonl, one conversation per line: {"messages": [{"role": "system|user|assistant",
-"content": "...", "reasoning": "..." (optional)}]}. Rendering (what Ouro's SFT uses):
+"content": "...", "reasoning": "..." (optional)}]}, or a dataset saved with the `datasets`
+library's `save_to_disk` with such a `messages` column (a DatasetDict: its split `split`, default
+"train"). Rendering (what Ouro's SFT uses):
 
     <|im_start|>{role}\\n{content}<|im_end|>\\n     for every message
     <|endoftext|>                                  after the conversation (document separator)
@@ -22,7 +24,10 @@ import numpy as np
 
 from ouro_train.data.manifest import DataError, Manifest, dtype_for_vocab
 from ouro_train.data.tokenize import (
+    DatasetPart,
+    Input,
     TokenizeOptions,
+    _missing_column,
     _write_shard,
     copy_tokenizer,
     expand_inputs,
@@ -111,7 +116,17 @@ def _render(messages, ids: ChatTokens, thinking: str, where: str, text, special)
     special(ids.eos, False)
 
 
-def read_conversations(path: Path):
+def read_conversations(path: Input):
+    """("where", messages) of every conversation of one input (a jsonl file or a saved dataset's part)."""
+    if isinstance(path, DatasetPart):
+        if "messages" not in path.columns:
+            raise _missing_column(path, "messages", "")
+        row = path.start
+        for batch in path.rows().select_columns(["messages"]).iter(batch_size=1024):
+            for messages in batch["messages"]:
+                yield f"{path.where} row {row}", messages
+                row += 1
+        return
     for where, record in iter_jsonl(path):
         if "messages" not in record:
             raise DataError(f"{where}: no 'messages' field")
@@ -125,6 +140,7 @@ def build_sft_shards(
     source: str,
     thinking: str = "keep",
     documents_per_shard: int = 10_000,
+    split: str | None = None,
 ):
     """Conversations -> SFT shards (tokens + mask members) and a manifest of kind "sft"."""
     options = TokenizeOptions(source=source, tokenizer_path=tokenizer_path, out_dir=out_dir)
@@ -145,7 +161,7 @@ def build_sft_shards(
             docs.clear()
             masks.clear()
 
-    for path in expand_inputs(inputs):
+    for path in expand_inputs(inputs, split):
         for where, messages in read_conversations(path):
             tokens, mask = render_conversation(tokenizer, messages, ids, thinking, where)
             docs.append(tokens)

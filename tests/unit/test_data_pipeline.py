@@ -405,6 +405,7 @@ def test_tokenize_refuses_an_empty_corpus(tmp_path, tokenizer_file, kind, capsys
     assert code == 2, err
     assert f"input {pattern}" in err and "nothing to train on, so no manifest was written" in err
     assert not (out / "manifest.json").exists()
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()  # nothing written at all
     # One document with text among empty ones is a corpus (the empty ones stay: EOS only).
     write_jsonl(raw / "c.jsonl", ["some text"])
     manifest = tokenize([pattern], TokenizeOptions("s", str(tokenizer_file), str(out)), progress=False)

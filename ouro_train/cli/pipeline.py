@@ -3,10 +3,18 @@
     ouro-pipeline pipeline=ouro_1p4b dry_run=true          # the stage table, checkpoints, commands
     ouro-pipeline pipeline=demo                             # every stage at toy scale on CPU
     ouro-pipeline pipeline=ouro_2p6b nproc=8 data_root=/lustre/shards start_at=upcycle stop_after=stable2
+    ouro-pipeline pipeline=ouro_2p6b data_root=/lustre/shards launch=slurm \
+        sbatch='--nodes=32 --gpus-per-node=8 --time=24:00:00' dry_run=true   # the sbatch lines
 
 Pipeline keys (typed, parsed with OmegaConf: a bad value fails naming its key): pipeline,
-dry_run (bool), run_dir, start_at, stop_after, nproc (processes per stage, launched with
-torchrun), world_size (GPUs the dry run's memory estimate assumes). Any other key=value is a
+dry_run (bool), run_dir, start_at, stop_after (they apply to dry runs too), nproc (processes per
+stage, launched with torchrun; under SLURM, per node), world_size (GPUs the dry run's plan
+assumes; a stage whose tensor parallel it cannot hold is an error), plan_gpu_memory_gb (the
+plan's memory budget per GPU; default: the recipe's), plan_tokens_per_gpu_s (prices each stage in
+GPU-hours and wall time; default: the measured figure in ouro_train/pipeline/cost.py, scaled by
+FLOPs per token), launch (local | slurm: every remaining stage as a SLURM job of
+launch/slurm.sbatch, each after the one before; with dry_run=true the sbatch lines are printed),
+sbatch (options for every job under launch=slurm). Any other key=value is a
 hydra override given to every training stage (e.g. train.device=cuda), and STAGE:key=value to one
 stage only (e.g. sft:train.tokens=1000000000); an unknown key fails naming the key and the stage.
 A recipe's `${run_dir}` is the run directory (run_dir= here, else the recipe's).
@@ -43,6 +51,14 @@ class PipelineOptions:
     stop_after: str | None = None
     nproc: int = 1
     world_size: int | None = None
+    # The dry run's plan: GPU memory budget per GPU (None: the recipe's plan_gpu_memory_gb) and
+    # tokens/s per GPU that prices each stage (None: the measured figure, ouro_train/pipeline/cost.py).
+    plan_gpu_memory_gb: float | None = None
+    plan_tokens_per_gpu_s: float | None = None
+    # `local`: the stages run here, one after the other; `slurm`: each remaining stage is submitted
+    # as a SLURM job after the one before (ouro_train/pipeline/slurm.py), with `sbatch` options.
+    launch: str = "local"
+    sbatch: str = ""
 
 
 KEYS = tuple(f.name for f in fields(PipelineOptions))
@@ -103,21 +119,53 @@ def _check_stage_override(key: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ouro_train.pipeline.runner import PipelineError, describe, plan, run
-    from ouro_train.pipeline.spec import load_pipeline
+    from ouro_train.pipeline.runner import PipelineError, check_data, check_layout, describe, plan, run, select
+    from ouro_train.pipeline.spec import load_pipeline, pipeline_path
 
     try:
         options, overrides = parse(sys.argv[1:] if argv is None else argv)
+        _check_plan_options(options)
         spec = load_pipeline(options.pipeline)
         run_dir = Path(options.run_dir or spec.run_dir).absolute()
+        if options.launch == "slurm":
+            from ouro_train.pipeline.slurm import submit
+
+            planned = plan(spec, run_dir, overrides)
+            selected = select(planned, options.start_at, options.stop_after)
+            check_layout(selected, options.world_size or spec.plan_world_size)
+            check_data(spec, selected)
+            recipe = pipeline_path(options.pipeline).absolute()
+            return submit(
+                spec, recipe, run_dir, planned, selected, overrides, options.nproc, options.sbatch, options.dry_run
+            )
         if options.dry_run:
             world = options.world_size or spec.plan_world_size
-            print(describe(spec, plan(spec, run_dir, overrides), world, options.nproc))
+            selected = select(plan(spec, run_dir, overrides), options.start_at, options.stop_after)
+            check_layout(selected, world)
+            check_data(spec, selected)
+            print(
+                describe(
+                    spec, selected, world, options.nproc, options.plan_gpu_memory_gb, options.plan_tokens_per_gpu_s
+                )
+            )
             return 0
         return run(spec, run_dir, overrides, options.nproc, options.start_at, options.stop_after)
     except (ConfigError, DataError, CheckpointError, PipelineError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _check_plan_options(options: PipelineOptions) -> None:
+    if options.launch not in ("local", "slurm"):
+        raise ConfigError(f"launch={options.launch}: expected local or slurm")
+    if options.sbatch and options.launch != "slurm":
+        raise ConfigError("sbatch=... is for launch=slurm")
+    for key in ("world_size", "plan_gpu_memory_gb", "plan_tokens_per_gpu_s"):
+        value = getattr(options, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value}: must be positive")
+    if options.nproc < 1:
+        raise ConfigError(f"nproc={options.nproc}: must be at least 1")
 
 
 if __name__ == "__main__":

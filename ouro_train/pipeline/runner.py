@@ -37,6 +37,7 @@ from pathlib import Path
 from ouro_train.checkpoint.store import CheckpointError, is_complete, read_train_state, step_name
 from ouro_train.config.schema import Config, ConfigError
 from ouro_train.config.store import compose_config
+from ouro_train.pipeline.cost import MEASURED, human_duration, human_hours, stage_throughput
 from ouro_train.pipeline.memory import estimate_memory
 from ouro_train.pipeline.spec import PipelineSpec, StageSpec, resolve_spec, split_overrides
 from ouro_train.train.signals import EXIT_STOPPED, StopOnSignal
@@ -176,23 +177,22 @@ def _carries(cfg: Config) -> str:
     return "+".join(parts)
 
 
-def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, nproc: int) -> str:
-    """The dry run's plan: one row per stage, then where checkpoints go and how to launch each."""
-    rows = [
-        (
-            "stage",
-            "model",
-            "tokens",
-            "seq",
-            "batch tok",
-            "steps",
-            "LR",
-            "beta",
-            "theta",
-            "carries",
-            f"mem/GPU @{world_size}",
-        )
-    ]
+def describe(
+    spec: PipelineSpec,
+    planned: list[PlannedStage],
+    world_size: int,
+    nproc: int,
+    gpu_memory_gb: float | None = None,
+    tokens_per_gpu_s: float | None = None,
+) -> str:
+    """The dry run's plan: one row per stage (what it trains), then one per stage of what it
+    assumes (layout, memory, GPU time), where checkpoints go and how to launch each.
+
+    `gpu_memory_gb` (None: the recipe's plan_gpu_memory_gb) is the budget the memory estimate is
+    held against; `tokens_per_gpu_s` (None: cost.MEASURED, scaled per stage by FLOPs per token)
+    prices each stage in GPU-hours and wall time at `world_size` GPUs."""
+    budget = spec.plan_gpu_memory_gb if gpu_memory_gb is None else gpu_memory_gb
+    rows = [("stage", "model", "tokens", "seq", "batch tok", "steps", "LR", "beta", "theta", "carries")]
     for stage in planned:
         if stage.spec.kind == "eval":
             evaluation = stage.spec
@@ -208,7 +208,6 @@ def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, n
                     "-",
                     "-",
                     f"q {','.join(f'{q:g}' for q in evaluation.q)}; KV {','.join(evaluation.kv_policies)}",
-                    "-",
                 )
             )
             continue
@@ -225,7 +224,6 @@ def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, n
                     "-",
                     "-",
                     f"moments {stage.spec.optimizer}",
-                    "-",
                 )
             )
             continue
@@ -242,7 +240,6 @@ def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, n
             lr += f" (warmup {sched.warmup_steps})"
         if cfg.checkpoint.init_schedule == "keep":
             lr += " kept"
-        memory = estimate_memory(cfg, world_size)
         rows.append(
             (
                 stage.spec.name,
@@ -255,29 +252,14 @@ def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, n
                 f"{cfg.objective.beta:g}",
                 f"{cfg.model.rope_theta:g}",
                 _carries(cfg),
-                f"{memory.total_gib:.1f} GiB",
             )
         )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = [f"pipeline {spec.name}: {len(planned)} stages in {planned[0].directory.parent}"]
     if spec.description:
         lines.append(spec.description.strip())
-    for i, row in enumerate(rows):
-        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines += _table(rows)
     lines.append("")
-    lines.append(
-        f"memory: rough per-GPU estimate at {world_size} GPUs (fp32 states sharded as each stage's ZeRO stage "
-        f"says + bf16 activations; see ouro_train/pipeline/memory.py); budget {spec.plan_gpu_memory_gb:g} GiB"
-    )
-    for stage in planned:
-        if stage.cfg is not None:
-            memory = estimate_memory(stage.cfg, world_size)
-            if memory.total_gib > spec.plan_gpu_memory_gb:
-                lines.append(f"  warning: {stage.spec.name} may not fit; raise ZeRO/TP or recompute more")
-            if memory.quadratic_attention:
-                lines.append(f"  warning: {stage.spec.name}: {memory.quadratic_attention}")
+    lines += _resources(planned, world_size, budget, tokens_per_gpu_s)
     lines.append("checkpoints:")
     for stage in planned:
         source = f"{stage.input}" if stage.input else "scratch"
@@ -288,6 +270,132 @@ def describe(spec: PipelineSpec, planned: list[PlannedStage], world_size: int, n
         if stage.cfg is not None:
             lines.append(f"  {stage.spec.name}: {' '.join(stage_command(spec, stage, nproc, for_display=True))}")
     return "\n".join(lines)
+
+
+def _table(rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def _resources(planned: list[PlannedStage], world_size: int, budget: float, given: float | None) -> list[str]:
+    """The plan's second table: per training stage, the layout it assumes (world size, TP x DP,
+    ZeRO stage, micro-batch, activation checkpointing), its memory per GPU and its GPU time."""
+    rows = [("stage", "world", "TP x DP", "ZeRO", "micro", "recompute", "mem/GPU", "tok/s/GPU", "GPU-hours", "wall")]
+    total_hours = total_wall = 0.0
+    derived = False
+    notes: list[str] = []
+    for stage in planned:
+        cfg = stage.cfg
+        if cfg is None:
+            what = "upcycle (one process)" if stage.spec.kind == "upcycle" else "eval (one process)"
+            rows.append((stage.spec.name, "-", "-", "-", "-", "-", "-", "-", "-", what))
+            continue
+        par, t = cfg.parallel, cfg.train
+        tp = par.tensor_parallel
+        layout = f"{tp} x {world_size // tp}" if world_size % tp == 0 else f"{tp} x ?"
+        memory = estimate_memory(cfg, world_size)
+        speed = stage_throughput(cfg, given)
+        derived |= speed.how == "derived"
+        tokens = t.total_steps * (t.global_batch_rows or t.micro_batch_size) * t.seq_len
+        hours = tokens / speed.tokens_per_gpu_s / 3600
+        total_hours += hours
+        total_wall += hours / world_size
+        rows.append(
+            (
+                stage.spec.name,
+                str(world_size),
+                layout + (" SP" if par.sequence_parallel else ""),
+                str(par.zero_stage) + (" offload" if par.cpu_offload else ""),
+                str(t.micro_batch_size),
+                par.activation_checkpointing,
+                f"{memory.total_gib:.1f} GiB" + (" !" if memory.total_gib > budget else ""),
+                f"{_human(speed.tokens_per_gpu_s)} {speed.how}",
+                human_hours(hours),
+                human_duration(hours / world_size),
+            )
+        )
+        if memory.total_gib > budget:
+            notes.append(
+                f"  warning: {stage.spec.name} may not fit ({memory.total_gib:.1f} > {budget:g} GiB); raise ZeRO/TP "
+                "or recompute more"
+            )
+        if memory.quadratic_attention:
+            notes.append(f"  warning: {stage.spec.name}: {memory.quadratic_attention}")
+    rows.append(("total", "", "", "", "", "", "", "", human_hours(total_hours), human_duration(total_wall)))
+    lines = [
+        f"plan at world_size={world_size} GPUs (world_size=N), budget {budget:g} GiB per GPU (plan_gpu_memory_gb=G):"
+    ]
+    lines += _table(rows)
+    lines.append(
+        "memory: a rough per-GPU estimate (fp32 states sharded as the stage's ZeRO stage says + bf16 activations; "
+        "see ouro_train/pipeline/memory.py); `!`: over the budget"
+    )
+    if given is not None:
+        lines.append(f"time: at {given:,.0f} tokens/s per GPU for every stage (plan_tokens_per_gpu_s, given)")
+    else:
+        lines.append(f"time: at the measured throughput of {MEASURED.what}")
+        if derived:
+            lines.append(
+                "  derived: other models / sequence lengths scaled from it by training FLOPs per token "
+                "(ouro_train/model/flops.py count_model; the same MFU assumed; gate training: forward only)"
+            )
+        lines.append("  give your own figure with plan_tokens_per_gpu_s=N")
+    lines.append("  GPU-hours = tokens / (tokens/s per GPU); wall = GPU-hours / world size (perfect scaling assumed)")
+    return lines + notes
+
+
+def check_layout(planned: list[PlannedStage], world_size: int, key: str = "world_size") -> None:
+    """A stage whose tensor parallel cannot exist at `world_size` processes fails here, naming the
+    stage and the keys (the trainer would fail the same way, but only when the stage starts)."""
+    for stage in planned:
+        if stage.cfg is None:
+            continue
+        tp = stage.cfg.parallel.tensor_parallel
+        if tp > world_size or world_size % tp:
+            why = "is larger than" if tp > world_size else "does not divide"
+            raise ConfigError(
+                f"stage {stage.spec.name}: parallel.tensor_parallel={tp} {why} {key}={world_size}: give a world "
+                f"size that is a multiple of {tp}, or {stage.spec.name}:parallel.tensor_parallel=1 (or another "
+                "parallel preset for that stage)"
+            )
+
+
+def check_data(spec: PipelineSpec, planned: list[PlannedStage]) -> None:
+    """A training stage that reads shards under `data_root` needs that directory; an eval stage its
+    `data` directory. Not for a recipe whose data the runner builds first (prepare: demo)."""
+    if spec.prepare is not None:
+        return
+    for stage in planned:
+        if stage.spec.kind == "eval":
+            if not Path(stage.spec.data).is_dir():
+                raise ConfigError(
+                    f"stage {stage.spec.name}: data={stage.spec.data} is not a directory: give "
+                    f"{stage.spec.name}:data=DIR (a held-out shard directory)"
+                )
+            continue
+        cfg = stage.cfg
+        if cfg is None or cfg.data.source != "shards":
+            continue
+        root = Path(cfg.data_root)
+        reads = [s.path for s in [*cfg.data.sources, *cfg.data.eval_sources] if Path(s.path).is_relative_to(root)]
+        if reads and not root.is_dir():
+            raise ConfigError(
+                f"stage {stage.spec.name}: data_root={cfg.data_root} ({root.absolute()}) is not a directory, and the "
+                "stage reads "
+                f"{', '.join(reads[:2])}{' ...' if len(reads) > 2 else ''} from it: give data_root=DIR (the "
+                "directory of the ouro-data tokenize outputs)"
+            )
+
+
+def train_args(spec: PipelineSpec, stage: PlannedStage) -> list[str]:
+    """ouro-train's arguments for a training stage: the same whether the runner launches it here
+    (stage_command) or a SLURM job does (ouro_train/pipeline/slurm.py, through launch/slurm.sbatch)."""
+    return ["--config-name", spec.config_name, *stage.overrides]
 
 
 def stage_command(spec: PipelineSpec, stage: PlannedStage, nproc: int, for_display: bool = False) -> list[str]:
@@ -301,7 +409,7 @@ def stage_command(spec: PipelineSpec, stage: PlannedStage, nproc: int, for_displ
         launcher = [python, "-m", "ouro_train.pipeline.torchrun", "--standalone", f"--nproc-per-node={nproc}"]
         launcher += [f"--signals-to-handle={SIGNALS_TO_HANDLE}", f"--shutdown-timeout={SHUTDOWN_TIMEOUT}"]
         launcher += ["-m", "ouro_train.cli.train"]
-    args = ["--config-name", spec.config_name, *stage.overrides]
+    args = train_args(spec, stage)
     return launcher + ([f"'{a}'" if any(c in a for c in " {}[]") else a for a in args] if for_display else args)
 
 
@@ -338,7 +446,8 @@ class _Forward(StopOnSignal):
         self._child.send_signal(signal.SIGTERM if self.requested == signal.SIGINT else self.requested)
 
 
-def _select(planned: list[PlannedStage], start_at: str | None, stop_after: str | None) -> list[PlannedStage]:
+def select(planned: list[PlannedStage], start_at: str | None, stop_after: str | None) -> list[PlannedStage]:
+    """The stages from `start_at` to `stop_after` (names; None: the first / the last)."""
     names = [p.spec.name for p in planned]
     for key, value in (("start_at", start_at), ("stop_after", stop_after)):
         if value is not None and value not in names:
@@ -361,7 +470,8 @@ def run(
     """Run the selected stages; -> 0 when they are all finished, EXIT_STOPPED (75) when stopped by a
     signal (to the runner, or to a stage directly) at a safe point: the same call resumes."""
     planned = plan(spec, run_dir, extra)
-    selected = _select(planned, start_at, stop_after)
+    selected = select(planned, start_at, stop_after)
+    check_layout(selected, nproc, "nproc")
     run_dir.mkdir(parents=True, exist_ok=True)
     with _Forward() as forward:
 

@@ -62,7 +62,8 @@ class PipelineSpec:
     overrides: list[str] = field(default_factory=list)
     # `demo`: build the embedded corpus's pretraining and SFT shards into <run_dir>/data first.
     prepare: str | None = None
-    # What the dry run's memory estimate assumes (the launch decides the real world size).
+    # What the dry run's plan assumes (the launch decides the real world size); world_size= and
+    # plan_gpu_memory_gb= on the ouro-pipeline command line override them.
     plan_world_size: int = 8
     plan_gpu_memory_gb: float = 80.0
     stages: list[StageSpec] = field(default_factory=list)

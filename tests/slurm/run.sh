@@ -45,4 +45,4 @@ trap 'exit 143' TERM
 tests/slurm/cluster.sh start "$DIR"
 export OURO_SLURM_CLUSTER=$DIR SLURM_CONF=$DIR/etc/slurm.conf
 # One pytest worker per test: they wait on their jobs side by side.
-"$PY" -m pytest -q -p no:cacheprovider -n 6 --durations=0 tests/slurm/test_slurm.py "$@"
+"$PY" -m pytest -q -p no:cacheprovider -n 7 --durations=0 tests/slurm/test_slurm.py "$@"

@@ -78,6 +78,13 @@ class Job:
         self.id = out.stdout.strip().split(";")[0]
         self.output = submit_dir / f"slurm-{name}-{self.id}.out"
 
+    @classmethod
+    def submitted(cls, submit_dir: Path, name: str, job_id: str, run_dir: Path, output: Path) -> Job:
+        """A job submitted by someone else (ouro-pipeline launch=slurm)."""
+        job = cls.__new__(cls)
+        job.dir, job.name, job.id, job.run_dir, job.output = submit_dir, name, job_id, run_dir, output
+        return job
+
     def info(self) -> dict[str, str]:
         out = subprocess.run(["scontrol", "-o", "show", "job", self.id], capture_output=True, text=True)
         return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
@@ -230,3 +237,39 @@ def test_signal_lead_not_below_the_time_limit_fails_before_training(submit_dir):
     assert job.info()["ExitCode"] == "2:0"
     assert "SIGNAL_LEAD=300 s (--signal=B:USR1@300) is not smaller than the time limit --time=1:00" in job.log()
     assert not (job.run_dir / "metrics.jsonl").exists()
+
+
+def test_pipeline_stages_run_as_chained_jobs_one_requeued_the_next_from_its_final_checkpoint(submit_dir):
+    """ouro-pipeline launch=slurm: tests/slurm/pipeline_tiny.yaml's two stages (200 and 10 steps) as
+    two jobs of launch/slurm.sbatch, the second after the first (afterok); the first requeued after
+    3 steps resumes, and the second starts from its final checkpoint."""
+    run_dir = submit_dir / "runs" / "pipeline"
+    env = os.environ | {
+        "SLURM_CONF": f"{CLUSTER}/etc/slurm.conf",
+        "OURO_CACHE_DIR": str(submit_dir / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "ouro_train.cli.pipeline", f"pipeline={ROOT / 'tests/slurm/pipeline_tiny.yaml'}"]
+    command += [f"run_dir={run_dir}", "launch=slurm", "sbatch=--nodes=1 --cpus-per-task=2"]
+    out = subprocess.run(command, cwd=submit_dir, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ids = dict(re.findall(r"^\[pipeline\] (\w+): job (\d+): ", out.stdout, re.M))
+    assert list(ids) == ["first", "second"], out.stdout
+    first, second = (
+        Job.submitted(submit_dir, name, ids[name], run_dir / name, run_dir / f"slurm-tiny-{name}-{ids[name]}.out")
+        for name in ("first", "second")
+    )
+    assert second.info()["Dependency"].startswith(f"afterok:{first.id}")
+    first.wait_steps(3)
+    subprocess.run(["scontrol", "requeue", first.id], check=True)
+    assert first.wait_done() == "COMPLETED", first.log()[-3000:]
+    assert first.info()["Restarts"] == "1"
+    assert "resumed from" in first.log() and first.steps() == list(range(1, 201))
+    assert second.wait_done() == "COMPLETED", second.log()[-3000:]
+    final = run_dir / "first" / "checkpoints" / "step_00000200"
+    assert f"initialised weights from {final}" in second.log()
+    assert second.steps() == list(range(1, 11))
+    assert "stage finished: final checkpoint at step 10" in second.log()
+    # Submitting again: every stage is finished, nothing is submitted.
+    again = subprocess.run(command, cwd=submit_dir, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr

@@ -46,6 +46,8 @@ RESUMABLE_CHANGES = (
     # and the same document-causal attention (a run moved from CPU to GPU may switch sdpa -> flash).
     "model.kernels",
     "model.attention",
+    # Which AdamW kernel makes the same update (checkpoints before optim.fused have no such key).
+    "optim.fused",
     "train.max_steps_this_run",
     "train.log_every",
     "train.eval_every",

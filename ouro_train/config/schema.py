@@ -586,10 +586,11 @@ class GuardConfig:
     max_consecutive_bad: int = field(default=5, metadata={"help": "stop (exit 3) after this many bad steps in a row"})
     # The update is judged before it is applied: AdamW moves each element by at most ~1.17 x the
     # learning rate (betas 0.9/0.95; train/guard.py adamw_update_bound), so a step whose largest
-    # possible update ||dw|| is more than this many times ||w|| is skipped. 1.0 lets any sane
-    # learning rate through (Ouro-1.4B at 3e-4: ~0.02; the tiny test models at 1e-2: ~0.3) and stops
-    # an absurd one before it writes blown-up weights into a checkpoint. 0: off.
-    max_update_ratio: float = 1.0
+    # possible update ||dw|| is more than this many times ||w|| is skipped. 4 stops a learning rate
+    # some 200x above the usual before it writes blown-up weights into a checkpoint (Ouro-1.4B at
+    # 3e-4: ~0.02; the tiny test models at 1e-2: ~0.2) and lets the exit gate, a small probe whose
+    # weights start near 0.02, train at 3e-2 (1.7). 0: off.
+    max_update_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         self.validate()

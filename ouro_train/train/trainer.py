@@ -36,6 +36,10 @@ from ouro_train.train.signals import StopOnSignal
 
 Batch = dict[str, torch.Tensor]
 
+# The largest relative update a suggested rollback learning rate allows (Trainer.suggested_lr):
+# a tenth of the weights, an order of magnitude above what LM training usually runs at.
+SANE_UPDATE_RATIO = 0.1
+
 
 @dataclass
 class TrainState:
@@ -150,12 +154,12 @@ class Trainer:
 
     def suggested_lr(self, reason: str | None) -> float:
         """The peak learning rate a rollback after `reason` should try: half the current one, and
-        for an update that was too large also a tenth of what the guard would have accepted there."""
+        after an update that was too large at most the rate whose largest update is a tenth of the
+        weights there (SANE_UPDATE_RATIO)."""
         peak = self.resolved.lr
         suggestion = peak / 2
-        ratio, limit = self.last_update_ratio, self.cfg.guard.max_update_ratio
-        if reason == UPDATE_TOO_LARGE and ratio and limit > 0:
-            suggestion = min(suggestion, peak * limit / ratio / 10)
+        if reason == UPDATE_TOO_LARGE and self.last_update_ratio:
+            suggestion = min(suggestion, peak * SANE_UPDATE_RATIO / self.last_update_ratio)
         return float(f"{suggestion:.3g}")
 
     def _autocast(self):

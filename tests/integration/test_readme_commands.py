@@ -96,6 +96,7 @@ def test_the_quick_start_runs_as_written(tmp_path: Path):
 
 
 def test_the_dry_runs_run_as_written(tmp_path: Path):
+    (tmp_path / "shards").mkdir()  # the quick start's output directory, the plan's data_root
     model, pipeline = (run_as_written(c, tmp_path) for c in marked_blocks()["dry-run"])
     # The numbers the README's table gives, and a memory estimate (not "no memory").
     assert "parameters: 1,434,652,673" in model.stdout

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
-	$(PY) -c "import torch, deepspeed, megatron.core, hydra, webdataset, wandb, triton, tokenizers, safetensors; print('setup ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'megatron-core', megatron.core.__version__)"
+	$(PY) -c "import torch, deepspeed, megatron.core, hydra, webdataset, wandb, triton, tokenizers, safetensors, datasets; print('setup ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'megatron-core', megatron.core.__version__)"
 	touch $(STAMP)
 
 test: setup
@@ -51,8 +51,8 @@ repro-mano: setup
 dry-run: setup
 	$(VENV)/bin/ouro-train model=ouro_1p4b dry_run=true
 	$(VENV)/bin/ouro-train model=ouro_2p6b dry_run=true
-	$(VENV)/bin/ouro-pipeline pipeline=ouro_1p4b dry_run=true
-	$(VENV)/bin/ouro-pipeline pipeline=ouro_2p6b dry_run=true
+	$(VENV)/bin/ouro-pipeline pipeline=ouro_1p4b dry_run=true data_root=.
+	$(VENV)/bin/ouro-pipeline pipeline=ouro_2p6b dry_run=true data_root=.
 
 lint: setup
 	$(VENV)/bin/ruff check ouro_train data_tools tests benchmarks

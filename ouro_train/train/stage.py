@@ -179,6 +179,8 @@ def run_stage(cfg: Config) -> dict:
         refused = broadcast_from_rank0(refused if main_rank else None)
         if refused:
             raise RunDirError(refused)
+        if main_rank:
+            show_config(run_dir)
         source = handoff_source(cfg)
         # The continued LR of a hand-off is part of what this stage trains (and of its config hash),
         # and so is the LR of a rollback (checkpoint/rollback.py), kept by every later resume.
@@ -300,6 +302,20 @@ def run_stage(cfg: Config) -> dict:
             lock.release()
         destroy_parallel()
         signals.__exit__(None, None, None)
+
+
+def show_config(run_dir: Path) -> None:
+    """The resolved config, once per start: in full into a log (stdout not a terminal: a SLURM
+    output file keeps what the run trained with next to what it printed), one line on a terminal."""
+    import sys
+
+    from ouro_train.train.rundir import CONFIG_FILE
+
+    path = run_dir / CONFIG_FILE
+    if sys.stdout.isatty():
+        print(f"config: {path}")
+    else:
+        print(f"config ({path}):\n{path.read_text().rstrip()}\n--- end of config")
 
 
 def run_summary(

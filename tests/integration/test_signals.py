@@ -44,6 +44,9 @@ def test_ctrl_c_saves_exits_75_and_the_same_command_resumes_at_the_next_step(tmp
     line = next(x for x in again.stdout.splitlines() if x.startswith(f"step {stopped + 1} |"))
     assert " tok/s | " in line and "TFLOP/s" in line and " GiB | " in line and "ETA " in line and "/5000)" in line
     assert f"done: stage main, step {stopped + 2}; this launch 2 steps" in again.stdout
+    config = tmp_path / "run" / "config.yaml"
+    assert f"config ({config}):" in again.stdout and "--- end of config" in again.stdout  # printed once, saved
+    assert again.stdout.count("--- end of config") == 1 and "train:" in config.read_text()
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
     assert steps == list(range(1, stopped + 3))  # every step once, the resumed ones after the stop
 

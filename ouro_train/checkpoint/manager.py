@@ -429,6 +429,7 @@ class Checkpointer:
             if before != after:
                 settings = {
                     "run_dir": f"{self.root.parent}-continued",
+                    "train.tokens": "null",  # a stage recipe's length; the new stage's is train.steps
                     "train.steps": str(max(steps - done, 1)),
                     "checkpoint.init_from": str(path),
                     "checkpoint.init_schedule": "keep",

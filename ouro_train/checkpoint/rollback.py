@@ -11,11 +11,12 @@ else about the training config is still checked, checkpoint/manager.py) and:
   `checkpoints/rolled_back-<step>-<time>/` with the metrics lines they logged: never resumed,
   never rotated away by retention, kept for the post-mortem until the user deletes them;
 - `checkpoint.rollback_skip_batches=N` steps over the next N optimizer steps' worth of data;
-- the rollback is recorded (`rollbacks` in every later train_state.json, `rollback_*` fields in the
-  next step's metrics), and every later resume of the run keeps the new rate (`resumed_lr`), so
-  the plain command continues it;
-- running the same rollback command again after the run went on is refused rather than silently
-  throwing that progress away.
+- the rollback is recorded at once (the checkpoint rolled back to is saved again with it, the
+  skipped data and the reset guard: `rollbacks` in its and every later train_state.json), in the
+  next step's metrics (`rollback_*`), and every later resume keeps the new rate (`resumed_lr`), so
+  the plain command continues the run;
+- running the same rollback command again (a requeued job, a resume after Ctrl-C) continues from
+  the newest checkpoint that carries it (`already_made`) instead of rolling back twice.
 """
 
 from __future__ import annotations
@@ -54,12 +55,11 @@ def resumed_lr(state: dict) -> float | None:
     return float(rollbacks[-1]["lr"]) if rollbacks else None
 
 
-def plan(cfg: Config, checkpoint: Path, state: dict, root: Path, current_lr: float) -> dict:
+def plan(cfg: Config, checkpoint: Path, state: dict, current_lr: float) -> dict:
     """The record of the rollback that `cfg` asks for from `checkpoint` (train state `state`);
-    `current_lr`: the peak LR a plain resume would use. Raises CheckpointError for a rollback
-    that is repeated after the run went on from it."""
+    `current_lr`: the peak LR a plain resume would use."""
     new_lr = cfg.checkpoint.rollback_lr if cfg.checkpoint.rollback_lr is not None else current_lr
-    record = {
+    return {
         "from_checkpoint": checkpoint.name,
         "from_step": int(state["step"]),
         "previous_lr": saved_peak_lr(state),
@@ -67,22 +67,23 @@ def plan(cfg: Config, checkpoint: Path, state: dict, root: Path, current_lr: flo
         "skip_batches": cfg.checkpoint.rollback_skip_batches,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    for later in complete_checkpoints(root):
-        if step_of(later) <= record["from_step"]:
-            continue
+
+
+def already_made(record: dict, root: Path) -> Path | None:
+    """The newest checkpoint that carries this very rollback (same checkpoint, rate and skip): the
+    same command run again (a requeued job, a resume after Ctrl-C) continues from there instead of
+    rolling back a second time (which would throw the progress away and skip the data again)."""
+    same = (record["from_checkpoint"], record["lr"], record["skip_batches"])
+    for later in reversed(complete_checkpoints(root)):
+        if step_of(later) < record["from_step"]:
+            break
         try:
             done = read_train_state(later).get("rollbacks") or []
         except CheckpointError:
             continue
-        same = (checkpoint.name, record["lr"], record["skip_batches"])
         if any((r["from_checkpoint"], r["lr"], r["skip_batches"]) == same for r in done):
-            raise CheckpointError(
-                f"checkpoint.rollback_lr: {root} was already rolled back from {checkpoint.name} to learning rate "
-                f"{record['lr']:g} and has trained on to {later.name} since; to continue it, run without "
-                "checkpoint.rollback_lr / checkpoint.rollback_skip_batches / checkpoint.resume (the newest checkpoint "
-                "keeps the new rate); to roll back again, change the learning rate or name another checkpoint"
-            )
-    return record
+            return later
+    return None
 
 
 def set_aside_newer(root: Path, record: dict, metrics_path: Path) -> Path | None:

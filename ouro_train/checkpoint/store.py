@@ -228,11 +228,12 @@ def apply_retention(root: Path, keep_last: int, keep_every: int) -> list[Path]:
     removed = []
     found = complete_checkpoints(root)
     keep = set(found[-keep_last:]) if keep_last > 0 else set(found)
-    # The newest healthy checkpoint (no skipped bad step pending, see train/guard.py) stays too,
-    # so that a run of bad steps cannot rotate the last good state away.
+    # The newest healthy checkpoint (trainable weights, see train/guard.py) stays too, and so does
+    # the newest one saved with no bad step pending: a run of bad steps cannot rotate the state
+    # from before it away (where a rollback goes, `rollback_target`).
     healthy = [p for p in found if _healthy(p)]
-    if healthy:
-        keep.add(healthy[-1])
+    calm = [p for p in healthy if not _state(p).get("health", {}).get("bad_steps_pending", 0)]
+    keep.update(group[-1] for group in (healthy, calm) if group)
     for path in found:
         step = int(_NAME.match(path.name).group(1))
         if path in keep or (keep_every > 0 and step % keep_every == 0):

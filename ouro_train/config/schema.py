@@ -515,7 +515,7 @@ class CheckpointConfig:
     # (checkpoint/safety.py). True skips that, for files you wrote and trust.
     trust_engine_files: bool = False
     # Roll back after a divergence (the command the exit-3 message prints): resume from
-    # checkpoint.resume (a checkpoint path; `auto`: the newest) with this peak learning rate instead
+    # checkpoint.resume (a checkpoint's path) with this peak learning rate instead
     # of the saved one, for this stage's own schedule and a continued (init_schedule=keep) one
     # alike. Everything else about the training config is still checked. The checkpoints after it
     # are moved aside (checkpoints/rolled_back-*/, never resumed), the rollback is recorded in every
@@ -557,9 +557,10 @@ class CheckpointConfig:
             f"must be >= 0, got {self.rollback_skip_batches}",
         )
         _require(
-            not self.rolls_back or self.resume != "none",
+            not self.rolls_back or self.resume not in ("none", "auto"),
             f"{section}.rollback_lr",
-            "a rollback resumes from a checkpoint: set checkpoint.resume to its path (or auto), not none",
+            "a rollback names the checkpoint it goes back to: set checkpoint.resume to its path (the "
+            "divergence message prints the whole command)",
         )
 
     @property
@@ -574,7 +575,10 @@ class GuardConfig:
     consumed, the step counter and LR schedule advance, the weights and optimizer do not change);
     `max_consecutive_bad` bad steps in a row stop the run with exit status 3."""
 
-    enabled: bool = field(default=True, metadata={"help": "skip updates with a non-finite or spiking loss"})
+    enabled: bool = field(
+        default=True,
+        metadata={"help": "skip bad updates (non-finite or spiking loss, an update too large for the weights)"},
+    )
     # A loss spike: the step's loss is more than `spike_zscore` standard deviations above the mean
     # of the last `window` accepted steps' losses AND more than `spike_min_ratio` times that mean
     # (so that a very flat loss curve, tiny std, does not turn noise into spikes). 0: no spike check.

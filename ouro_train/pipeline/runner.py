@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ouro_train.checkpoint.store import CheckpointError, is_complete, read_train_state, step_name
+from ouro_train.config.resolve import resolve
 from ouro_train.config.schema import Config, ConfigError
 from ouro_train.config.store import compose_config
 from ouro_train.pipeline.cost import MEASURED, human_duration, human_hours, stage_throughput
@@ -301,7 +302,8 @@ def _resources(planned: list[PlannedStage], world_size: int, budget: float, give
         memory = estimate_memory(cfg, world_size)
         speed = stage_throughput(cfg, given)
         derived |= speed.how == "derived"
-        tokens = t.total_steps * (t.global_batch_rows or t.micro_batch_size) * t.seq_len
+        # Tokens per step at this layout: a batch not fixed in the recipe grows with data parallel.
+        tokens = resolve(cfg, max(world_size // tp, 1)).tokens_per_step * t.total_steps
         hours = tokens / speed.tokens_per_gpu_s / 3600
         total_hours += hours
         total_wall += hours / world_size

@@ -143,17 +143,20 @@ class Throughput(Callback):
         self.flops_per_token = train_flops_per_token
         self.world_size = world_size
         self.peak = peak
-        self.step_times: list[float] = []
+        self.timed = (0.0, 0)  # (seconds, steps) after the first step of this launch
+        self.seen = False
 
     def step_metrics(self, trainer: Trainer, metrics: Mapping) -> dict:
         achieved = self.flops_per_token * metrics["tokens_per_s"] / self.world_size / 1e12
         out = {"tflops_per_device": achieved} | ({"mfu": achieved / self.peak} if self.peak else {})
-        self.step_times.append(metrics["step_time_s"])
-        recent = self.step_times[1:] or self.step_times  # the first step compiles and warms up
+        # The mean step time of this launch after its first step (which compiles and warms up).
+        self.timed = (self.timed[0] + metrics["step_time_s"], self.timed[1] + 1) if self.seen else (0.0, 0)
+        self.seen = True
+        mean = self.timed[0] / self.timed[1] if self.timed[1] else metrics["step_time_s"]
         total = trainer.resolved.steps
         out |= {
             "steps_total": total,
-            "eta_s": max(total - metrics["step"], 0) * sum(recent) / len(recent),
+            "eta_s": max(total - metrics["step"], 0) * mean,
             "peak_memory_gib": peak_memory_gib(trainer.device),
         }
         return out

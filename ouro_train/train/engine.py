@@ -36,11 +36,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def trained_numel(model: nn.Module, tensor_parallel: int = 1) -> int:
     """Elements of the trained parameters of the whole model, whatever this rank holds of them (a
-    ZeRO-3 partition knows its full size; a tensor-parallel shard is one of `tensor_parallel`)."""
+    ZeRO-3 partition knows the size of what it partitions; a tensor-parallel shard, partitioned or
+    not, is one of `tensor_parallel`)."""
     return sum(
-        p.ds_numel
-        if hasattr(p, "ds_numel")
-        else p.numel() * (tensor_parallel if getattr(p, "tensor_model_parallel", False) else 1)
+        getattr(p, "ds_numel", p.numel()) * (tensor_parallel if getattr(p, "tensor_model_parallel", False) else 1)
         for p in model.parameters()
         if p.requires_grad
     )

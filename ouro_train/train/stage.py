@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -145,11 +146,10 @@ def run_stage(cfg: Config) -> dict:
     from ouro_train.checkpoint import rollback
     from ouro_train.checkpoint.callback import CheckpointCallback
     from ouro_train.checkpoint.manager import Checkpointer
-    from ouro_train.checkpoint.store import CheckpointError, read_train_state, rollback_target
+    from ouro_train.checkpoint.store import CheckpointError, read_train_state
     from ouro_train.data.build import build_data
     from ouro_train.parallel import build_model, destroy_parallel, init_parallel, parallelize
     from ouro_train.train.callbacks import ConsoleLogger, JsonlLogger
-    from ouro_train.train.guard import TrainingDiverged
     from ouro_train.train.report import plot_loss_per_step, truncate_metrics
     from ouro_train.train.trainer import Trainer, freeze_for_objective
 
@@ -195,8 +195,14 @@ def run_stage(cfg: Config) -> dict:
                     f"{checkpoint_root}; set checkpoint.resume to the checkpoint the divergence message named"
                 )
             current = lr if lr is not None else cfg.optim.lr
-            rolled_back = rollback.plan(cfg, resume_from, saved_state, checkpoint_root, current)
-            lr = rolled_back["lr"]
+            record = rollback.plan(cfg, resume_from, saved_state, current)
+            made = rollback.already_made(record, checkpoint_root)
+            if made is None:
+                rolled_back, lr = record, record["lr"]
+            else:
+                say(f"this rollback was made before and the run went on from it: resuming {made}")
+                resume_from, saved_state = made, read_train_state(made)
+                lr = rollback.resumed_lr(saved_state)
         resolved = resolve(cfg, layout.dp, lr=lr)
         train_batches, eval_batches = build_data(cfg, layout.dp_rank, layout.dp)
         # Only this rank's share of the model is ever built (parallel/materialize.py): the initial
@@ -235,7 +241,18 @@ def run_stage(cfg: Config) -> dict:
             for _ in range(rolled_back["skip_batches"] * resolved.grad_accum_steps):  # each rank its own stream
                 next(train_batches)
             trainer.annotations = rollback.metrics_fields(rolled_back)
-            aside = rollback.set_aside_newer(checkpoint_root, rolled_back, metrics_path) if main_rank else None
+            aside, failed = None, ""
+            if main_rank:
+                try:
+                    aside = rollback.set_aside_newer(checkpoint_root, rolled_back, metrics_path)
+                except OSError as error:
+                    failed = f"{checkpoint_root}: could not set the later checkpoints aside for the rollback ({error})"
+            failed = broadcast_from_rank0(failed if main_rank else None)
+            if failed:
+                raise CheckpointError(failed)
+            # Durable at once: the checkpoint rolled back to, saved again with the rollback (its rate,
+            # the data skipped, the guard reset), so that a crash before the next save resumes it.
+            checkpointer.save(trainer, loader_state())
             say(rollback.describe(rolled_back, aside))
         if main_rank:
             # Log lines of steps after the checkpoint (a run killed after it) are replaced, not doubled,
@@ -261,26 +278,19 @@ def run_stage(cfg: Config) -> dict:
         saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         trainer.callbacks.append(saver)
         started, first_step, first_tokens = time.monotonic(), trainer.state.step, trainer.state.tokens
-        try:
+        with diverging_ends_in_a_rollback(trainer, checkpoint_root):
             final = trainer.fit(signals)
-        except TrainingDiverged as error:
-            # Where to go back to: the CLI prints the rollback command with it.
-            error.rollback_checkpoint = rollback_target(checkpoint_root)
-            if error.rollback_checkpoint is not None:
-                health = read_train_state(error.rollback_checkpoint).get("health") or {}
-                error.rollback_note = health.get("why", "")
-            raise
-        if trainer.stopped_by_signal is not None:
-            if cfg.checkpoint.save_on_signal:
-                saver.save(trainer)
-            say(
-                f"stopped by signal {trainer.stopped_by_signal} after step {trainer.state.step}; "
-                + (f"checkpoint in {checkpoint_root}" if cfg.checkpoint.save_on_signal else "no checkpoint written")
-                + f"; exit status {EXIT_STOPPED}: run the same command again to resume"
-            )
-            raise StoppedBySignal(trainer.stopped_by_signal)
-        if cfg.checkpoint.save_final:
-            saver.save(trainer, final=True)
+            if trainer.stopped_by_signal is not None:
+                if cfg.checkpoint.save_on_signal:
+                    saver.save(trainer)
+                say(
+                    f"stopped by signal {trainer.stopped_by_signal} after step {trainer.state.step}; "
+                    + (f"checkpoint in {checkpoint_root}" if cfg.checkpoint.save_on_signal else "no checkpoint written")
+                    + f"; exit status {EXIT_STOPPED}: run the same command again to resume"
+                )
+                raise StoppedBySignal(trainer.stopped_by_signal)
+            if cfg.checkpoint.save_final:
+                saver.save(trainer, final=True)
         if not main_rank:
             return final
         (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
@@ -302,6 +312,30 @@ def run_stage(cfg: Config) -> dict:
             lock.release()
         destroy_parallel()
         signals.__exit__(None, None, None)
+
+
+@contextmanager
+def diverging_ends_in_a_rollback(trainer, checkpoint_root: Path):
+    """A divergence (the guard's, or weights found non-finite by a save: NonFiniteWeights) leaves
+    with where to roll back to, which the CLI prints with the command (exit status 3)."""
+    from ouro_train.checkpoint.manager import NonFiniteWeights
+    from ouro_train.checkpoint.store import read_train_state, rollback_target
+    from ouro_train.train.guard import NONFINITE_WEIGHTS, TrainingDiverged
+
+    try:
+        yield
+    except (TrainingDiverged, NonFiniteWeights) as caught:
+        error = caught
+        if isinstance(caught, NonFiniteWeights):
+            error = TrainingDiverged(str(caught), NONFINITE_WEIGHTS)
+            error.rollback_lr = trainer.suggested_lr(NONFINITE_WEIGHTS)
+        error.rollback_checkpoint = rollback_target(checkpoint_root)
+        if error.rollback_checkpoint is not None:
+            health = read_train_state(error.rollback_checkpoint).get("health") or {}
+            error.rollback_note = health.get("why", "")
+        if error is caught:
+            raise
+        raise error from caught
 
 
 def show_config(run_dir: Path) -> None:

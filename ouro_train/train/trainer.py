@@ -26,7 +26,6 @@ from ouro_train.model.objective import LossOutput, gate_loss, looplm_loss, loss_
 from ouro_train.train.engine import Engine, LocalEngine, build_optimizer, trained_numel
 from ouro_train.train.guard import (
     NONFINITE_GRAD,
-    UPDATE_TOO_LARGE,
     StabilityGuard,
     TrainingDiverged,
     adamw_update_bound,
@@ -141,6 +140,7 @@ class Trainer:
         self.update_bound = adamw_update_bound(cfg.optim.beta1, cfg.optim.beta2)
         self.trained_numel = trained_numel(self.engine.module, cfg.parallel.tensor_parallel)
         self.last_update_ratio: float | None = None
+        self.last_lr: float | None = None  # the learning rate that ratio was computed at
         # Fields for the next step's metrics only (a rollback says so in the step after it).
         self.annotations: dict = {}
 
@@ -153,13 +153,14 @@ class Trainer:
         return lr * (self.update_bound * math.sqrt(self.trained_numel) / param_norm + self.cfg.optim.weight_decay)
 
     def suggested_lr(self, reason: str | None) -> float:
-        """The peak learning rate a rollback after `reason` should try: half the current one, and
-        after an update that was too large at most the rate whose largest update is a tenth of the
-        weights there (SANE_UPDATE_RATIO)."""
+        """The peak learning rate a rollback should try: half the current one, and at most the peak
+        at which the largest update is a tenth of the weights where the run stopped
+        (SANE_UPDATE_RATIO; the bound scales with the learning rate, so it is judged at the peak,
+        not at the warmup's rate of the last step). `reason`: the last bad step's."""
         peak = self.resolved.lr
         suggestion = peak / 2
-        if reason == UPDATE_TOO_LARGE and self.last_update_ratio:
-            suggestion = min(suggestion, peak * SANE_UPDATE_RATIO / self.last_update_ratio)
+        if self.last_update_ratio and self.last_lr:
+            suggestion = min(suggestion, self.last_lr * SANE_UPDATE_RATIO / self.last_update_ratio)
         return float(f"{suggestion:.3g}")
 
     def _autocast(self):
@@ -216,8 +217,10 @@ class Trainer:
                 )
                 loss_sum, norm_sq = reduced[[0, -1]].tolist()  # the one host sync of the verdict
                 totals, param_norm = reduced[:-1], math.sqrt(norm_sq)
-                self.last_update_ratio = self.update_ratio(lr, param_norm)
-                verdict = self.guard.verdict(loss_sum / max(step_tokens, 1.0), param_norm, self.last_update_ratio)
+                ratio = self.update_ratio(lr, param_norm)
+                if ratio is not None:  # kept from the last step whose weights could be measured
+                    self.last_update_ratio, self.last_lr = ratio, lr
+                verdict = self.guard.verdict(loss_sum / max(step_tokens, 1.0), param_norm, ratio)
             self.engine.step(skip=verdict is not None)
         if verdict is None and self.engine.update_skipped:
             verdict = NONFINITE_GRAD
@@ -233,7 +236,7 @@ class Trainer:
                 "lr": lr,
                 "grad_norm": self.engine.get_global_grad_norm(),
                 "param_norm": param_norm,
-                "update_ratio_max": self.last_update_ratio,
+                "update_ratio_max": ratio,
                 "tokens_per_s": input_tokens / elapsed,
                 "step_time_s": elapsed,
             }

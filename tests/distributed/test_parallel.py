@@ -45,8 +45,8 @@ def train_losses(
     tp: int, zero: int, checkpointing: str, steps: int = 5, teardown: bool = True, sequence_parallel: bool = False
 ) -> list:
     """Train from the same seed on this process's share of each global batch -> [(loss, grad norm,
-    parameter norm)] (the parameter norm is the stability guard's: summed over ZeRO-3 partitions
-    and tensor-parallel shards, counted once where replicated)."""
+    parameter norm, update bound)] (the stability guard's: the norm summed over ZeRO-3 partitions
+    and tensor-parallel shards, counted once where replicated; the bound over the whole model)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg = make_config(tp, zero, checkpointing, rows=GLOBAL_ROWS * tp // world)
     cfg.parallel.sequence_parallel = sequence_parallel
@@ -65,7 +65,7 @@ def train_losses(
         out = []
         for _ in range(steps):
             metrics = trainer.train_step()
-            out.append((metrics["loss"], metrics["grad_norm"], metrics["param_norm"]))
+            out.append((metrics["loss"], metrics["grad_norm"], metrics["param_norm"], metrics["update_ratio_max"]))
         return out
     finally:
         if teardown:
@@ -85,15 +85,18 @@ def zero_sweep() -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference() -> list[tuple[float, float, float]]:
+def reference() -> list[tuple[float, float, float, float]]:
     return train_losses(1, 0, "none")
 
 
 def assert_same_run(got, expected, label):
-    for step, ((loss, norm, weights), (ref_loss, ref_norm, ref_weights)) in enumerate(zip(got, expected)):
+    for step, ((loss, norm, weights, bound), (ref_loss, ref_norm, ref_weights, ref_bound)) in enumerate(
+        zip(got, expected)
+    ):
         assert loss == pytest.approx(ref_loss, rel=5e-5), f"{label} step {step + 1}: loss"
         assert norm == pytest.approx(ref_norm, rel=5e-5), f"{label} step {step + 1}: grad norm"
         assert weights == pytest.approx(ref_weights, rel=1e-5), f"{label} step {step + 1}: parameter norm"
+        assert bound == pytest.approx(ref_bound, rel=1e-5), f"{label} step {step + 1}: update bound"
 
 
 @pytest.mark.slow

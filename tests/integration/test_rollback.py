@@ -1,8 +1,8 @@
 """Recovering from a divergence through the CLI, as the exit-3 message says (checkpoint/rollback.py):
 an absurd learning rate (optim.lr=1e6) is stopped before any of its updates lands, the run exits 3
 printing the rollback command, and that command, run as printed, trains on from the checkpoint
-at a sane loss with the lower rate; running it again after the run went on is refused; the plain
-command then resumes at the rolled-back rate, passing over a checkpoint whose RNG file was
+at a sane loss with the lower rate; run again (a requeue) it continues the rolled-back run; the
+plain command then resumes at the rolled-back rate, passing over a checkpoint whose RNG file was
 replaced by a hostile pickle (with a warning naming the file)."""
 
 import json
@@ -54,14 +54,17 @@ def test_the_printed_rollback_command_recovers_a_run_that_diverged(tmp_path):
     assert state["health"]["healthy"] and state["health"]["weights_of_step"] == 8
     assert [(r["from_step"], r["lr"], r["previous_lr"]) for r in state["rollbacks"]] == [(4, lr, 1e6)]
 
-    again = run_cli(tmp_path, *args, check=False)
-    assert again.returncode == 2 and "already rolled back from step_00000004" in again.stderr
+    # The same command again (a requeued job, a resume after Ctrl-C) continues the rolled-back run.
+    again = run_cli(tmp_path, *args, "train.max_steps_this_run=1")
+    assert "this rollback was made before and the run went on from it" in again.stdout
+    assert "at step 8" in again.stdout and sorted(records(run)) == list(range(1, 10))
+    assert train_state(checkpoints / "step_00000009")["rollbacks"] == state["rollbacks"]
 
     # The plain command (optim.lr=1e6 as before) continues at the rolled-back rate, passing over
     # the newest checkpoint, whose RNG file a hostile pickle replaced.
-    rng = checkpoints / "step_00000008" / "rng" / "rank_00000.pt"
+    rng = checkpoints / "step_00000009" / "rng" / "rank_00000.pt"
     replace_pickle(rng, hostile_pickle("global", "top_level", tmp_path / "ran"))
     plain = run_cli(tmp_path, *COMMON, f"run_dir={run}", "optim.lr=1e6", "train.max_steps_this_run=1")
-    assert f"skipping checkpoint {checkpoints / 'step_00000008'}: {rng}: refused" in plain.stderr
-    assert "resumed from" in plain.stdout and "step_00000007 at step 7" in plain.stdout
-    assert records(run)[8]["lr"] == lr and not (tmp_path / "ran").exists()
+    assert f"skipping checkpoint {checkpoints / 'step_00000009'}: {rng}: refused" in plain.stderr
+    assert "resumed from" in plain.stdout and "step_00000008 at step 8" in plain.stdout
+    assert records(run)[9]["lr"] == lr and not (tmp_path / "ran").exists()

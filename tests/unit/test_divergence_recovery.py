@@ -113,7 +113,7 @@ def test_lr_1e39_ends_as_a_divergence_with_a_rollback_rate_not_an_overflow_trace
         trainer = Trainer(cfg, LoopLM(cfg.model), batches())
         with pytest.raises(TrainingDiverged, match=message) as diverged:
             trainer.fit()
-        assert diverged.value.reason == reason and diverged.value.rollback_lr == pytest.approx(5e38)
+        assert diverged.value.reason == reason and 1e-4 < diverged.value.rollback_lr < 1e-1
 
 
 def test_weights_that_are_not_finite_end_the_run_at_once_and_health_says_why():
@@ -230,3 +230,47 @@ def test_rolling_back_sets_the_later_checkpoints_aside_and_points_latest_back(tm
     assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_00000004", "step_00000006"]
     assert aside.name.startswith("rolled_back-step_00000002-")
     assert set_aside_newer(root, {"from_step": 2, "from_checkpoint": target.name}, metrics) is None
+
+
+def test_the_suggested_rate_is_judged_at_the_peak_not_at_the_warmup_rate_of_the_last_step():
+    """Diverging during warmup, at a fraction of the peak: the suggested peak makes the largest
+    update a tenth of the weights at the peak itself, the same rate as without warmup."""
+    suggestions = []
+    for warmup in (0, 1000):
+        torch.manual_seed(0)
+        cfg = config(max_consecutive_bad=2)
+        cfg.optim.lr, cfg.schedule.warmup_steps = 1e6, warmup
+        trainer = Trainer(cfg, LoopLM(cfg.model), batches())
+        with pytest.raises(TrainingDiverged) as diverged:
+            trainer.fit()
+        ratio_at_peak = trainer.last_update_ratio * cfg.optim.lr / trainer.last_lr
+        assert diverged.value.rollback_lr * ratio_at_peak / cfg.optim.lr == pytest.approx(0.1, rel=1e-2)
+        suggestions.append(diverged.value.rollback_lr)
+    assert suggestions[0] == pytest.approx(suggestions[1], rel=1e-2)
+
+
+def test_retention_keeps_the_newest_checkpoint_from_before_a_bad_stretch(tmp_path):
+    from ouro_train.checkpoint.store import apply_retention, complete_checkpoints
+
+    calm = fake_save(tmp_path, 2)
+    for step in (4, 6):
+        pending = fake_save(tmp_path, step)
+        state = json.loads((pending / "train_state.json").read_text())
+        state["health"] = {"healthy": True, "bad_steps_pending": step // 2 - 1}
+        (pending / "train_state.json").write_text(json.dumps(state))
+    apply_retention(tmp_path, keep_last=1, keep_every=0)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [calm.name, "step_00000006"]
+    assert rollback_target(tmp_path) == calm
+
+
+def test_weights_found_non_finite_by_a_save_end_as_a_divergence_with_a_rollback(tmp_path):
+    from ouro_train.checkpoint.manager import NonFiniteWeights
+    from ouro_train.train.stage import diverging_ends_in_a_rollback
+
+    target = fake_save(tmp_path, 2)
+    cfg = config()
+    trainer = Trainer(cfg, LoopLM(cfg.model), batches())
+    with pytest.raises(TrainingDiverged) as diverged, diverging_ends_in_a_rollback(trainer, tmp_path):
+        raise NonFiniteWeights("step 3: 1 weight tensors hold NaN or inf")
+    assert diverged.value.reason == NONFINITE_WEIGHTS and diverged.value.rollback_checkpoint == target
+    assert diverged.value.rollback_lr == pytest.approx(cfg.optim.lr / 2)

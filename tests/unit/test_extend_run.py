@@ -72,3 +72,24 @@ def test_another_change_with_the_length_is_still_refused(tmp_path):
     after.optim.weight_decay = 0.0
     with pytest.raises(CheckpointError, match="training config changed.*optim.weight_decay"):
         resume(tmp_path, config(20), after, step=8)
+
+
+def test_the_printed_command_works_for_a_stage_that_counts_tokens(tmp_path):
+    """Stage recipes give their length in train.tokens: the command sets train.tokens=null with its
+    train.steps (one of the two, as the config requires)."""
+
+    def by_tokens(tokens: int) -> Config:
+        return Config(
+            train=TrainConfig(tokens=tokens, global_batch_tokens=64, micro_batch_size=2, seq_len=16),
+            schedule=ScheduleConfig(kind="cosine", warmup_steps=2),
+        )
+
+    with pytest.raises(CheckpointError) as refused:
+        resume(tmp_path, by_tokens(64 * 20), by_tokens(64 * 40), step=8)
+    command = shlex.split(str(refused.value).splitlines()[-1])
+    assert "train.tokens=null" in command and "train.steps=32" in command
+    overrides = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in command[1:] if "=" in a}
+    continued = TrainConfig(
+        tokens=None, steps=int(overrides["train.steps"]), global_batch_tokens=64, micro_batch_size=2, seq_len=16
+    )
+    assert continued.total_steps == 32  # the settings the command gives make a valid stage

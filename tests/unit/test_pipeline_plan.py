@@ -42,8 +42,9 @@ def test_plan_rows_name_their_layout_budget_and_gpu_time(tmp_path, capsys):
     second = [r for r in out.splitlines() if r.startswith("second ") and "GiB" in r][0].split()
     assert first[1:7] == ["2", "1", "x", "2", "0", "2"] and first[7] == "none"
     assert second[6] == "1" and second[7] == "layer"
-    # 200 steps x 2 rows x 32 tokens = 12,800 tokens at 64 tokens/s: 200 GPU-seconds = 0.056 GPU-hours, 100 s wall
-    assert first[-5:] == ["64", "given", "0.056", "2", "min"], first
+    # 200 steps x 2 data-parallel ranks x 2 rows x 32 tokens = 25,600 tokens at 64 tokens/s:
+    # 400 GPU-seconds = 0.11 GPU-hours, 200 s wall
+    assert first[-5:] == ["64", "given", "0.11", "3", "min"], first
     assert "at 64 tokens/s per GPU for every stage (plan_tokens_per_gpu_s, given)" in out
 
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ouro_train.checkpoint.store import CheckpointError, is_complete, read_train_state, step_name
-from ouro_train.config.resolve import resolve
 from ouro_train.config.schema import Config, ConfigError
 from ouro_train.config.store import compose_config
 from ouro_train.pipeline.cost import MEASURED, human_duration, human_hours, stage_throughput
@@ -302,8 +301,9 @@ def _resources(planned: list[PlannedStage], world_size: int, budget: float, give
         memory = estimate_memory(cfg, world_size)
         speed = stage_throughput(cfg, given)
         derived |= speed.how == "derived"
-        # Tokens per step at this layout: a batch not fixed in the recipe grows with data parallel.
-        tokens = resolve(cfg, max(world_size // tp, 1)).tokens_per_step * t.total_steps
+        # Tokens per step at this layout: a batch the recipe does not fix grows with data parallel.
+        per_step = t.global_batch_rows or t.micro_batch_size * t.grad_accum_steps * max(world_size // tp, 1)
+        tokens = t.total_steps * per_step * t.seq_len
         hours = tokens / speed.tokens_per_gpu_s / 3600
         total_hours += hours
         total_wall += hours / world_size

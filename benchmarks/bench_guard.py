@@ -11,67 +11,36 @@ the check existed. Steps alternate A, B, A, B... on the same model and batches; 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
+import step_ab
 import torch
 
-from ouro_train.config import Config, ModelConfig, OptimConfig, TrainConfig
 from ouro_train.model import LoopLM
 from ouro_train.train.trainer import Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rows", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 2 warm-up steps each)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-
-    vocab = 4096
-    cfg = Config(
-        model=ModelConfig(
-            name="bench",
-            vocab_size=vocab,
-            hidden_size=args.hidden,
-            num_layers=args.layers,
-            num_heads=args.hidden // 64,
-            num_kv_heads=max(1, args.hidden // 128),
-            intermediate_size=int(args.hidden * 2.75),
-        ),
-        optim=OptimConfig(lr=3e-4),
-        train=TrainConfig(steps=10_000, micro_batch_size=args.rows, seq_len=args.seq, device=args.device),
-    )
+    args = step_ab.parser(__doc__).parse_args()
+    cfg = step_ab.config(args)
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-
-    def batches():
-        while True:
-            tokens = torch.randint(0, vocab, (args.rows, args.seq + 1), generator=g)
-            yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-
-    trainer = Trainer(cfg, LoopLM(cfg.model), batches())
-    shipped = trainer.engine.param_norm_sq_share
+    trainer = Trainer(cfg, LoopLM(cfg.model), step_ab.batches(args))
+    shipped, limit = trainer.engine.param_norm_sq_share, cfg.guard.max_update_ratio
     device = torch.device(args.device)
 
     def variant(check: bool) -> None:
-        trainer.cfg.guard.max_update_ratio = 1.0 if check else 0.0
+        trainer.cfg.guard.max_update_ratio = limit if check else 0.0
         trainer.engine.param_norm_sq_share = shipped if check else (lambda: torch.ones((), device=device))
 
     times: dict[bool, list[float]] = {True: [], False: []}
     for index in range(2 * (args.steps + 2)):
         check = index % 2 == 0
         variant(check)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        step_ab.synchronize(device)
         started = time.perf_counter()
         metrics = trainer.train_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        step_ab.synchronize(device)
         if index >= 4:
             times[check].append(time.perf_counter() - started)
         trainer.guard.record(trainer.state.step, metrics["loss"], trainer.pending_verdict)

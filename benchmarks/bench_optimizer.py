@@ -8,55 +8,25 @@ foreach; the whole training step and the optimizer step alone are timed, medians
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
+import step_ab
 import torch
 
-from ouro_train.config import Config, ModelConfig, OptimConfig, TrainConfig
 from ouro_train.model import LoopLM
 from ouro_train.train.trainer import Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rows", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 2 warm-up steps each)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    vocab = 4096
-    model_cfg = ModelConfig(
-        name="bench",
-        vocab_size=vocab,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.hidden // 64,
-        num_kv_heads=max(1, args.hidden // 128),
-        intermediate_size=int(args.hidden * 2.75),
-    )
+    args = step_ab.parser(__doc__).parse_args()
     torch.manual_seed(0)
-    model = LoopLM(model_cfg)
-    g = torch.Generator().manual_seed(0)
-
-    def batches():
-        while True:
-            tokens = torch.randint(0, vocab, (args.rows, args.seq + 1), generator=g)
-            yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-
-    trainers = {}
-    for fused in (True, False):
-        cfg = Config(
-            model=model_cfg,
-            optim=OptimConfig(lr=3e-4, fused=fused),
-            train=TrainConfig(steps=10_000, micro_batch_size=args.rows, seq_len=args.seq, device=args.device),
-        )
-        trainers[fused] = Trainer(cfg, model, batches())
+    model = LoopLM(step_ab.config(args).model)
+    trainers = {
+        fused: Trainer(step_ab.config(args, fused=fused), model, step_ab.batches(args)) for fused in (True, False)
+    }
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: step_ab.synchronize(device)  # noqa: E731
     step_times: dict[bool, list[float]] = {True: [], False: []}
     optimizer_times: dict[bool, list[float]] = {True: [], False: []}
     for index in range(2 * (args.steps + 2)):

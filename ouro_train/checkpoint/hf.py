@@ -2,7 +2,7 @@
 
 `export_hf` writes `model.safetensors` (reference key names, no renaming needed), a
 `config.json` with the released fields, and the tokenizer's Hugging Face files with the
-bos / eos / pad ids of that tokenizer (tokenizer_files.py), so the directory is a model one can
+bos / eos / pad ids of that tokenizer (hf_tokenizer.py), so the directory is a model one can
 load and generate with. `import_hf` reads such a directory (single file or a sharded
 `model.safetensors.index.json`) back into a ModelConfig and a state dict, and refuses (naming
 the field, its value and what is accepted) every config field whose value would make this
@@ -21,16 +21,14 @@ import torch
 from safetensors.torch import save_file
 
 from ouro_train.checkpoint.store import CheckpointError
-from ouro_train.checkpoint.tokenizer_files import (
+from ouro_train.checkpoint.hf_tokenizer import (
     GENERATION_CONFIG,
     SPECIAL_TOKENS_MAP,
-    TOKENIZER,
     TOKENIZER_CONFIG,
-    ModelTokenizer,
-    check_vocab_fits,
     generation_config,
     write_hf_files,
 )
+from ouro_train.checkpoint.tokenizer_record import TOKENIZER, ModelTokenizer, check_vocab_fits
 from ouro_train.checkpoint.weights import read_safetensors
 from ouro_train.config.schema import ModelConfig
 

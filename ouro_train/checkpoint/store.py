@@ -7,7 +7,7 @@
             train_state.json        step, tokens, loader position, config hash, code version, layout
             model.safetensors       the full weights (weights.py)
             tokenizer.json          the training data's tokenizer, + tokenizer_info.json: its sha256,
-                                    eos / bos ids, chat template (tokenizer_files.py)
+                                    eos / bos ids, chat template (tokenizer_record.py)
             COMPLETE                written last, before the rename
         latest                      "step_00000100", replaced atomically after the rename
         .tmp-step_00000200/         a save in progress or interrupted: never read, removed on the next save

@@ -19,7 +19,7 @@ import torch
 
 from ouro_train.checkpoint.optimizer_state import OPTIMIZER, read_optimizer_state, save_optimizer_state
 from ouro_train.checkpoint.store import TRAIN_STATE, read_train_state_if_any
-from ouro_train.checkpoint.tokenizer_files import copy_record
+from ouro_train.checkpoint.tokenizer_record import copy_record
 from ouro_train.checkpoint.weights import WEIGHTS, save_weights
 from ouro_train.config.schema import ModelConfig
 from ouro_train.utils.atomic import atomic_path, remove_stale_temporaries

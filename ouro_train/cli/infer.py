@@ -45,7 +45,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _tokenizer(args):
-    from ouro_train.checkpoint.tokenizer_files import load_model_tokenizer
+    from ouro_train.checkpoint.tokenizer_record import load_model_tokenizer
 
     return load_model_tokenizer(args.model, args.tokenizer)
 
@@ -153,7 +153,7 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 def _prompts(args, tok) -> tuple[list[list[int]], list[str]]:
     """-> (token ids per prompt, how each is shown)."""
-    from ouro_train.checkpoint.tokenizer_files import prompt_ids
+    from ouro_train.checkpoint.tokenizer_record import prompt_ids
     from ouro_train.data.tokenize import iter_jsonl
 
     records: list[dict] = [{"prompt": p} for p in args.prompt]

@@ -24,7 +24,7 @@ import torch
 from ouro_train.checkpoint.hf import DTYPES, export_hf, import_hf
 from ouro_train.checkpoint.locate import locate_model
 from ouro_train.checkpoint.store import CheckpointError
-from ouro_train.checkpoint.tokenizer_files import (
+from ouro_train.checkpoint.tokenizer_record import (
     CHATML_TEMPLATE,
     TOKENIZER,
     TOKENIZER_INFO,

@@ -535,7 +535,7 @@ def tokenize(inputs: list[str], options: TokenizeOptions, workers: int = 1, prog
 
 def copy_tokenizer(tokenizer_path: str | Path, out_dir: Path, sha256: str) -> Path:
     """tokenizer.json beside the manifest (before it is written), so that a data directory carries
-    its tokenizer and the checkpoints trained on it can copy it (checkpoint/tokenizer_files.py)."""
+    its tokenizer and the checkpoints trained on it can copy it (checkpoint/training_tokenizer.py)."""
     from ouro_train.data.manifest import file_sha256
 
     target = Path(out_dir) / "tokenizer.json"

@@ -15,16 +15,16 @@ from tiny_models import randomized, tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ouro_train.checkpoint.store import CheckpointError
-from ouro_train.checkpoint.tokenizer_files import (
+from ouro_train.checkpoint.tokenizer_record import (
     CHATML_TEMPLATE,
     TOKENIZER,
     TOKENIZER_INFO,
     ModelTokenizer,
     load_model_tokenizer,
     prompt_ids,
-    save_checkpoint_tokenizer,
     write_record,
 )
+from ouro_train.checkpoint.training_tokenizer import save_checkpoint_tokenizer
 from ouro_train.checkpoint.weights import WEIGHTS, save_weights
 from ouro_train.cli.interop import export_main, import_main
 from ouro_train.data.sft import build_sft_shards, render_conversation, special_ids

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from ouro_train.checkpoint.hf import export_hf
 from ouro_train.checkpoint.locate import resolve_model_path
 from ouro_train.checkpoint.store import COMPLETE, LATEST, TRAIN_STATE, CheckpointError, step_name
-from ouro_train.checkpoint.tokenizer_files import ModelTokenizer, write_record
+from ouro_train.checkpoint.tokenizer_record import ModelTokenizer, write_record
 from ouro_train.checkpoint.weights import WEIGHTS, save_weights
 from ouro_train.cli.infer import eval_main, generate_main
 from ouro_train.cli.interop import export_main

@@ -1,0 +1,259 @@
+"""The tokenizer a checkpoint records, and reading any model directory's tokenizer.
+
+A checkpoint (`<run_dir>/checkpoints/step_N`) or an `ouro-import` / `ouro-upcycle` output holds
+    tokenizer.json          a byte copy of the tokenizer the training data was tokenized with
+    tokenizer_info.json     {"format": "ouro-tokenizer/1", "name", "sha256" (of tokenizer.json),
+                             "vocab_size", "bos_id", "eos_ids", "pad_id", "chat_template", "source"}
+(`TokenizerRecord`, written by `write_record`, carried on by `copy_record`). A checkpoint is
+written in a temporary directory and renamed into place whole (store.py), so the copy is part of
+the same commit as the weights. `sha256` is checked on every read: a copy that does not match
+fails naming the file. A checkpoint whose data directory held no tokenizer.json (shards
+tokenized before tokenizers were copied beside them) records tokenizer_info.json with
+"file": null and the data's sha256, so that `--tokenizer PATH` can be checked against it.
+`load_model_tokenizer(path)` reads the tokenizer (a `ModelTokenizer`: the tokenizer and the ids
+generation needs) of such a directory, of an `ouro-export` output or of any Hugging Face model
+directory with a tokenizer.json (through hf_tokenizer.py, which also writes an export's files);
+what a training run records is found by training_tokenizer.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.utils.atomic import atomic_write_text
+
+TOKENIZER = "tokenizer.json"
+TOKENIZER_INFO = "tokenizer_info.json"
+FORMAT = "ouro-tokenizer/1"
+EOS_TOKEN, IM_END_TOKEN = "<|endoftext|>", "<|im_end|>"
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' and message['reasoning'] is defined and message['reasoning'] %}"
+    "{{- '<think>\\n' + message['reasoning'] + '\\n</think>\\n' }}"
+    "{%- endif %}"
+    "{{- message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass
+class TokenizerRecord:
+    """What tokenizer_info.json holds. `file`: "tokenizer.json", or None when the directory
+    holds no copy (then `sha256` is what a tokenizer given with --tokenizer must match)."""
+
+    sha256: str
+    vocab_size: int
+    eos_ids: list[int]
+    bos_id: int | None = None
+    pad_id: int | None = None
+    chat_template: str | None = None
+    name: str = ""
+    source: str = ""
+    file: str | None = TOKENIZER
+    format: str = FORMAT
+
+
+@dataclass
+class ModelTokenizer:
+    """A model directory's tokenizer and the ids generation needs."""
+
+    tokenizer: Tokenizer
+    eos_ids: list[int]
+    bos_id: int | None = None
+    pad_id: int | None = None
+    chat_template: str | None = None
+    path: Path | None = None  # the tokenizer.json it was read from
+    sha256: str = ""
+    name: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.chat_template is not None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def token(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.tokenizer.id_to_token(token_id)
+
+
+def file_sha256(path: Path) -> str:
+    from ouro_train.data.manifest import file_sha256 as digest
+
+    return digest(path)
+
+
+def read_tokenizer_file(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises its own exception types
+        raise CheckpointError(f"{path}: not a readable tokenizer.json ({error})") from error
+
+
+def chat_eos_ids(tokenizer: Tokenizer, eos_ids: list[int]) -> list[int]:
+    """A chat model's turn ends at <|im_end|> as well as at the document EOS."""
+    im_end = tokenizer.token_to_id(IM_END_TOKEN)
+    if im_end is None:
+        raise CheckpointError(f"the tokenizer has no {IM_END_TOKEN!r} token, which a ChatML chat model needs")
+    return eos_ids + ([im_end] if im_end not in eos_ids else [])
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def load_model_tokenizer(path: Path, tokenizer: Path | None = None) -> ModelTokenizer:
+    """The tokenizer of a model directory: a checkpoint, an `ouro-import` output or a Hugging Face
+    directory (an `ouro-export` output). `path` may also name the directory's model.safetensors.
+
+    `tokenizer` (what a CLI's --tokenizer gives: a tokenizer.json, or a directory holding one)
+    supplies the tokenizer of a directory that has none; where the directory records the sha256 of
+    its tokenizer, the given one must match it. Raises CheckpointError naming the directory and
+    what to pass when no tokenizer is found."""
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    if not directory.is_dir():
+        raise CheckpointError(f"{path}: no such model directory (a checkpoint, ouro-import or ouro-export output)")
+    record = read_record(directory)
+    if tokenizer is not None:
+        given = _given_tokenizer(Path(tokenizer))
+        if record is None:
+            return given
+        if given.sha256 != record.sha256:
+            raise CheckpointError(
+                f"--tokenizer {tokenizer}: sha256 {given.sha256[:12]}… but {directory / TOKENIZER_INFO} records "
+                f"sha256 {record.sha256[:12]}… ({record.name or 'unnamed'}, from {record.source or '?'}); the model "
+                "was trained with another tokenizer: pass that one (or none, where the directory holds a copy)"
+            )
+        found = _from_record(record, given.tokenizer, given.path)
+        if record.file is None and record.chat_template is not None:  # the record could not look <|im_end|> up
+            found.eos_ids = chat_eos_ids(found.tokenizer, found.eos_ids)
+        return found
+    if record is not None:
+        if record.file is None:
+            raise CheckpointError(
+                f"{directory}: holds no copy of its tokenizer ({record.name or 'unnamed'}, sha256 "
+                f"{record.sha256[:12]}…, from {record.source or '?'}: its data directory had no tokenizer.json); "
+                "pass --tokenizer PATH with that tokenizer.json"
+            )
+        file = directory / record.file
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing, but {directory / TOKENIZER_INFO} names it; pass --tokenizer PATH")
+        found = file_sha256(file)
+        if found != record.sha256:
+            raise CheckpointError(
+                f"{file}: sha256 {found} but {directory / TOKENIZER_INFO} records {record.sha256}; the copy is "
+                "corrupt: restore it, or pass --tokenizer PATH with the original"
+            )
+        return _from_record(record, read_tokenizer_file(file), file)
+    if (directory / TOKENIZER).is_file():
+        from ouro_train.checkpoint.hf_tokenizer import read_hf_tokenizer  # it builds on this module
+
+        return read_hf_tokenizer(directory)
+    raise CheckpointError(
+        f"{directory}: no tokenizer found (no {TOKENIZER}, no {TOKENIZER_INFO}); it was written before "
+        "checkpoints carried their tokenizer: pass --tokenizer PATH (the tokenizer.json the training data was "
+        "tokenized with)"
+    )
+
+
+def read_record(directory: Path) -> TokenizerRecord | None:
+    file = Path(directory) / TOKENIZER_INFO
+    if not file.is_file():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+        if raw.get("format") != FORMAT:
+            raise CheckpointError(f"{file}: format {raw.get('format')!r}, expected {FORMAT!r}")
+        return TokenizerRecord(**raw)
+    except (OSError, json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{file}: unreadable ({error}); restore it or pass --tokenizer PATH") from error
+
+
+def _from_record(record: TokenizerRecord, tokenizer: Tokenizer, path: Path) -> ModelTokenizer:
+    return ModelTokenizer(
+        tokenizer=tokenizer,
+        eos_ids=list(record.eos_ids),
+        bos_id=record.bos_id,
+        pad_id=record.pad_id,
+        chat_template=record.chat_template,
+        path=path,
+        sha256=record.sha256,
+        name=record.name,
+    )
+
+
+def _given_tokenizer(path: Path) -> ModelTokenizer:
+    """--tokenizer: a Hugging Face directory (its ids and template), a checkpoint, or a bare
+    tokenizer.json (EOS <|endoftext|>, no BOS, no chat template)."""
+    if path.is_dir():
+        return load_model_tokenizer(path)
+    if not path.is_file():
+        raise CheckpointError(f"--tokenizer {path}: not found (a tokenizer.json, or a directory holding one)")
+    tokenizer = read_tokenizer_file(path)
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise CheckpointError(f"--tokenizer {path}: has no {EOS_TOKEN!r} token to end a document")
+    return ModelTokenizer(tokenizer, [eos], path=path, sha256=file_sha256(path), name=path.stem)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def check_vocab_fits(model_tokenizer: ModelTokenizer, model_vocab_size: int, where: Path) -> None:
+    if model_tokenizer.vocab_size > model_vocab_size:
+        raise CheckpointError(
+            f"{where}: the tokenizer ({model_tokenizer.path}) has {model_tokenizer.vocab_size} ids but the model's "
+            f"vocab_size is {model_vocab_size}; ids past {model_vocab_size - 1} have no embedding: give the "
+            "tokenizer this model was trained with"
+        )
+
+
+def write_record(directory: Path, model_tokenizer: ModelTokenizer, source: str = "") -> TokenizerRecord:
+    """tokenizer.json (a byte copy) + tokenizer_info.json into a checkpoint-like directory."""
+    directory = Path(directory)
+    assert model_tokenizer.path is not None
+    shutil.copyfile(model_tokenizer.path, directory / TOKENIZER)
+    record = TokenizerRecord(
+        sha256=file_sha256(directory / TOKENIZER),
+        vocab_size=model_tokenizer.vocab_size,
+        eos_ids=model_tokenizer.eos_ids,
+        bos_id=model_tokenizer.bos_id,
+        pad_id=model_tokenizer.pad_id,
+        chat_template=model_tokenizer.chat_template,
+        name=model_tokenizer.name,
+        source=source or str(model_tokenizer.path),
+    )
+    if model_tokenizer.sha256 and record.sha256 != model_tokenizer.sha256:
+        raise CheckpointError(f"{directory / TOKENIZER}: the copy's sha256 is not the original's; retry")
+    atomic_write_text(directory / TOKENIZER_INFO, json.dumps(asdict(record), indent=1) + "\n")
+    return record
+
+
+def copy_record(source: Path, target: Path) -> bool:
+    """Carry a directory's tokenizer (tokenizer.json + tokenizer_info.json) into another (upcycle)."""
+    if not (Path(source) / TOKENIZER_INFO).is_file():
+        return False
+    for name in (TOKENIZER, TOKENIZER_INFO):
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(target) / name)
+    return True
+
+
+def prompt_ids(model_tokenizer: ModelTokenizer, text: str) -> list[int]:
+    """The ids a model is prompted with for `text`: its BOS first where training prepended one
+    (`ouro-data tokenize --bos-token`, recorded as bos_id), then the text with no special tokens
+    from the tokenizer itself (training encodes with add_special_tokens=False). ouro-generate
+    feeds this; an exported tokenizer.json's post-processor adds exactly the same (hf_tokenizer_json)."""
+    ids = model_tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
+    return ([model_tokenizer.bos_id] if model_tokenizer.bos_id is not None else []) + ids

@@ -28,7 +28,7 @@ from ouro_train.checkpoint.store import (
     read_train_state,
     temporary_dir,
 )
-from ouro_train.checkpoint.tokenizer_files import save_checkpoint_tokenizer
+from ouro_train.checkpoint.training_tokenizer import save_checkpoint_tokenizer
 from ouro_train.checkpoint.weights import WEIGHTS, full_state_dict, save_weights
 from ouro_train.config.resolve import Resolved, resolve
 from ouro_train.config.schema import Config
@@ -248,7 +248,7 @@ class Checkpointer:
                 )
             else:
                 error = self._write(partial(save_weights, full, tmp / WEIGHTS, self.cfg.model), tmp, step)
-                # The tokenizer of the training data, copied in (committed with the rest; see tokenizer_files.py).
+                # The tokenizer of the training data, copied in (committed with the rest; see training_tokenizer.py).
                 error = error or self._write(partial(save_checkpoint_tokenizer, tmp, self.cfg), tmp, step)
         del full
         self._agree(trainer, error, tmp)

@@ -22,8 +22,10 @@ import torch
 
 from ouro_train.config.store import compose_config
 from ouro_train.inference import generate, generate_uncached
-from ouro_train.inference.evaluate import evaluate, kv_bytes_per_token, load_model, shard_documents
+from ouro_train.inference.documents import shard_documents
+from ouro_train.inference.evaluate import evaluate, kv_bytes_per_token
 from ouro_train.inference.kv_cache import KV_POLICIES
+from ouro_train.inference.loading import load_model
 
 
 def latest_demo_checkpoint(run: Path) -> Path:

@@ -83,8 +83,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    from ouro_train.inference.evaluate import load_model
     from ouro_train.inference.generate import Sampling, generate
+    from ouro_train.inference.loading import load_model
 
     parser = argparse.ArgumentParser(
         prog="ouro-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -184,15 +184,10 @@ def _prompts(args, tok) -> tuple[list[list[int]], list[str]]:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    from ouro_train.inference.evaluate import (
-        DEFAULT_Q,
-        best_q_within,
-        evaluate,
-        jsonl_documents,
-        load_model,
-        shard_documents,
-        write_outputs,
-    )
+    from ouro_train.inference.documents import jsonl_documents, shard_documents
+    from ouro_train.inference.eval_report import best_q_within, write_outputs
+    from ouro_train.inference.evaluate import DEFAULT_Q, evaluate
+    from ouro_train.inference.loading import load_model
 
     parser = argparse.ArgumentParser(
         prog="ouro-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -1,6 +1,7 @@
 """Inference with a looped model: generation with a per-step KV cache and a real early exit
-(`generate`), teacher-forced scoring under the same decoder (`score`), and evaluation
-(`ouro_train.inference.evaluate`, the `ouro-eval` CLI)."""
+(`generate`), teacher-forced scoring under the same decoder (`score`), and evaluation (the
+`ouro-eval` CLI: `ouro_train.inference.loading` for the model, `.documents` for the held-out
+text, `.evaluate` for the measurement, `.eval_report` and `.eval_plot` for eval.md / eval.png)."""
 
 from ouro_train.inference.generate import (
     ExitPolicy,

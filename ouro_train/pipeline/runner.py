@@ -562,7 +562,10 @@ def _upcycle(stage: PlannedStage) -> None:
 
 
 def _evaluate(stage: PlannedStage) -> None:
-    from ouro_train.inference.evaluate import evaluate, load_model, shard_documents, write_outputs
+    from ouro_train.inference.documents import shard_documents
+    from ouro_train.inference.eval_report import write_outputs
+    from ouro_train.inference.evaluate import evaluate
+    from ouro_train.inference.loading import load_model
 
     spec = stage.spec
     print(f"[pipeline] {spec.name}: evaluating {stage.input} on {spec.data}", flush=True)

@@ -14,7 +14,10 @@ from tiny_models import model_and_prompt
 from ouro_train.checkpoint.hf import export_hf
 from ouro_train.checkpoint.weights import save_weights
 from ouro_train.config.schema import ConfigError
-from ouro_train.inference.evaluate import Document, evaluate, load_model, markdown, write_outputs
+from ouro_train.inference.documents import Document
+from ouro_train.inference.eval_report import markdown, write_outputs
+from ouro_train.inference.evaluate import evaluate
+from ouro_train.inference.loading import load_model
 from ouro_train.model.flops import count_model, decode_flops_per_token
 
 

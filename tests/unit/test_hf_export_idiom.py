@@ -18,7 +18,8 @@ from ouro_train.checkpoint.tokenizer_record import TOKENIZER, ModelTokenizer, lo
 from ouro_train.checkpoint.weights import WEIGHTS, save_weights
 from ouro_train.cli.infer import _prompts, generate_main
 from ouro_train.cli.interop import export_main, import_main
-from ouro_train.inference.evaluate import jsonl_documents, load_model
+from ouro_train.inference.documents import jsonl_documents
+from ouro_train.inference.loading import load_model
 
 BOS, EOS = 1, 0
 TEXT = "def add(a, b): return a + b"

@@ -1,4 +1,1 @@
-from ouro_train.checkpoint.manager import Checkpointer, config_hash
-from ouro_train.checkpoint.store import CheckpointError, find_latest
-
-__all__ = ["CheckpointError", "Checkpointer", "config_hash", "find_latest"]
+"""Checkpoints: save/load/resume, atomic commit, retention, world-size change, upcycling, HF import/export."""

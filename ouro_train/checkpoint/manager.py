@@ -1,30 +1,29 @@
-"""Saving and resuming a run: engine state, RNG per rank, train state, loader position.
+"""Saving and resuming a run: the Checkpointer (engine state, RNG per rank, train state, loader position).
 
 Every rank calls `save`/`load` together (the engine's state is sharded under ZeRO); rank 0
 writes the shared files and commits. Loading reads only weights-only torch files and JSON.
+What the train state records of the config is in config_hash.py, the RNG state in rng.py, the
+free-space checks of a save in disk_space.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import errno
-import hashlib
 import json
-import random
 import shutil
 import subprocess
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ouro_train.checkpoint.config_hash import LENGTH_KEYS, config_hash, training_config
+from ouro_train.checkpoint.disk_space import check_free_space, estimate_checkpoint_bytes, write_error
+from ouro_train.checkpoint.rng import rng_state, seed_everything, set_rng_state
 from ouro_train.checkpoint.store import (
     TRAIN_STATE,
     CheckpointError,
     apply_retention,
     commit,
-    complete_checkpoints,
     read_train_state,
     temporary_dir,
 )
@@ -32,66 +31,6 @@ from ouro_train.checkpoint.training_tokenizer import save_checkpoint_tokenizer
 from ouro_train.checkpoint.weights import WEIGHTS, full_state_dict, save_weights
 from ouro_train.config.resolve import Resolved, resolve
 from ouro_train.config.schema import Config
-
-# Keys that may change between a save and a resume without changing what is being trained.
-RESUMABLE_CHANGES = (
-    "run_dir",
-    "guard.",
-    "dry_run",
-    "logging.",
-    "checkpoint.",
-    "parallel.",
-    "train.device",
-    # Which implementation computes the same norms, SwiGLU and RoPE (and old checkpoints have no such key),
-    # and the same document-causal attention (a run moved from CPU to GPU may switch sdpa -> flash).
-    "model.kernels",
-    "model.attention",
-    # Which AdamW kernel makes the same update (checkpoints before optim.fused have no such key).
-    "optim.fused",
-    "train.max_steps_this_run",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_batches",
-    "data.num_workers",
-    "data.verify_checksums",
-    "data.cache_dir",
-)
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-# A resume may change only these to make the run longer (or shorter) when its schedule allows it
-# (Checkpointer._extend); train.steps is the resolved length, train.tokens one way to set it.
-LENGTH_KEYS = {"train.steps", "train.tokens"}
-
-# How the batch is cut (per-rank micro-batches, accumulation) is a memory choice; what is trained is
-# the number of sequences per optimizer step, recorded as train.global_batch_rows instead.
-BATCH_SPLIT = ("train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size")
-
-
-def training_config(cfg: Config, resolved: Resolved) -> dict:
-    """The part of the config that defines the training itself (hashed and compared on resume),
-    with what start-up resolved: the steps, the peak LR (a hand-off may continue the previous
-    stage's) and the sequences per optimizer step."""
-    flat = flatten(dataclasses.asdict(cfg))
-    flat = {k: v for k, v in flat.items() if k not in BATCH_SPLIT}
-    flat["train.steps"] = resolved.steps
-    flat["optim.lr"] = resolved.lr
-    flat["train.global_batch_rows"] = resolved.global_batch_rows
-    return {k: v for k, v in sorted(flat.items()) if not k.startswith(RESUMABLE_CHANGES)}
-
-
-def config_hash(cfg: Config, resolved: Resolved) -> str:
-    payload = json.dumps(training_config(cfg, resolved), sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def code_version() -> str:
@@ -107,31 +46,6 @@ def code_version() -> str:
         return "unknown"
 
 
-def rng_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def saved_layout(path: Path, state: dict) -> tuple:
     """(world size, tensor parallel, ZeRO stage, engine kind) that wrote the checkpoint."""
     kind = state.get("engine") or ("local" if (path / "engine" / "engine.pt").is_file() else "deepspeed")
@@ -142,52 +56,6 @@ class NonFiniteWeights(RuntimeError):
     """The weights hold NaN or inf: no checkpoint is written from them."""
 
     PREFIX = "non-finite weights: "
-
-
-def estimate_checkpoint_bytes(root: Path, module: torch.nn.Module, final: bool, tensor_parallel: int = 1) -> int:
-    """About how much a new checkpoint takes: the newest complete one's size, or else (the first
-    save) 20 bytes per parameter (fp32 weights + engine's fp32 module, master copy and two Adam
-    moments), plus 8 per parameter for a final save's layout-free moments."""
-    found = complete_checkpoints(root)
-    if found:
-        return sum(f.stat().st_size for f in found[-1].rglob("*") if f.is_file() and "universal" not in f.parts)
-    # ZeRO-3 partitions know their full size; a tensor-parallel shard is one of `tensor_parallel`.
-    params = sum(
-        p.ds_numel
-        if hasattr(p, "ds_numel")
-        else p.numel() * (tensor_parallel if getattr(p, "tensor_model_parallel", False) else 1)
-        for p in module.parameters()
-    )
-    return params * (20 + (8 if final else 0))
-
-
-def check_free_space(root: Path, needed: int, step: int) -> None:
-    free = shutil.disk_usage(root).free
-    if free < needed:
-        raise CheckpointError(
-            f"{root}: not enough free space to save the checkpoint of step {step}: it needs about "
-            f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free; free space there or set a run_dir on a "
-            "larger file system. Nothing was written; the previous checkpoint is kept"
-        )
-
-
-def write_error(exc: Exception, tmp: Path, step: int) -> str:
-    """The message for a failed checkpoint write. torch.save reports a full disk as a RuntimeError
-    from its C++ writer ("iostream error", "unexpected pos"), not as ENOSPC: a write that failed
-    with (almost) no space left is called a full disk either way."""
-    where = getattr(exc, "filename", None) or tmp
-    free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
-    enospc = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    if enospc or (isinstance(exc, RuntimeError) and free < 64 * 2**20):
-        return (
-            f"{where}: the disk filled up while saving the checkpoint of step {step} ({type(exc).__name__}: "
-            f"{str(exc).strip()[:200]}; {free / 2**20:.1f} MiB were free); the partial save is removed. Free space "
-            "there or set a run_dir on a larger file system. The previous checkpoint is kept"
-        )
-    return (
-        f"{where}: writing the checkpoint of step {step} failed ({type(exc).__name__}: {exc}); the previous "
-        "checkpoint is kept"
-    )
 
 
 class Checkpointer:

@@ -218,7 +218,7 @@ def test_activation_checkpointing_recomputes_the_triton_kernels_exactly():
 
 def test_model_kernels_may_change_on_resume():
     # Same math either way, and checkpoints saved before the field existed must still resume.
-    from ouro_train.checkpoint.manager import config_hash, training_config
+    from ouro_train.checkpoint.config_hash import config_hash, training_config
     from ouro_train.config.resolve import resolve
     from ouro_train.config.store import compose_config
 

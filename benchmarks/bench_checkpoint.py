@@ -26,6 +26,7 @@ from bench_parallel import bench_model  # noqa: E402
 def save_and_time(args: dict, tmp: str) -> dict:
     from ouro_train.checkpoint.manager import Checkpointer
     from ouro_train.config import Config, ParallelConfig, TrainConfig
+    from ouro_train.config.resolve import resolve
     from ouro_train.model import LoopLM
     from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
     from ouro_train.train.trainer import Trainer
@@ -40,7 +41,7 @@ def save_and_time(args: dict, tmp: str) -> dict:
     try:
         torch.manual_seed(0)
         model = LoopLM(cfg.model)
-        engine = parallelize(model, cfg, layout)
+        engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
         g = torch.Generator().manual_seed(layout.rank)
         batches = iter(
             lambda: {
@@ -49,9 +50,11 @@ def save_and_time(args: dict, tmp: str) -> dict:
             },
             None,
         )
-        trainer = Trainer(cfg, model, batches, engine=engine)
+        trainer = Trainer(
+            cfg, model, batches, engine=engine, resolved=resolve(cfg, engine.dp_size if engine is not None else 1)
+        )
         trainer.train_step()
-        checkpointer = Checkpointer(cfg, Path(tmp), layout.rank, layout.world_size)
+        checkpointer = Checkpointer(cfg, Path(tmp), layout.rank, layout.world_size, resolved=resolve(cfg, layout.dp))
         times = {"periodic": [], "final": []}
         for repeat in range(args["repeats"]):
             for kind in ("periodic", "final"):

@@ -37,6 +37,7 @@ def run_objective(kind: str, args) -> dict:
     import torch
 
     from ouro_train.config import Config, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig
+    from ouro_train.config.resolve import resolve
     from ouro_train.model import LoopLM
     from ouro_train.train.trainer import Trainer
 
@@ -66,7 +67,7 @@ def run_objective(kind: str, args) -> dict:
             yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
     model = LoopLM(model_cfg)
-    trainer = Trainer(cfg, model, batches())
+    trainer = Trainer(cfg, model, batches(), resolved=resolve(cfg))
     model_rss = rss_kib("VmRSS")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Gradients of one backward, read before the engine's step clears them.

@@ -14,6 +14,7 @@ import time
 import step_ab
 import torch
 
+from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
 from ouro_train.train.trainer import Trainer
 
@@ -22,8 +23,9 @@ def main() -> None:
     args = step_ab.parser(__doc__).parse_args()
     torch.manual_seed(0)
     model = LoopLM(step_ab.config(args).model)
+    configs = {fused: step_ab.config(args, fused=fused) for fused in (True, False)}
     trainers = {
-        fused: Trainer(step_ab.config(args, fused=fused), model, step_ab.batches(args)) for fused in (True, False)
+        fused: Trainer(cfg, model, step_ab.batches(args), resolved=resolve(cfg)) for fused, cfg in configs.items()
     }
     device = torch.device(args.device)
     sync = lambda: step_ab.synchronize(device)  # noqa: E731

@@ -52,6 +52,7 @@ def bench_model(args: dict):
 
 def run(args: dict, tp: int, zero: int) -> dict:
     from ouro_train.config import Config, ParallelConfig, TrainConfig
+    from ouro_train.config.resolve import resolve
     from ouro_train.model import LoopLM
     from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
     from ouro_train.train.trainer import Trainer
@@ -67,7 +68,7 @@ def run(args: dict, tp: int, zero: int) -> dict:
     try:
         torch.manual_seed(0)
         model = LoopLM(cfg.model)
-        engine = parallelize(model, cfg, layout)
+        engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
         g = torch.Generator().manual_seed(layout.dp_rank)
         rows = cfg.train.micro_batch_size
 
@@ -76,7 +77,9 @@ def run(args: dict, tp: int, zero: int) -> dict:
                 tokens = torch.randint(0, args["vocab"], (rows, args["seq"] + 1), generator=g)
                 yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
-        trainer = Trainer(cfg, model, batches(), engine=engine)
+        trainer = Trainer(
+            cfg, model, batches(), engine=engine, resolved=resolve(cfg, engine.dp_size if engine is not None else 1)
+        )
         times = [trainer.train_step()["step_time_s"] for _ in range(args["steps"])]
         return {"step_s": statistics.median(times[2:]), "peak_mb": peak_rss_mb()}
     finally:

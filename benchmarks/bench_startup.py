@@ -49,6 +49,7 @@ def peak_rss() -> dict:
 
 
 def start_up(model_name: str, path: str, objective: str) -> dict:
+    from ouro_train.config.resolve import resolve
     from ouro_train.config.store import compose_config
     from ouro_train.model import LoopLM
     from ouro_train.parallel import build_model, destroy_parallel, init_parallel, parallelize
@@ -73,11 +74,11 @@ def start_up(model_name: str, path: str, objective: str) -> dict:
             torch.manual_seed(cfg.train.seed)
             model, weights = LoopLM(cfg.model), None
         else:
-            model, weights = build_model(cfg, layout)
+            model, weights = build_model(cfg, layout, resolve(cfg, layout.dp))
         built = time.perf_counter() - began
         after_build = peak_rss()
         freeze_for_objective(model, cfg.objective.kind)
-        parallelize(model, cfg, layout, weights)
+        parallelize(model, cfg, layout, resolve(cfg, layout.dp), weights)
         return {"build_s": built, "start_up_s": time.perf_counter() - began, "after_build": after_build} | peak_rss()
     finally:
         destroy_parallel()

@@ -18,6 +18,7 @@ import torch
 from ouro_train.checkpoint.upcycle import upcycle_config, upcycle_state_dict
 from ouro_train.checkpoint.weights import read_weights
 from ouro_train.config import ModelConfig
+from ouro_train.config.resolve import resolve
 from ouro_train.config.store import compose_config
 from ouro_train.data.demo import build_demo_data
 from ouro_train.model import LoopLM, looplm_loss
@@ -41,7 +42,7 @@ def main() -> None:
     state, raw_cfg = read_weights(args.checkpoint)
     cfg = compose_config(config_name="demo")
     cfg.model = ModelConfig(**raw_cfg)  # the checkpoint's own shape (e.g. a 2-layer demo variant)
-    _, batches, _ = build_demo_data(cfg)
+    _, batches, _ = build_demo_data(cfg, resolve(cfg))
     source = LoopLM(cfg.model)
     source.load_state_dict(state)
     rows = [("original", source)]

@@ -29,7 +29,7 @@ from ouro_train.checkpoint.store import (
 )
 from ouro_train.checkpoint.training_tokenizer import save_checkpoint_tokenizer
 from ouro_train.checkpoint.weights import WEIGHTS, full_state_dict, save_weights
-from ouro_train.config.resolve import Resolved, resolve
+from ouro_train.config.resolve import Resolved
 from ouro_train.config.schema import Config
 
 
@@ -59,15 +59,14 @@ class NonFiniteWeights(RuntimeError):
 
 
 class Checkpointer:
-    def __init__(
-        self, cfg: Config, root: Path, rank: int = 0, world_size: int = 1, resolved: Resolved | None = None
-    ) -> None:
+    def __init__(self, cfg: Config, root: Path, rank: int = 0, world_size: int = 1, *, resolved: Resolved) -> None:
+        """`resolved`: what start-up derived (config/resolve.py), at this launch's data-parallel size."""
         self.cfg = cfg
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
         self.dp_size = world_size // cfg.parallel.tensor_parallel
-        self.resolved = resolved or resolve(cfg, self.dp_size)
+        self.resolved = resolved
         # The run's rollbacks (checkpoint/rollback.py), carried into every checkpoint it saves; a
         # rollback being made now lets the resume differ from the checkpoint in its peak LR.
         self.rollbacks: list[dict] = []

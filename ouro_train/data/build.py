@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from ouro_train.config.resolve import resolve
+from ouro_train.config.resolve import Resolved
 from ouro_train.config.schema import Config, SourceConfig
 from ouro_train.data.loader import ShardedLoader
 from ouro_train.data.manifest import DataError
@@ -34,13 +34,15 @@ def check_same_tokenizer(sources: list[TokenSource]) -> None:
 
 
 def build_data(
-    cfg: Config, dp_rank: int = 0, dp_size: int = 1
+    cfg: Config, resolved: Resolved, dp_rank: int = 0
 ) -> tuple[Iterator[dict], Callable[[], Iterable[dict]] | None]:
-    """-> (training micro-batches for this rank, evaluation batches or None)."""
+    """-> (training micro-batches for this rank, evaluation batches or None); `resolved`: what start-up
+    derived (config/resolve.py), at the launch's data-parallel size."""
+    dp_size = resolved.dp_size
     if cfg.data.source == "demo":
         from ouro_train.data.demo import build_demo_data
 
-        train, evaluation, _ = build_demo_data(cfg, dp_rank, dp_size)
+        train, evaluation, _ = build_demo_data(cfg, resolved, dp_rank)
         return train, lambda: evaluation
     data, train_cfg = cfg.data, cfg.train
     common = dict(
@@ -55,7 +57,7 @@ def build_data(
     train = ShardedLoader(
         train_sources,
         [s.weight for s in data.sources],
-        global_batch_size=resolve(cfg, dp_size).global_batch_rows,
+        global_batch_size=resolved.global_batch_rows,
         num_workers=data.num_workers,
         **common,
     )

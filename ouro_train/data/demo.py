@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ouro_train.config.resolve import resolve
+from ouro_train.config.resolve import Resolved
 from ouro_train.config.schema import Config, ConfigError
 from ouro_train.data.demo_corpus import demo_documents, split_documents
 from ouro_train.data.tokenizer import encode_documents, load_or_train_demo_tokenizer
@@ -86,8 +86,10 @@ def contiguous_windows(tokens: np.ndarray, seq_len: int, batch_size: int, num_ba
     ]
 
 
-def build_demo_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> tuple[RandomWindowBatches, list[dict], int]:
-    """-> (this rank's training batches, its evaluation batches, tokenizer vocabulary size)."""
+def build_demo_data(cfg: Config, resolved: Resolved, dp_rank: int = 0) -> tuple[RandomWindowBatches, list[dict], int]:
+    """-> (this rank's training batches, its evaluation batches, tokenizer vocabulary size);
+    `resolved`: what start-up derived (config/resolve.py), at the launch's data-parallel size."""
+    dp_size = resolved.dp_size
     tokenizer = load_or_train_demo_tokenizer(cfg.data.tokenizer_vocab_size, cache_dir=cfg.data.cache_dir)
     vocab = tokenizer.get_vocab_size()
     if vocab > cfg.model.vocab_size:
@@ -106,7 +108,7 @@ def build_demo_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> tuple[Ra
         cfg.train.seed,
         dp_rank=dp_rank,
         dp_size=dp_size,
-        grad_accum_steps=resolve(cfg, dp_size).grad_accum_steps,
+        grad_accum_steps=resolved.grad_accum_steps,
     )
     evaluation = contiguous_windows(val_tokens, cfg.train.seq_len, micro * dp_size, cfg.train.eval_batches)
     rows = slice(dp_rank * micro, (dp_rank + 1) * micro)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from ouro_train.config.resolve import Resolved
 from ouro_train.config.schema import Config
 from ouro_train.model.looplm import LoopLM
 from ouro_train.parallel.checkpointing import apply_activation_checkpointing, apply_compile
@@ -22,9 +23,12 @@ from ouro_train.parallel.groups import MegatronMPU, ParallelLayout, destroy_para
 from ouro_train.parallel.materialize import WeightSource, build_model
 
 
-def parallelize(model: LoopLM, cfg: Config, layout: ParallelLayout, weights: WeightSource | None = None):
+def parallelize(
+    model: LoopLM, cfg: Config, layout: ParallelLayout, resolved: Resolved, weights: WeightSource | None = None
+):
     """-> an engine for the trainer: DeepSpeed when distributed or ZeRO is asked for, else None
-    (the trainer's single-process engine). `weights`: what build_model returned with a model on the
+    (the trainer's single-process engine). `resolved`: what start-up derived (config/resolve.py).
+    `weights`: what build_model returned with a model on the
     meta device, the source its tensor-parallel shards are filled from."""
     # megatron-core and DeepSpeed are imported where used: `ouro_train.parallel.checkpointing` (the
     # benchmarks, a single-GPU check) must import without them.
@@ -43,7 +47,7 @@ def parallelize(model: LoopLM, cfg: Config, layout: ParallelLayout, weights: Wei
         check_deepspeed_version()  # ZeRO's optimizer hand-off uses DeepSpeed internals of one version
     from ouro_train.parallel.engine import DeepSpeedEngine
 
-    return DeepSpeedEngine(model.to(cfg.train.device), cfg, layout.dp, MegatronMPU())
+    return DeepSpeedEngine(model.to(cfg.train.device), cfg, resolved, MegatronMPU())
 
 
 __all__ = ["ParallelLayout", "build_model", "destroy_parallel", "init_parallel", "parallelize"]

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ouro_train.config.resolve import resolve
+from ouro_train.config.resolve import Resolved
 from ouro_train.config.schema import Config
 from ouro_train.train.engine import (
     build_optimizer,
@@ -22,8 +22,8 @@ from ouro_train.train.engine import (
 )
 
 
-def deepspeed_config(cfg: Config, dp_size: int) -> dict:
-    resolved = resolve(cfg, dp_size)
+def deepspeed_config(cfg: Config, resolved: Resolved) -> dict:
+    """DeepSpeed's config for this stage: the batch as start-up resolved it (at its data-parallel size)."""
     zero: dict = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -83,10 +83,10 @@ class DeepSpeedEngine:
 
     kind: ClassVar[Literal["deepspeed"]] = "deepspeed"
 
-    def __init__(self, model: nn.Module, cfg: Config, dp_size: int, mpu) -> None:
+    def __init__(self, model: nn.Module, cfg: Config, resolved: Resolved, mpu) -> None:
         import deepspeed
 
-        self.dp_size = dp_size
+        self.dp_size = resolved.dp_size
         self.dp_group = mpu.get_data_parallel_group() if mpu is not None else None
         self.tp_group = mpu.get_model_parallel_group() if mpu is not None else None
         self.stage = cfg.parallel.zero_stage
@@ -102,7 +102,7 @@ class DeepSpeedEngine:
         setattr(model, UNIVERSAL_CHECKPOINT_INFO, universal_checkpoint_info(cfg.model.vocab_size, trained))
         self.group_settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp_size), mpu=mpu
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, resolved), mpu=mpu
         )
         self.module = self.engine.module
         self._grad_norm: float | None = None

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ouro_train.config.resolve import Resolved
 from ouro_train.config.schema import Config
 from ouro_train.model.init import initial_value
 from ouro_train.model.looplm import LoopLM
@@ -88,7 +89,7 @@ def weight_source(model: LoopLM, init_from: Path | None) -> WeightSource:
 
 
 def build_model(
-    cfg: Config, layout: ParallelLayout, init_from: Path | None = None
+    cfg: Config, layout: ParallelLayout, resolved: Resolved, init_from: Path | None = None
 ) -> tuple[LoopLM, WeightSource | None]:
     """-> (this rank's model, the source parallelize's tensor-parallel step fills it from, or None when
     the model is already complete: no tensor parallel). `init_from`: a checkpoint's weights instead of
@@ -99,7 +100,7 @@ def build_model(
             model = LoopLM(cfg.model)
         return model, weight_source(model, init_from)
     if cfg.parallel.zero_stage == 3 and layout.distributed:
-        with zero3_init(cfg, layout):
+        with zero3_init(cfg, layout, resolved):
             model = LoopLM(cfg.model)
         wrong = sorted({str(p.ds_tensor.dtype) for p in model.parameters()} - {"torch.float32"})
         if wrong:
@@ -114,7 +115,7 @@ def build_model(
     return model, None
 
 
-def zero3_init(cfg: Config, layout: ParallelLayout):
+def zero3_init(cfg: Config, layout: ParallelLayout, resolved: Resolved):
     """deepspeed.zero.Init over megatron's data-parallel group with the engine's own config (so
     deepspeed.initialize finds the parameters partitioned as it would have partitioned them)."""
     import deepspeed
@@ -132,7 +133,7 @@ def zero3_init(cfg: Config, layout: ParallelLayout):
         # The dtype comes from the config (bf16 off: fp32 parameters). Not `dtype=torch.float32`:
         # deepspeed 0.19.8 ignores an explicit dtype where the accelerator lacks fp16 (an operator
         # precedence slip in InsertPostInitMethodToModuleSubClasses._set_dtype) and builds bf16 on CPU.
-        config_dict_or_path=deepspeed_config(cfg, layout.dp),
+        config_dict_or_path=deepspeed_config(cfg, resolved),
         mpu=mpu,
     )
 

@@ -204,15 +204,15 @@ def run_stage(cfg: Config) -> dict:
                 resume_from, saved_state = made, read_train_state(made)
                 lr = rollback.resumed_lr(saved_state)
         resolved = resolve(cfg, layout.dp, lr=lr)
-        train_batches, eval_batches = build_data(cfg, layout.dp_rank, layout.dp)
+        train_batches, eval_batches = build_data(cfg, resolved, layout.dp_rank)
         # Only this rank's share of the model is ever built (parallel/materialize.py): the initial
         # weights (seeded by train.seed, the same at any layout) or, for a new stage, the previous
         # stage's read tensor by tensor. A resume loads its weights after the engine exists.
         init_from = Path(cfg.checkpoint.init_from) if resume_from is None and cfg.checkpoint.init_from else None
-        model, weights = build_model(cfg, layout, init_from)
+        model, weights = build_model(cfg, layout, resolved, init_from)
         parameters = count_model(cfg.model, cfg.train.seq_len).total_params
         freeze_for_objective(model, cfg.objective.kind)
-        engine = parallelize(model, cfg, layout, weights)
+        engine = parallelize(model, cfg, layout, resolved, weights)
         if init_from is not None:
             say(f"initialised weights from {init_from}")
         say(
@@ -220,7 +220,7 @@ def run_stage(cfg: Config) -> dict:
             f"{layout.describe()}, ZeRO {cfg.parallel.zero_stage}; run dir {run_dir}"
         )
         trainer = Trainer(cfg, model, train_batches, eval_batches, engine=engine, resolved=resolved)
-        checkpointer = Checkpointer(cfg, checkpoint_root, layout.rank, layout.world_size, resolved)
+        checkpointer = Checkpointer(cfg, checkpoint_root, layout.rank, layout.world_size, resolved=resolved)
         checkpointer.rollbacks = list(saved_state.get("rollbacks") or []) + ([rolled_back] if rolled_back else [])
         checkpointer.rolling_back = rolled_back is not None
         loader_state = (lambda: train_batches.state_dict()) if hasattr(train_batches, "state_dict") else (lambda: None)

@@ -18,7 +18,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from ouro_train.config.resolve import Resolved, resolve
+from ouro_train.config.resolve import Resolved
 from ouro_train.config.schema import Config
 from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX
 from ouro_train.model.looplm import LoopLM
@@ -114,15 +114,15 @@ class Trainer:
         eval_batches: Callable[[], Iterable[Batch]] | None = None,
         callbacks: list[Callback] | None = None,
         engine: Engine | None = None,
-        resolved: Resolved | None = None,
+        *,
+        resolved: Resolved,
     ) -> None:
-        """`resolved`: what start-up derived (config/resolve.py); None: from `cfg` at the engine's
-        data-parallel size."""
+        """`resolved`: what start-up derived (config/resolve.py), at the engine's data-parallel size."""
         self.cfg = cfg
         self.device = torch.device(cfg.train.device)
         self.model = model.to(self.device)
         freeze_for_objective(self.model, cfg.objective.kind)
-        self.resolved = resolved or resolve(cfg, engine.dp_size if engine is not None else 1)
+        self.resolved = resolved
         self.engine: Engine = engine or LocalEngine(
             self.model,
             build_optimizer(self.model, cfg.optim),

@@ -15,6 +15,7 @@ import torch
 from tiny_models import GATE, TRAINABLE, handed_off_model, tiny_config
 
 from ouro_train.config import Config, ObjectiveConfig, OptimConfig, ParallelConfig, TrainConfig
+from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
 from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
 from ouro_train.parallel.testing import run_distributed
@@ -51,8 +52,8 @@ def partition_everything() -> None:
 
     original = parallel_engine.deepspeed_config
 
-    def config(cfg, dp_size):
-        out = original(cfg, dp_size)
+    def config(cfg, resolved):
+        out = original(cfg, resolved)
         out["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         return out
 
@@ -70,11 +71,13 @@ def build_trainer(cfg: Config, layout, model: LoopLM, start: int = 0) -> Trainer
     from ouro_train.train.trainer import freeze_for_objective
 
     freeze_for_objective(model, cfg.objective.kind)  # as run_stage does, before parallelize
-    engine = parallelize(model, cfg, layout) if layout is not None else None
+    engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp)) if layout is not None else None
     dp, rank = (layout.dp, layout.dp_rank) if layout is not None else (1, 0)
     rows = GLOBAL_ROWS // dp
     batches = ({k: v[rank * rows : (rank + 1) * rows] for k, v in global_batch(s).items()} for s in range(start, STEPS))
-    return Trainer(cfg, model, batches, engine=engine)
+    return Trainer(
+        cfg, model, batches, engine=engine, resolved=resolve(cfg, engine.dp_size if engine is not None else 1)
+    )
 
 
 def optimizer_numel(engine) -> dict:
@@ -170,7 +173,9 @@ def save_gate_checkpoint(zero: int, root: str) -> tuple[str, dict, list]:
         trainer = build_trainer(cfg, layout, handed_off_model(cfg.model))
         for _ in range(2):
             trainer.train_step()
-        saved = Checkpointer(cfg, Path(root), layout.rank, layout.world_size).save(trainer, None)
+        saved = Checkpointer(cfg, Path(root), layout.rank, layout.world_size, resolved=resolve(cfg, layout.dp)).save(
+            trainer, None
+        )
         weights = full_weights(trainer.engine.module)
         return str(saved), weights, [trainer.train_step()["loss"] for _ in range(2)]
     finally:
@@ -188,7 +193,9 @@ def resume_gate_checkpoint(zero: int, saved: str) -> tuple[dict, list]:
     try:
         torch.manual_seed(0)
         trainer = build_trainer(cfg, layout, LoopLM(cfg.model), start=2)
-        Checkpointer(cfg, Path(saved).parent, layout.rank, layout.world_size).load(Path(saved), trainer, None)
+        Checkpointer(cfg, Path(saved).parent, layout.rank, layout.world_size, resolved=resolve(cfg, layout.dp)).load(
+            Path(saved), trainer, None
+        )
         loaded = full_weights(trainer.engine.module)
         return loaded, [trainer.train_step()["loss"] for _ in range(2)]
     finally:

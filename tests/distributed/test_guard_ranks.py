@@ -9,6 +9,7 @@ import torch
 
 from ouro_train.checkpoint.weights import full_state_dict
 from ouro_train.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
 from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
 from ouro_train.parallel.testing import run_distributed
@@ -42,11 +43,13 @@ def poisoned_run(zero: int, poison: str, poisoned_rank: int, layout=None) -> dic
     cfg = make_config(zero, ROWS // world)
     torch.manual_seed(0)
     model = LoopLM(cfg.model)
-    engine = parallelize(model, cfg, layout) if layout is not None else None
+    engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp)) if layout is not None else None
     rank = layout.dp_rank if layout is not None else 0
     rows = ROWS // world
     batches = ({k: v[rank * rows : (rank + 1) * rows] for k, v in global_batch(s).items()} for s in range(STEPS))
-    trainer = Trainer(cfg, model, batches, engine=engine)
+    trainer = Trainer(
+        cfg, model, batches, engine=engine, resolved=resolve(cfg, engine.dp_size if engine is not None else 1)
+    )
     if rank == poisoned_rank:
         if poison == "loss":
             trainer.engine.module.model.embed_tokens.register_forward_hook(
@@ -82,9 +85,16 @@ def evaluate_uneven(layout=None) -> dict:
     cfg = make_config(3 if layout is not None else 0, ROWS)
     torch.manual_seed(0)
     model = LoopLM(cfg.model)
-    engine = parallelize(model, cfg, layout) if layout is not None else None
+    engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp)) if layout is not None else None
     mine = [global_batch(10), global_batch(11)] if layout is None or layout.dp_rank == 0 else []
-    return Trainer(cfg, model, iter(()), eval_batches=lambda: mine, engine=engine).evaluate()
+    return Trainer(
+        cfg,
+        model,
+        iter(()),
+        eval_batches=lambda: mine,
+        engine=engine,
+        resolved=resolve(cfg, engine.dp_size if engine is not None else 1),
+    ).evaluate()
 
 
 def sweep() -> dict:

@@ -20,6 +20,7 @@ from tiny_models import TRAINABLE, randomized, tiny_config
 from ouro_train.checkpoint.store import CheckpointError
 from ouro_train.checkpoint.weights import WEIGHTS, SafetensorsWeights, full_state_dict, save_weights
 from ouro_train.config import Config, ObjectiveConfig, OptimConfig, ParallelConfig, TrainConfig
+from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
 from ouro_train.model.init import initial_value, parameter_seed
 from ouro_train.parallel import build_model, destroy_parallel, init_parallel, parallelize
@@ -57,7 +58,7 @@ def single_process(objective: str = "stage1", init_from: Path | None = None) -> 
 
         load_into(model, read_weights(init_from)[0], init_from)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = Trainer(cfg, model, (batch(s) for s in range(2)))
+    trainer = Trainer(cfg, model, (batch(s) for s in range(2)), resolved=resolve(cfg))
     return weights, [trainer.train_step()["loss"] for _ in range(2)]
 
 
@@ -76,12 +77,12 @@ def start_up(tp: int, builds: list[tuple[int, str, str, str | None]]) -> dict:
             cfg = make_config(tp, zero, checkpointing, objective)
             layout = init_parallel(cfg.parallel, cfg.model, "cpu")
             init = Path(init_from) if init_from else None
-            model, weights = build_model(cfg, layout, init)
+            model, weights = build_model(cfg, layout, resolve(cfg, layout.dp), init)
             meta = all(p.is_meta for p in model.parameters())
             from ouro_train.train.trainer import freeze_for_objective
 
             freeze_for_objective(model, cfg.objective.kind)
-            engine = parallelize(model, cfg, layout, weights)
+            engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp), weights)
             held = held_elements(model)
             state = full_state_dict(model)  # rank 0: replicated parameters alias the model's: copy
             state = {k: v.clone() for k, v in state.items()} if state is not None else None
@@ -91,7 +92,9 @@ def start_up(tp: int, builds: list[tuple[int, str, str, str | None]]) -> dict:
                 {k: v[layout.dp_rank * rows : (layout.dp_rank + 1) * rows] for k, v in batch(s).items()}
                 for s in range(2)
             )
-            trainer = Trainer(cfg, model, batches, engine=engine)
+            trainer = Trainer(
+                cfg, model, batches, engine=engine, resolved=resolve(cfg, engine.dp_size if engine is not None else 1)
+            )
             losses = [trainer.train_step()["loss"] for _ in range(2)]
             out[f"zero{zero}-{checkpointing}-{objective}-{'init_from' if init else 'seed'}"] = {
                 "meta": meta,

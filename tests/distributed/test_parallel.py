@@ -17,6 +17,7 @@ import torch
 from tiny_models import TRAINABLE, tiny_config
 
 from ouro_train.config import Config, ConfigError, OptimConfig, ParallelConfig, TrainConfig
+from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM, looplm_loss
 from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
 from ouro_train.parallel.testing import run_distributed
@@ -55,13 +56,15 @@ def train_losses(
         torch.manual_seed(0)
         model = LoopLM(cfg.model)
         freeze_for_objective(model, cfg.objective.kind)
-        engine = parallelize(model, cfg, layout)
+        engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
         rows = GLOBAL_ROWS // layout.dp
         batches = (
             {k: v[layout.dp_rank * rows : (layout.dp_rank + 1) * rows] for k, v in global_batch(s).items()}
             for s in range(steps)
         )
-        trainer = Trainer(cfg, model, batches, engine=engine)
+        trainer = Trainer(
+            cfg, model, batches, engine=engine, resolved=resolve(cfg, engine.dp_size if engine is not None else 1)
+        )
         out = []
         for _ in range(steps):
             metrics = trainer.train_step()
@@ -273,12 +276,19 @@ def stop_on_one_rank() -> int:
     try:
         torch.manual_seed(0)
         model = LoopLM(cfg.model)
-        engine = parallelize(model, cfg, layout)
+        engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
         batches = (
             {k: v[layout.dp_rank * 2 : (layout.dp_rank + 1) * 2] for k, v in global_batch(s % 5).items()}
             for s in range(50)
         )
-        trainer = Trainer(cfg, model, batches, callbacks=[SignalAtStep2()], engine=engine)
+        trainer = Trainer(
+            cfg,
+            model,
+            batches,
+            callbacks=[SignalAtStep2()],
+            engine=engine,
+            resolved=resolve(cfg, engine.dp_size if engine is not None else 1),
+        )
         trainer.fit()
         return trainer.state.step
     finally:
@@ -313,18 +323,20 @@ def resume_once(zero: int, tp: int, tmp: str) -> tuple[list, list, dict]:
     def trainer_from(step: int) -> Trainer:
         torch.manual_seed(0)
         model = LoopLM(cfg.model)
-        engine = parallelize(model, cfg, layout)
+        engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
         batches = (
             {k: v[layout.dp_rank * rows : (layout.dp_rank + 1) * rows] for k, v in global_batch(s).items()}
             for s in range(step, 5)
         )
-        return Trainer(cfg, model, batches, engine=engine)
+        return Trainer(
+            cfg, model, batches, engine=engine, resolved=resolve(cfg, engine.dp_size if engine is not None else 1)
+        )
 
     straight = trainer_from(0)
     expected = [straight.train_step()["loss"] for _ in range(5)]
     first = trainer_from(0)
     got = [first.train_step()["loss"] for _ in range(2)]
-    checkpointer = Checkpointer(cfg, Path(tmp), layout.rank, layout.world_size)
+    checkpointer = Checkpointer(cfg, Path(tmp), layout.rank, layout.world_size, resolved=resolve(cfg, layout.dp))
     saved = checkpointer.save(first, None)
     second = trainer_from(2)
     checkpointer.load(saved, second, None)

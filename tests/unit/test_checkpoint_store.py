@@ -99,9 +99,10 @@ def test_retention_never_deletes_the_newest_healthy_checkpoint(tmp_path):
 def test_resume_at_an_unsupported_layout_names_the_way_out(tmp_path, saved, now, message):
     from ouro_train.checkpoint.manager import Checkpointer
     from ouro_train.config import Config
+    from ouro_train.config.resolve import resolve
 
     with pytest.raises(CheckpointError, match=message) as error:
-        Checkpointer(Config(), tmp_path)._load_elsewhere(tmp_path, None, saved, now)
+        Checkpointer(Config(), tmp_path, resolved=resolve(Config()))._load_elsewhere(tmp_path, None, saved, now)
     assert "checkpoint.init_from" in str(error.value)
 
 

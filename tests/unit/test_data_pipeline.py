@@ -373,13 +373,15 @@ def test_a_shard_missing_at_first_open_is_named(source_dir):
 
 
 def test_data_verify_checksums_reaches_the_sources(source_dir):
+    from ouro_train.config.resolve import resolve
     from ouro_train.config.store import compose_config
     from ouro_train.data.build import build_data
 
     out, _ = source_dir
     base = ["data.source=shards", f"data.sources=[{{name: web, path: {out}, weight: 1.0}}]", "model.vocab_size=320"]
     for flag, expected in (([], True), (["data.verify_checksums=false"], False)):
-        train, _ = build_data(compose_config(base + flag))
+        cfg = compose_config(base + flag)
+        train, _ = build_data(cfg, resolve(cfg))
         assert [s.verify_checksums for s in train.sources] == [expected]
 
 

@@ -19,6 +19,7 @@ from ouro_train.checkpoint.rollback import rollback_command
 from ouro_train.checkpoint.safety import safe_torch_load
 from ouro_train.checkpoint.store import CheckpointError, checkpoint_problem, find_latest, rollback_target
 from ouro_train.config import GuardConfig
+from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
 from ouro_train.train.engine import LocalEngine, build_optimizer
 from ouro_train.train.guard import (
@@ -65,7 +66,7 @@ def test_an_absurd_learning_rate_is_skipped_before_it_is_applied():
     torch.manual_seed(0)
     cfg = config()
     cfg.optim.lr = 1e6
-    trainer = Trainer(cfg, LoopLM(cfg.model), batches())
+    trainer = Trainer(cfg, LoopLM(cfg.model), batches(), resolved=resolve(cfg))
     before = snapshot(trainer)
     metrics = trainer.train_step()
     assert metrics["skipped"] == 1 and metrics["skip_reason"] == UPDATE_TOO_LARGE
@@ -84,7 +85,7 @@ def test_accepted_updates_stay_within_the_ratio_the_guard_judged():
     is at most the bound it was judged by (so a checkpoint after it holds trainable weights)."""
     torch.manual_seed(0)
     cfg = config()
-    trainer = Trainer(cfg, LoopLM(cfg.model), batches())
+    trainer = Trainer(cfg, LoopLM(cfg.model), batches(), resolved=resolve(cfg))
     for _ in range(6):
         before = [p.detach().clone() for p in trainer.model.parameters()]
         metrics = trainer.train_step()
@@ -99,7 +100,7 @@ def test_lr_1e39_ends_as_a_divergence_with_a_rollback_rate_not_an_overflow_trace
     torch.manual_seed(0)
     cfg = config(max_consecutive_bad=2)
     cfg.optim.lr = 1e39
-    trainer = Trainer(cfg, LoopLM(cfg.model), batches())
+    trainer = Trainer(cfg, LoopLM(cfg.model), batches(), resolved=resolve(cfg))
     with pytest.raises(TrainingDiverged, match="update too large") as diverged:
         trainer.fit()
     assert diverged.value.reason == UPDATE_TOO_LARGE
@@ -110,7 +111,7 @@ def test_lr_1e39_ends_as_a_divergence_with_a_rollback_rate_not_an_overflow_trace
     for fused, (message, reason) in outcomes.items():
         cfg = config(max_update_ratio=0.0)
         cfg.optim.lr, cfg.optim.fused = 1e39, fused
-        trainer = Trainer(cfg, LoopLM(cfg.model), batches())
+        trainer = Trainer(cfg, LoopLM(cfg.model), batches(), resolved=resolve(cfg))
         with pytest.raises(TrainingDiverged, match=message) as diverged:
             trainer.fit()
         assert diverged.value.reason == reason and 1e-4 < diverged.value.rollback_lr < 1e-1
@@ -240,7 +241,7 @@ def test_the_suggested_rate_is_judged_at_the_peak_not_at_the_warmup_rate_of_the_
         torch.manual_seed(0)
         cfg = config(max_consecutive_bad=2)
         cfg.optim.lr, cfg.schedule.warmup_steps = 1e6, warmup
-        trainer = Trainer(cfg, LoopLM(cfg.model), batches())
+        trainer = Trainer(cfg, LoopLM(cfg.model), batches(), resolved=resolve(cfg))
         with pytest.raises(TrainingDiverged) as diverged:
             trainer.fit()
         ratio_at_peak = trainer.last_update_ratio * cfg.optim.lr / trainer.last_lr
@@ -269,7 +270,7 @@ def test_weights_found_non_finite_by_a_save_end_as_a_divergence_with_a_rollback(
 
     target = fake_save(tmp_path, 2)
     cfg = config()
-    trainer = Trainer(cfg, LoopLM(cfg.model), batches())
+    trainer = Trainer(cfg, LoopLM(cfg.model), batches(), resolved=resolve(cfg))
     with pytest.raises(TrainingDiverged) as diverged, diverging_ends_in_a_rollback(trainer, tmp_path):
         raise NonFiniteWeights("step 3: 1 weight tensors hold NaN or inf")
     assert diverged.value.reason == NONFINITE_WEIGHTS and diverged.value.rollback_checkpoint == target

@@ -7,6 +7,7 @@ import copy
 import torch
 from test_stability_guard import assert_same, batches, config, snapshot
 
+from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
 from ouro_train.train.engine import LocalEngine
 from ouro_train.train.trainer import Trainer
@@ -15,7 +16,7 @@ from ouro_train.train.trainer import Trainer
 def trainer(fused: bool, model: LoopLM) -> Trainer:
     cfg = config()
     cfg.optim.fused = fused
-    return Trainer(cfg, copy.deepcopy(model), batches())
+    return Trainer(cfg, copy.deepcopy(model), batches(), resolved=resolve(cfg))
 
 
 def force_skip(engine) -> None:

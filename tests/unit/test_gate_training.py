@@ -16,6 +16,7 @@ from tiny_models import GATE, TRAINABLE, handed_off_model, tiny_config
 
 from ouro_train.checkpoint.manager import Checkpointer
 from ouro_train.config import Config, ObjectiveConfig, OptimConfig, TrainConfig
+from ouro_train.config.resolve import resolve
 from ouro_train.config.store import compose_config
 from ouro_train.model import LoopLM
 from ouro_train.model.objective import gate_loss
@@ -40,7 +41,7 @@ def batch(step: int) -> dict:
 
 
 def trainer_for(cfg: Config, model: LoopLM, start: int = 0) -> Trainer:
-    return Trainer(cfg, model, (batch(s) for s in range(start, 10_000)))
+    return Trainer(cfg, model, (batch(s) for s in range(start, 10_000)), resolved=resolve(cfg))
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -111,14 +112,14 @@ def test_a_gate_training_checkpoint_resumes_bit_for_bit(tmp_path):
 
     first = trainer_for(cfg, handed_off_model(cfg.model))
     got = [first.train_step()["loss"] for _ in range(2)]
-    saved = Checkpointer(cfg, tmp_path).save(first, None)
+    saved = Checkpointer(cfg, tmp_path, resolved=resolve(cfg)).save(first, None)
     weights = load_file(saved / "model.safetensors")
     for name, value in handed.items():
         if name not in GATE:
             assert torch.equal(weights[name], value), f"{name}: the checkpoint does not hold the frozen LM"
     torch.manual_seed(0)
     second = trainer_for(cfg, LoopLM(cfg.model), start=2)
-    Checkpointer(cfg, tmp_path).load(saved, second, None)
+    Checkpointer(cfg, tmp_path, resolved=resolve(cfg)).load(saved, second, None)
     got += [second.train_step()["loss"] for _ in range(2)]
     assert got == expected
     final, resumed = snapshot(straight.model), snapshot(second.model)
@@ -142,7 +143,7 @@ def test_the_recipe_composes_as_stage_ii():
 
 @pytest.mark.slow  # composes 26 stage configs
 def test_gate_training_is_the_last_stage_of_every_shipped_pipeline_after_sft(tmp_path):
-    from ouro_train.pipeline.runner import plan
+    from ouro_train.pipeline.plan import plan
     from ouro_train.pipeline.spec import load_pipeline
 
     for name in ("demo", "ouro_1p4b", "ouro_2p6b"):

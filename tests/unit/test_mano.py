@@ -73,9 +73,10 @@ def test_cli_writes_shards_the_loader_reads(tmp_path, capsys):
         + ["train.micro_batch_size=4"],
         "repro_mano",
     )
+    from ouro_train.config.resolve import resolve
     from ouro_train.data.build import build_data
 
-    train, evaluation = build_data(cfg)
+    train, evaluation = build_data(cfg, resolve(cfg))
     batch = next(train)
     # One whole sample per row: it starts with <bos>, and the loss is on its answer token only.
     assert (batch["input_ids"][:, 0] == mano.TOKEN_ID["<bos>"]).all()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ouro_train.config import Config, GuardConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
+from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
 from ouro_train.train.guard import LOSS_SPIKE, NONFINITE_GRAD, NONFINITE_LOSS, StabilityGuard, TrainingDiverged
 from ouro_train.train.trainer import Trainer
@@ -91,7 +92,7 @@ def test_bad_steps_in_a_row_stop_and_the_state_round_trips():
 def test_a_poisoned_step_leaves_weights_and_adam_state_untouched(poison):
     torch.manual_seed(0)
     cfg = config()
-    trainer = Trainer(cfg, LoopLM(cfg.model), batches())
+    trainer = Trainer(cfg, LoopLM(cfg.model), batches(), resolved=resolve(cfg))
     for _ in range(3):
         assert trainer.train_step()["skipped"] == 0
         trainer.guard.record(trainer.state.step, 0.0, trainer.pending_verdict)
@@ -121,7 +122,7 @@ def test_a_poisoned_step_leaves_weights_and_adam_state_untouched(poison):
 def test_fit_reports_the_counters_and_stops_after_too_many_bad_steps():
     torch.manual_seed(0)
     cfg = config(max_consecutive_bad=2)
-    trainer = Trainer(cfg, LoopLM(cfg.model), batches())
+    trainer = Trainer(cfg, LoopLM(cfg.model), batches(), resolved=resolve(cfg))
     seen = []
 
     class Record:

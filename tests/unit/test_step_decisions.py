@@ -10,6 +10,7 @@ import torch
 from tiny_models import TRAINABLE, tiny_config
 
 from ouro_train.config import Config, TrainConfig
+from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
 from ouro_train.train.callbacks import Throughput
 from ouro_train.train.trainer import Callback, Trainer
@@ -20,7 +21,7 @@ def trainer(steps: int = 3, callbacks=()) -> Trainer:
     cfg = Config(model=tiny_config(**TRAINABLE), train=TrainConfig(steps=steps, micro_batch_size=2, seq_len=16))
     tokens = torch.randint(0, 64, (2, 17))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-    return Trainer(cfg, LoopLM(cfg.model), itertools.repeat(batch), callbacks=list(callbacks))
+    return Trainer(cfg, LoopLM(cfg.model), itertools.repeat(batch), callbacks=list(callbacks), resolved=resolve(cfg))
 
 
 class Recorder(Callback):

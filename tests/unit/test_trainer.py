@@ -5,6 +5,7 @@ import torch
 from tiny_models import TRAINABLE, tiny_config
 
 from ouro_train.config import Config, ObjectiveConfig, OptimConfig, ScheduleConfig, TrainConfig
+from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
 from ouro_train.train.trainer import Trainer
 
@@ -35,7 +36,7 @@ def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     cfg = config(steps=60)  # the loss falls below a tenth of the first at step 41
     fixed = batch(0)
-    trainer = Trainer(cfg, LoopLM(cfg.model), itertools.repeat(fixed))
+    trainer = Trainer(cfg, LoopLM(cfg.model), itertools.repeat(fixed), resolved=resolve(cfg))
     first = trainer.train_step()
     for _ in range(cfg.train.steps - 1):
         last = trainer.train_step()
@@ -53,7 +54,7 @@ def test_gradient_accumulation_equals_one_big_batch_with_uneven_loss_masks():
     runs = []
     for accum, stream in ((1, iter([full])), (2, iter(halves))):
         cfg = config(grad_accum_steps=accum, micro_batch_size=4 // accum)
-        trainer = Trainer(cfg, LoopLM(cfg.model), stream)
+        trainer = Trainer(cfg, LoopLM(cfg.model), stream, resolved=resolve(cfg))
         trainer.model.load_state_dict(model.state_dict())
         runs.append((trainer.train_step(), trainer.model.state_dict()))
     (m1, sd1), (m2, sd2) = runs
@@ -70,7 +71,7 @@ def test_gate_objective_trains_only_the_exit_gate():
     torch.manual_seed(2)
     cfg = config()
     cfg.objective = ObjectiveConfig(kind="gate")
-    trainer = Trainer(cfg, LoopLM(cfg.model), itertools.repeat(batch(4)))
+    trainer = Trainer(cfg, LoopLM(cfg.model), itertools.repeat(batch(4)), resolved=resolve(cfg))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     metrics = trainer.train_step()
     after = trainer.model.state_dict()
@@ -82,7 +83,13 @@ def test_gate_objective_trains_only_the_exit_gate():
 def test_metrics_schedule_and_bf16():
     torch.manual_seed(3)
     cfg = config(precision="bf16", steps=8)
-    trainer = Trainer(cfg, LoopLM(cfg.model), (batch(i) for i in itertools.count()), eval_batches=lambda: [batch(99)])
+    trainer = Trainer(
+        cfg,
+        LoopLM(cfg.model),
+        (batch(i) for i in itertools.count()),
+        eval_batches=lambda: [batch(99)],
+        resolved=resolve(cfg),
+    )
     lrs = [trainer.train_step()["lr"] for _ in range(6)]
     assert lrs == pytest.approx([3e-3 * k / 5 for k in (1, 2, 3, 4, 5)] + [3e-3])
     final = trainer.fit()

@@ -173,8 +173,7 @@ def restore_frozen_parameters(module: torch.nn.Module, checkpoint: Path, dp_rank
     frozen = [(name, param) for name, param in module.named_parameters() if not param.requires_grad]
     if not frozen:
         return []
-    from ouro_train.checkpoint.weights import SafetensorsWeights
-    from ouro_train.parallel.materialize import parameter_shapes
+    from ouro_train.checkpoint.weights import SafetensorsWeights, parameter_shapes
 
     source = SafetensorsWeights(checkpoint, parameter_shapes(module))
     for name, param in frozen:

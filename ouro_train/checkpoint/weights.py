@@ -104,6 +104,15 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> 
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
+def _shape(param: nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition records its full shape
+
+
+def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Each parameter's full shape (what a SafetensorsWeights source checks the file against)."""
+    return {name: _shape(param) for name, param in model.named_parameters()}
+
+
 class SafetensorsWeights:
     """A checkpoint's consolidated weights read lazily, one tensor (or one slice of it) at a time,
     so that a rank never loads the whole model to take its shard (ouro_train.parallel.materialize).

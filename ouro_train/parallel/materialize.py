@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ouro_train.checkpoint.weights import SafetensorsWeights, parameter_shapes
 from ouro_train.config.resolve import Resolved
 from ouro_train.config.schema import Config
 from ouro_train.model.init import initial_value
@@ -36,14 +37,6 @@ class WeightSource(Protocol):
     def get(self, name: str, dim: int | None = None, rank: int = 0, parts: int = 1) -> torch.Tensor:
         """fp32 CPU: the full tensor of parameter `name`, or the `rank`-th of `parts` equal slices along `dim`."""
         ...
-
-
-def _shape(param: nn.Parameter) -> tuple[int, ...]:
-    return tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition records its full shape
-
-
-def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: _shape(param) for name, param in model.named_parameters()}
 
 
 class InitialWeights:
@@ -83,8 +76,6 @@ def weight_source(model: LoopLM, init_from: Path | None) -> WeightSource:
     (checked against the model's names and shapes here), or the initial values."""
     if init_from is None:
         return InitialWeights(model)
-    from ouro_train.checkpoint.weights import SafetensorsWeights
-
     return SafetensorsWeights(init_from, parameter_shapes(model))
 
 

@@ -144,12 +144,12 @@ def run_stage(cfg: Config) -> dict:
     final evaluation's metrics. Raises StoppedBySignal (checkpoint saved), TrainingDiverged, and
     ConfigError / DataError / CheckpointError / RunDirError for bad input (message names the key or file)."""
     from ouro_train.checkpoint import rollback
-    from ouro_train.checkpoint.callback import CheckpointCallback
     from ouro_train.checkpoint.manager import Checkpointer
     from ouro_train.checkpoint.store import CheckpointError, read_train_state
     from ouro_train.data.build import build_data
     from ouro_train.parallel import build_model, destroy_parallel, init_parallel, parallelize
     from ouro_train.train.callbacks import ConsoleLogger, JsonlLogger
+    from ouro_train.train.checkpoint_callback import CheckpointCallback
     from ouro_train.train.report import plot_loss_per_step, truncate_metrics
     from ouro_train.train.trainer import Trainer, freeze_for_objective
 

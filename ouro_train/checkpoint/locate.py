@@ -3,7 +3,7 @@
 
 A user names what they see after training: the checkpoint itself (`runs/try/checkpoints/step_N`),
 the run directory (`runs/try`), a pipeline stage's directory (`runs/demo_pipeline/sft`, which is
-that stage's run directory, pipeline/runner.py), or the `checkpoints/` directory. The last three
+that stage's run directory, pipeline/plan.py), or the `checkpoints/` directory. The last three
 mean the newest complete checkpoint there whose files are whole (store.find_latest, read-only: an
 interrupted save or a truncated newer checkpoint is passed over, with a warning naming it), and
 the tools say which one they used. A directory that holds weights itself (a checkpoint, an

@@ -119,7 +119,9 @@ def _check_stage_override(key: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ouro_train.pipeline.runner import PipelineError, check_data, check_layout, describe, plan, run, select
+    from ouro_train.pipeline.dry_run import describe
+    from ouro_train.pipeline.plan import check_data, check_layout, plan, select
+    from ouro_train.pipeline.runner import PipelineError, run
     from ouro_train.pipeline.spec import load_pipeline, pipeline_path
 
     try:

@@ -3,7 +3,7 @@
 Each stage is one `sbatch`, after the one before it (`--dependency=afterok:<its job id>`):
 
 * a training stage is launch/slurm.sbatch with the stage's ouro-train arguments, exactly those the
-  runner gives it locally (runner.train_args: its run directory, checkpoint.resume=auto and
+  runner gives it locally (commands.train_args: its run directory, checkpoint.resume=auto and
   checkpoint.init_from=<the previous stage's final checkpoint>). The script makes it requeue-safe:
   a requeued job resumes from the stage's newest checkpoint, and one whose stage is finished
   exits 0 at once; multi-node is srun + torchrun with a rendezvous at the first node.
@@ -26,7 +26,9 @@ import sys
 from pathlib import Path
 
 from ouro_train.config.schema import ConfigError
-from ouro_train.pipeline.runner import PipelineError, PlannedStage, stage_done, train_args
+from ouro_train.pipeline.commands import train_args
+from ouro_train.pipeline.plan import PlannedStage, stage_done
+from ouro_train.pipeline.runner import PipelineError
 from ouro_train.pipeline.spec import PipelineSpec
 
 SBATCH_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch"

@@ -19,7 +19,7 @@ class StopOnSignal:
     """Context manager: records the first of `signals` (default SIGTERM, SIGUSR1, SIGINT) instead
     of dying mid-step. The trainer polls `requested` at step boundaries (all ranks agree on it
     through the engine). `on_signal(signum)` is called after every one of them is recorded: the
-    pipeline runner passes the stop on to the stage it runs (ouro_train/pipeline/runner.py).
+    pipeline runner passes the stop on to the stage it runs (ouro_train/pipeline/signals.py).
 
     Ctrl-C (SIGINT) is a stop like SIGTERM: the run saves at the step boundary and exits 75, so a
     newcomer's Ctrl-C loses nothing. A second Ctrl-C aborts at once (KeyboardInterrupt), as people
@@ -27,7 +27,7 @@ class StopOnSignal:
 
     SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
     # The pipeline runner keeps its stage's save safe instead: a second Ctrl-C at the terminal
-    # reaches the stage itself, which aborts (ouro_train/pipeline/runner.py).
+    # reaches the stage itself, which aborts (ouro_train/pipeline/signals.py).
     ABORT_ON_SECOND_INTERRUPT = True
 
     def __init__(self, signals: tuple[int, ...] | None = None, on_signal: Callable[[int], None] | None = None) -> None:

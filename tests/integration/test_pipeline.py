@@ -64,7 +64,8 @@ def test_demo_pipeline_runs_every_stage_skips_and_resumes(tmp_path):
     assert not (run / "stable2").exists()
 
     # A stable2 run cut after one step (as a crash would leave it), then the whole pipeline again.
-    from ouro_train.pipeline.runner import plan, stage_command
+    from ouro_train.pipeline.commands import stage_command
+    from ouro_train.pipeline.plan import plan
     from ouro_train.pipeline.spec import load_pipeline
 
     spec = load_pipeline("demo")

@@ -116,7 +116,7 @@ def test_load_model_from_a_checkpoint_and_an_hf_export(tmp_path):
 
 
 def test_eval_stage_in_a_pipeline_validates_and_takes_overrides(tmp_path):
-    from ouro_train.pipeline.runner import _eval_spec
+    from ouro_train.pipeline.plan import _eval_spec
     from ouro_train.pipeline.spec import PipelineSpec, StageSpec
 
     good = StageSpec(name="eval", kind="eval", data="d")

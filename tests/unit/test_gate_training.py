@@ -143,7 +143,7 @@ def test_the_recipe_composes_as_stage_ii():
 
 @pytest.mark.slow  # composes 26 stage configs
 def test_gate_training_is_the_last_stage_of_every_shipped_pipeline_after_sft(tmp_path):
-    from ouro_train.pipeline.runner import plan
+    from ouro_train.pipeline.plan import plan
     from ouro_train.pipeline.spec import load_pipeline
 
     for name in ("demo", "ouro_1p4b", "ouro_2p6b"):

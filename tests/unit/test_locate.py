@@ -71,7 +71,7 @@ def test_run_stage_and_checkpoints_directories_mean_the_newest_complete_checkpoi
     for given in (run_dir, run_dir / "checkpoints"):
         found, note = resolve_model_path(given)
         assert found == newest and note == f"using {newest} (newest complete checkpoint of {given})"
-    # A pipeline stage's directory is that stage's run directory (pipeline/runner.py).
+    # A pipeline stage's directory is that stage's run directory (pipeline/plan.py).
     sft = write_checkpoint(tmp_path / "runs" / "demo_pipeline" / "sft" / "checkpoints", 30, tokenizer_file)
     assert resolve_model_path(tmp_path / "runs" / "demo_pipeline" / "sft")[0] == sft
     # A directory holding weights itself is taken as given: a checkpoint (even an older one), an

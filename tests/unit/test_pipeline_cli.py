@@ -5,7 +5,7 @@ import pytest
 
 from ouro_train.cli.pipeline import main, parse
 from ouro_train.config.schema import ConfigError
-from ouro_train.pipeline.runner import plan
+from ouro_train.pipeline.plan import plan
 from ouro_train.pipeline.spec import load_pipeline
 
 

@@ -11,8 +11,9 @@ import pytest
 from ouro_train.cli.pipeline import main, parse
 from ouro_train.config.store import compose_config
 from ouro_train.pipeline import slurm
+from ouro_train.pipeline.commands import train_args
 from ouro_train.pipeline.cost import MEASURED, stage_throughput
-from ouro_train.pipeline.runner import plan, train_args
+from ouro_train.pipeline.plan import plan
 from ouro_train.pipeline.spec import load_pipeline
 
 TINY = Path(__file__).resolve().parents[1] / "slurm" / "pipeline_tiny.yaml"  # stages first (200 steps), second (10)

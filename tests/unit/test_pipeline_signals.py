@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from ouro_train.pipeline import runner
+from ouro_train.pipeline.commands import stage_command
+from ouro_train.pipeline.plan import PlannedStage, plan, stage_done
 from ouro_train.pipeline.spec import load_pipeline
 from ouro_train.train.signals import EXIT_STOPPED
 from ouro_train.utils.atomic import is_temporary
@@ -22,7 +24,7 @@ from ouro_train.utils.atomic import is_temporary
 STAGES = ["warmup", "stable1", "upcycle", "stable2", "ct_anneal", "longct", "midtrain", "sft", "gate_training", "eval"]
 
 
-def write_final_checkpoint(stage: runner.PlannedStage) -> None:
+def write_final_checkpoint(stage: PlannedStage) -> None:
     """What a finished stage leaves for the next: weights, Adam moments, train state."""
     from ouro_train.checkpoint.optimizer_state import OPTIMIZER, save_optimizer_state
     from ouro_train.checkpoint.weights import WEIGHTS, save_weights
@@ -45,7 +47,7 @@ class FakeStages:
     its stage_name= override), runs `during[name]` while the runner waits for it, and is finished
     when it exits 0 (the stage before the upcycle writes a real final checkpoint)."""
 
-    def __init__(self, planned: list[runner.PlannedStage]) -> None:
+    def __init__(self, planned: list[PlannedStage]) -> None:
         self.planned = {p.spec.name: p for p in planned}
         self.done: set[str] = set()
         self.launched: list[str] = []
@@ -59,12 +61,12 @@ class FakeStages:
         self.launched.append(name)
         return FakeChild(self, name)
 
-    def evaluate(self, stage: runner.PlannedStage) -> None:
+    def evaluate(self, stage: PlannedStage) -> None:
         """The eval stage, run in process by the runner: recorded like a launch."""
         self.launched.append(stage.spec.name)
         self.done.add(stage.spec.name)
 
-    def stage_done(self, stage: runner.PlannedStage) -> bool:
+    def stage_done(self, stage: PlannedStage) -> bool:
         hook = self.on_stage_done.pop(stage.spec.name, None)
         if hook is not None:
             hook()
@@ -95,7 +97,7 @@ class FakeChild:
         self.stages.sent.append((self.name, signum))
 
 
-REAL_STAGE_DONE = runner.stage_done
+REAL_STAGE_DONE = stage_done
 
 
 @pytest.fixture()
@@ -103,10 +105,10 @@ def pipeline(tmp_path, monkeypatch):
     spec = load_pipeline("demo")
     spec.prepare = None  # the stand-in stages read no data
     run_dir = tmp_path / "run"
-    stages = FakeStages(runner.plan(spec, run_dir, []))
+    stages = FakeStages(plan(spec, run_dir, []))
     monkeypatch.setattr(runner, "subprocess", SimpleNamespace(Popen=stages.popen))
     monkeypatch.setattr(runner, "stage_done", stages.stage_done)
-    monkeypatch.setattr(runner, "_evaluate", stages.evaluate)
+    monkeypatch.setattr(runner, "run_eval", stages.evaluate)
     monkeypatch.setattr("ouro_train.pipeline.report.write_report", lambda spec, planned, run_dir: run_dir / "report.md")
     return SimpleNamespace(spec=spec, run_dir=run_dir, stages=stages, run=lambda: runner.run(spec, run_dir, []))
 
@@ -184,8 +186,8 @@ def test_a_failed_stage_is_a_failure_not_a_stop(pipeline):
 
 def test_torchrun_launch_passes_sigusr1_on_and_reports_stops(tmp_path):
     spec = load_pipeline("demo")
-    stage = runner.plan(spec, tmp_path, [])[0]
-    command = runner.stage_command(spec, stage, nproc=2)
+    stage = plan(spec, tmp_path, [])[0]
+    command = stage_command(spec, stage, nproc=2)
     assert command[1:3] == ["-m", "ouro_train.pipeline.torchrun"]
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in command
     assert command[command.index("--shutdown-timeout=300") + 1 : command.index("--shutdown-timeout=300") + 3] == [

@@ -6,7 +6,8 @@ import pytest
 
 from ouro_train.config import ConfigError
 from ouro_train.config.store import RECIPES_DIR, compose_config
-from ouro_train.pipeline.runner import describe, plan
+from ouro_train.pipeline.dry_run import describe
+from ouro_train.pipeline.plan import plan
 from ouro_train.pipeline.spec import load_pipeline
 
 PIPELINES = sorted(p.stem for p in (RECIPES_DIR / "pipeline").glob("*.yaml"))

@@ -1,6 +1,6 @@
 """What the stability guard's update check costs per training step: A/B in one process.
 
-The guard judges each update before it is applied (train/guard.py): the step computes ||w|| of
+The guard judges each update before it is applied (optim/guard.py): the step computes ||w|| of
 the trained weights (one foreach norm, sent with the loss totals in the same all-reduce) and
 AdamW's bound on ||dw|| / ||w||. A: that check as shipped; B: the same trainer with the parameter
 norm replaced by a constant and the check off (guard.max_update_ratio=0), i.e. the step before

@@ -27,9 +27,9 @@ from ouro_train.config.schema import ModelConfig, OptimConfig
 from ouro_train.model.flops import count_model
 from ouro_train.model.looplm import LoopLM
 from ouro_train.model.objective import looplm_loss
+from ouro_train.optim.optimizer import build_optimizer
 from ouro_train.parallel.checkpointing import apply_activation_checkpointing, apply_compile
 from ouro_train.train.callbacks import peak_tflops
-from ouro_train.train.engine import build_optimizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "model"
 

@@ -81,7 +81,7 @@ class Checkpointer:
         before writing where possible (the previous checkpoint's size against the free space) and
         otherwise where a rank writes: either way the partial save is removed, every rank raises a
         CheckpointError naming the path and the space needed, and the previous checkpoint stays."""
-        from ouro_train.train.schedules import lr_at
+        from ouro_train.optim.schedules import lr_at
 
         step = trainer.state.step
         tmp = temporary_dir(self.root, step)
@@ -146,7 +146,7 @@ class Checkpointer:
                 "final": final,
                 "loader": loader_state,
                 # Healthy: its weights can be trained on (every update in them passed the guard);
-                # `health` says why (train/guard.py). Retention keeps the newest healthy checkpoint
+                # `health` says why (optim/guard.py). Retention keeps the newest healthy checkpoint
                 # whatever keep_last says, and a rollback goes to it.
                 "healthy": health["healthy"],
                 "health": health,
@@ -288,7 +288,7 @@ class Checkpointer:
         started cosine or decay does not. -> the line that says so, or CheckpointError with the
         command that continues from this checkpoint as a new stage instead."""
         from ouro_train.checkpoint.rollback import rerun_command
-        from ouro_train.train.schedules import lr_at
+        from ouro_train.optim.schedules import lr_at
 
         steps, done, peak, schedule = self.resolved.steps, int(state["step"]), self.resolved.lr, self.cfg.schedule
         for step in range(done):

@@ -141,7 +141,7 @@ def load_optimizer_state(engine, state: dict[str, torch.Tensor], where: Path) ->
     """Every rank: set the moments and step of `engine`'s optimizer from a full state."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
-    from ouro_train.train.engine import use_implementation
+    from ouro_train.optim.optimizer import use_implementation
 
     module: nn.Module = engine.module
     names = [n for n, p in module.named_parameters() if p.requires_grad]

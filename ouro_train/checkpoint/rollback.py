@@ -1,7 +1,7 @@
 """Rolling back after a divergence, the way large runs do: back to a healthy checkpoint, on with a
 lower learning rate, optionally past the stretch of data that blew up.
 
-The stability guard (train/guard.py) ends a diverging run with exit status 3, and its message
+The stability guard (optim/guard.py) ends a diverging run with exit status 3, and its message
 prints the command built here (`rollback_command`): the same `ouro-train` invocation with
 `checkpoint.resume=<the newest healthy checkpoint> checkpoint.rollback_lr=<a lower peak LR>`.
 That resume is allowed to differ from the checkpoint in its peak learning rate only (everything

@@ -228,7 +228,7 @@ def apply_retention(root: Path, keep_last: int, keep_every: int) -> list[Path]:
     removed = []
     found = complete_checkpoints(root)
     keep = set(found[-keep_last:]) if keep_last > 0 else set(found)
-    # The newest healthy checkpoint (trainable weights, see train/guard.py) stays too, and so does
+    # The newest healthy checkpoint (trainable weights, see optim/guard.py) stays too, and so does
     # the newest one saved with no bad step pending: a run of bad steps cannot rotate the state
     # from before it away (where a rollback goes, `rollback_target`).
     healthy = [p for p in found if _healthy(p)]

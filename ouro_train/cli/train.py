@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ouro_train.config.schema import Config, ConfigError
 from ouro_train.config.store import RECIPES_DIR, compose_config, primary_recipes, recipe_groups
-from ouro_train.train.guard import TrainingDiverged
+from ouro_train.optim.guard import TrainingDiverged
 from ouro_train.train.rundir import RunDirError, remove_unused_run_dir
 from ouro_train.train.signals import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED
 

@@ -570,7 +570,7 @@ class CheckpointConfig:
 
 @dataclass
 class GuardConfig:
-    """The training stability guard (train/guard.py). A step whose loss or gradient norm is not
+    """The training stability guard (optim/guard.py). A step whose loss or gradient norm is not
     finite on any rank, or whose loss spikes, has its update skipped on every rank (its batch is
     consumed, the step counter and LR schedule advance, the weights and optimizer do not change);
     `max_consecutive_bad` bad steps in a row stop the run with exit status 3."""
@@ -589,7 +589,7 @@ class GuardConfig:
     min_history: int = 20
     max_consecutive_bad: int = field(default=5, metadata={"help": "stop (exit 3) after this many bad steps in a row"})
     # The update is judged before it is applied: AdamW moves each element by at most ~1.17 x the
-    # learning rate (betas 0.9/0.95; train/guard.py adamw_update_bound), so a step whose largest
+    # learning rate (betas 0.9/0.95; optim/guard.py adamw_update_bound), so a step whose largest
     # possible update ||dw|| is more than this many times ||w|| is skipped. 4 stops a learning rate
     # some 200x above the usual before it writes blown-up weights into a checkpoint (Ouro-1.4B at
     # 3e-4: ~0.02; the tiny test models at 1e-2: ~0.2) and lets the exit gate, a small probe whose

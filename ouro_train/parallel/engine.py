@@ -14,7 +14,7 @@ from torch import nn
 
 from ouro_train.config.resolve import Resolved
 from ouro_train.config.schema import Config
-from ouro_train.train.engine import (
+from ouro_train.optim.optimizer import (
     build_optimizer,
     optimizer_overflow_is_divergence,
     squared_norm,
@@ -36,7 +36,7 @@ def deepspeed_config(cfg: Config, resolved: Resolved) -> dict:
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         # DeepSpeed checks the exact optimizer type against those it tested; ours is torch's AdamW
-        # with a skip flag (train/engine.py SkippableAdamW), which changes nothing else.
+        # with a skip flag (optim/optimizer.py SkippableAdamW), which changes nothing else.
         "zero_allow_untested_optimizer": True,
         # Mixed precision is torch autocast with fp32 parameters (train.precision); DeepSpeed's
         # own bf16 mode (bf16 weights, fp32 master copy) is a memory optimisation left off here.

@@ -320,7 +320,7 @@ def diverging_ends_in_a_rollback(trainer, checkpoint_root: Path):
     with where to roll back to, which the CLI prints with the command (exit status 3)."""
     from ouro_train.checkpoint.manager import NonFiniteWeights
     from ouro_train.checkpoint.store import read_train_state, rollback_target
-    from ouro_train.train.guard import NONFINITE_WEIGHTS, TrainingDiverged
+    from ouro_train.optim.guard import NONFINITE_WEIGHTS, TrainingDiverged
 
     try:
         yield

@@ -23,14 +23,15 @@ from ouro_train.config.schema import Config
 from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX
 from ouro_train.model.looplm import LoopLM
 from ouro_train.model.objective import LossOutput, gate_loss, looplm_loss, loss_token_mask
-from ouro_train.train.engine import Engine, LocalEngine, build_optimizer, trained_numel
-from ouro_train.train.guard import (
+from ouro_train.optim.guard import (
     NONFINITE_GRAD,
     StabilityGuard,
     TrainingDiverged,
     adamw_update_bound,
 )
-from ouro_train.train.schedules import lr_at
+from ouro_train.optim.optimizer import build_optimizer
+from ouro_train.optim.schedules import lr_at
+from ouro_train.train.engine import Engine, LocalEngine, trained_numel
 from ouro_train.train.signals import StopOnSignal
 
 Batch = dict[str, torch.Tensor]
@@ -135,7 +136,7 @@ class Trainer:
         self.state = TrainState()
         self.guard = StabilityGuard(cfg.guard)
         self.pending_verdict: str | None = None
-        # What the update check needs (train/guard.py): AdamW's per-element bound and the size of
+        # What the update check needs (optim/guard.py): AdamW's per-element bound and the size of
         # what is trained (the exit gate alone in stage II).
         self.update_bound = adamw_update_bound(cfg.optim.beta1, cfg.optim.beta2)
         self.trained_numel = trained_numel(self.engine.module, cfg.parallel.tensor_parallel)
@@ -326,7 +327,7 @@ class Trainer:
             while self.state.step < stop:
                 try:
                     metrics = self.train_step()
-                except TrainingDiverged as error:  # the optimizer itself overflowed (train/engine.py)
+                except TrainingDiverged as error:  # the optimizer itself overflowed (optim/optimizer.py)
                     for hook in _hooks(self.callbacks, "on_train_end"):
                         hook(self)
                     error.rollback_lr = self.suggested_lr(error.reason)

@@ -6,7 +6,7 @@ weights of a TP=2 build and of a ZeRO-3 build are compared bit for bit with a si
 training steps after each build check that DeepSpeed takes the already-built (sharded or
 partitioned) model, with activation checkpointing and freeze_for_objective applied; their losses
 match the single process within test_parallel.py's tolerance (float summation order only). The
-losses are what caught weight decay grouped by the shape of ZeRO-3's empty partitions (train/engine.py).
+losses are what caught weight decay grouped by the shape of ZeRO-3's empty partitions (optim/optimizer.py).
 """
 
 import dataclasses

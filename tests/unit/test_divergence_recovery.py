@@ -1,5 +1,5 @@
 """Healthy means trainable (issue: recovering from a divergence). The update is judged before it is
-applied, by AdamW's own bound (train/guard.py adamw_update_bound), so an absurd learning rate
+applied, by AdamW's own bound (optim/guard.py adamw_update_bound), so an absurd learning rate
 never writes blown-up weights; a numeric overflow in the optimizer is a divergence, not a
 traceback; every torch file of a checkpoint is read weights-only, and a refused one makes the
 checkpoint broken (resume falls back) with no advice to unpickle it fully. The rollback command
@@ -21,14 +21,15 @@ from ouro_train.checkpoint.store import CheckpointError, checkpoint_problem, fin
 from ouro_train.config import GuardConfig
 from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
-from ouro_train.train.engine import LocalEngine, build_optimizer
-from ouro_train.train.guard import (
+from ouro_train.optim.guard import (
     NONFINITE_WEIGHTS,
     UPDATE_TOO_LARGE,
     StabilityGuard,
     TrainingDiverged,
     adamw_update_bound,
 )
+from ouro_train.optim.optimizer import build_optimizer
+from ouro_train.train.engine import LocalEngine
 from ouro_train.train.stage import resolve_resume
 from ouro_train.train.trainer import Trainer
 

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from ouro_train.config import ScheduleConfig
-from ouro_train.train.schedules import lr_at
+from ouro_train.optim.schedules import lr_at
 
 PEAK = 3e-4
 

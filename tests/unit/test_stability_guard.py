@@ -11,7 +11,7 @@ import torch
 from ouro_train.config import Config, GuardConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
 from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
-from ouro_train.train.guard import LOSS_SPIKE, NONFINITE_GRAD, NONFINITE_LOSS, StabilityGuard, TrainingDiverged
+from ouro_train.optim.guard import LOSS_SPIKE, NONFINITE_GRAD, NONFINITE_LOSS, StabilityGuard, TrainingDiverged
 from ouro_train.train.trainer import Trainer
 
 VOCAB = 64

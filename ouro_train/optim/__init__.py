@@ -1,0 +1,1 @@
+"""The optimizer, its learning-rate schedules and the stability guard that judges each of its steps."""

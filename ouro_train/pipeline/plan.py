@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ouro_train.checkpoint.store import is_complete, read_train_state, step_name
 from ouro_train.config.schema import Config, ConfigError
-from ouro_train.config.store import compose_config
+from ouro_train.config.store import compose_config, recipe_groups
+from ouro_train.pipeline.overrides import merge_overrides
 from ouro_train.pipeline.spec import PipelineSpec, StageSpec, resolve_spec, split_overrides
 
 
@@ -36,6 +37,7 @@ def plan(spec: PipelineSpec, run_dir: Path, extra: list[str]) -> list[PlannedSta
     recipe's `${run_dir}` is `run_dir`."""
     common, per_stage = split_overrides(extra, [stage.name for stage in spec.stages])
     resolved = resolve_spec(spec, run_dir)
+    groups = recipe_groups()
     planned: list[PlannedStage] = []
     for index, stage in enumerate(spec.stages):
         source = spec.input_of(index)
@@ -65,6 +67,7 @@ def plan(spec: PipelineSpec, run_dir: Path, extra: list[str]) -> list[PlannedSta
                 )
             )
             continue
+        # Each key once, a later override replacing an earlier one: the command a person would write.
         overrides = [
             *resolved.overrides,
             *resolved.stages[index].overrides,
@@ -77,6 +80,7 @@ def plan(spec: PipelineSpec, run_dir: Path, extra: list[str]) -> list[PlannedSta
         ]
         if input_path is not None:
             overrides.append(f"checkpoint.init_from={input_path}")
+        overrides = merge_overrides(overrides, groups)
         try:
             cfg = compose_config(overrides, config_name=spec.config_name)
         except ConfigError as error:

@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast test-slurm demo demo-single repro-mano check lint format dry-run clean
+.PHONY: setup test test-fast test-slurm demo demo-single repro-mano repro-depth check lint format dry-run clean
 
 setup: $(STAMP)
 
@@ -44,8 +44,17 @@ demo-single: setup
 
 # The Mano result of the paper (§6) at CPU scale: flat 2x1, looped 2x4, flat 8x1 on the same data
 # (data_tools/repro_mano.py, recipes/repro_mano.yaml); report.md/.json and accuracy.png in runs/repro_mano.
+# DEVICE=cuda: the GPU-scale recipe (recipes/repro_mano_gpu.yaml: F_23, L = 8, wider models, ~8 min
+# of one H100/H200) into runs/repro_mano_cuda.
+DEVICE ?= cpu
 repro-mano: setup
-	$(PY) -m data_tools.repro_mano --run-dir runs/repro_mano
+	$(PY) -m data_tools.repro_mano --device $(DEVICE)
+
+# Does looping buy depth? Variable chains whose answer needs 1..H look-ups in a row, flat k x 1,
+# looped k x R, flat kR x 1, two seeds (data_tools/repro_depth.py, recipes/repro_depth.yaml);
+# report.md/.json and accuracy.png in runs/repro_depth.
+repro-depth: setup
+	$(PY) -m data_tools.repro_depth --run-dir runs/repro_depth
 
 # The released sizes and the plans of both pipelines (stage table, memory per GPU, commands).
 dry-run: setup

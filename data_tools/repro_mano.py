@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools import mano
+from data_tools import mano, repro
 
 EXPERIMENTS = ("mano_flat", "mano_looped", "mano_flat_deep")
 
@@ -40,6 +39,7 @@ class Settings:
     seed: int = 0
     q: float = 0.5
     modulus: int = 7
+    recipe: str = "repro_mano"
 
     def data_key(self) -> dict:
         return {
@@ -49,6 +49,10 @@ class Settings:
             "test_per_length": self.test_per_length,
             "modulus": self.modulus,
         }
+
+
+# `--device cuda`: recipes/repro_mano_gpu.yaml and its data (F_23, L = 8: 4M rows seen in 4,000 steps).
+GPU = Settings(max_ops=8, train_samples=2_000_000, test_per_length=500, modulus=23, recipe="repro_mano_gpu")
 
 
 def prepare_data(data_dir: Path, settings: Settings) -> dict:
@@ -69,135 +73,20 @@ def prepare_data(data_dir: Path, settings: Settings) -> dict:
 
 
 def train_command(experiment: str, run_dir: Path, data_dir: Path, settings: Settings, overrides: list[str]) -> list:
-    command = [sys.executable, "-m", "ouro_train.cli.train", "--config-name", "repro_mano", f"experiment={experiment}"]
+    command = [*repro.TRAIN, "--config-name", settings.recipe, f"experiment={experiment}"]
     command += [f"data_root={data_dir}", f"run_dir={run_dir}", f"train.seq_len={mano.doc_length(settings.max_ops)}"]
     return command + overrides
-
-
-def train_all(commands: dict[str, list], run_dir: Path, jobs: int) -> dict[str, float]:
-    """The `ouro-train` runs, `jobs` at a time, each with torch on one thread when jobs > 1 (tiny
-    models: two one-thread runs use 2 cores better than one two-thread run); output in
-    <run_dir>/<experiment>.log. -> wall seconds per run."""
-    env = os.environ | {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "PYTHONUNBUFFERED": "1"}
-    if jobs > 1:
-        env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    pending = list(commands.items())
-    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
-    seconds: dict[str, float] = {}
-    while pending or running:
-        while pending and len(running) < jobs:
-            name, command = pending.pop(0)
-            print(f"$ ouro-train {' '.join(command[3:])}  (log: {run_dir / name}.log)", flush=True)
-            log = open(run_dir / f"{name}.log", "w")
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-            running[name] = (process, time.monotonic(), log)
-        time.sleep(0.5)
-        for name, (process, started, log) in list(running.items()):
-            if process.poll() is None:
-                continue
-            log.close()
-            del running[name]
-            tail = (run_dir / f"{name}.log").read_text().splitlines()[-3:]
-            if process.returncode != 0:
-                for other, _, _ in running.values():
-                    other.terminate()
-                raise RuntimeError(f"{name}: ouro-train exited with {process.returncode}:\n" + "\n".join(tail))
-            seconds[name] = time.monotonic() - started
-            print(f"{name}: trained in {seconds[name]:.0f} s; " + " / ".join(tail[-2:]), flush=True)
-    return seconds
-
-
-def final_checkpoint(run_dir: Path) -> Path:
-    from ouro_train.checkpoint.store import find_latest
-
-    found = find_latest(run_dir / "checkpoints")
-    if found is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint; train it first")
-    return found
 
 
 def evaluate(checkpoint: Path, test: list[mano.Sample], max_ops: int, q: float, batch: int = 512) -> dict:
     """Exact-match accuracy of the answer by number of operations: per recurrent step and at the
     Q-exit. -> {"steps", "per_step": [[acc by ops] per step], "exit": [acc by ops],
     "exit_mean_step": [mean exit step by ops], "ops": [1..L], "counts": [...]}."""
-    import torch
-
-    from ouro_train.checkpoint.weights import read_weights
-    from ouro_train.config.schema import ModelConfig
-    from ouro_train.model.looplm import LoopLM
-    from ouro_train.model.objective import exit_log_distribution
-
-    state, cfg = read_weights(checkpoint)
-    model = LoopLM(ModelConfig(**cfg))
-    model.load_state_dict(state)
-    model.eval()
     tokens, mask = mano.encode(mano.build_tokenizer(), test, max_ops)
     # The logits at the position before the answer predict it (that of <ans>).
     where = mask.argmax(1) - 1
-    answers = tokens[np.arange(len(test)), where + 1].astype(np.int64)
-    steps = model.config.recurrent_steps
-    correct = np.zeros((steps, len(test)), dtype=bool)
-    exit_step = np.zeros(len(test), dtype=np.int64)
-    with torch.no_grad():
-        for start in range(0, len(test), batch):
-            rows = slice(start, start + batch)
-            ids = torch.from_numpy(tokens[rows].astype(np.int64))
-            at = torch.from_numpy(where[rows])
-            index = torch.arange(len(at))
-            out = model(ids)
-            for t, h in enumerate(out.hidden_states):
-                predicted = model.logits(h[index, at]).argmax(-1).numpy()
-                correct[t, rows] = predicted == answers[rows]
-            cdf = exit_log_distribution(out.gate_logits[:, index, at]).exp().cumsum(0)  # (R, n)
-            reached = (cdf >= q).numpy()
-            reached[-1] = True  # CDF(R) = 1
-            exit_step[rows] = reached.argmax(0)
     ops = np.array([s.ops for s in test])
-    lengths = list(range(1, max_ops + 1))
-
-    def by_ops(values: np.ndarray) -> list[float]:
-        return [float(values[ops == n].mean()) for n in lengths]
-
-    chosen = correct[exit_step, np.arange(len(test))]
-    return {
-        "steps": steps,
-        "layers": model.config.num_layers,
-        "parameters": model.num_parameters(),
-        "ops": lengths,
-        "counts": [int((ops == n).sum()) for n in lengths],
-        "per_step": [by_ops(correct[t]) for t in range(steps)],
-        "exit": by_ops(chosen),
-        "exit_mean_step": by_ops(exit_step + 1.0),
-        "overall_per_step": [float(correct[t].mean()) for t in range(steps)],
-        "overall_exit": float(chosen.mean()),
-    }
-
-
-def run_facts(run_dir: Path) -> dict:
-    """What a run trained: lr, steps, tokens, wall time (from its metrics.jsonl)."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [line for line in lines if "loss" in line and "tokens" in line]
-    last = steps[-1] if steps else {}
-    evals = [line for line in lines if "eval/loss" in line]
-    return {
-        "steps": last.get("step"),
-        "tokens": last.get("tokens"),
-        "peak_lr": max((line.get("lr", 0.0) for line in steps), default=None),
-        "train_seconds": sum(line.get("step_time_s", 0.0) for line in steps),
-        "final_train_loss": last.get("loss"),
-        # Cross-entropy of the answer read out after the last step (eval/loss has -beta H in it).
-        "test_ce": evals[-1][max((k for k in evals[-1] if k.startswith("eval/ce_step")), key=len_and_name)]
-        if evals
-        else None,
-    }
-
-
-def len_and_name(key: str) -> tuple[int, str]:
-    return len(key), key
-
-
-def label(result: dict) -> str:
-    return f"{result['layers']}⊗{result['steps']}" if result["steps"] > 1 else f"{result['layers']}⊗1"
+    return repro.answer_accuracy(checkpoint, tokens, where, ops, "ops", q, batch)
 
 
 def constant_baseline(test: list[mano.Sample], max_ops: int) -> list[float]:
@@ -214,25 +103,7 @@ def report(
     results: dict[str, dict], settings: Settings, data_info: dict, wall: float, out: Path, baseline: list[float]
 ) -> str:
     """Markdown table (returned, and written with report.json and accuracy.png into `out`)."""
-    lengths = list(range(1, settings.max_ops + 1))
-    header = "| model | layers⊗loops | params | read-out | " + " | ".join(f"ℓ={n}" for n in lengths) + " | all |"
-    lines = [header, "|" + "---|" * (len(lengths) + 5)]
-
-    def row(name: str, result: dict, readout: str, accs: list[float], overall: float) -> str:
-        cells = " | ".join(f"{100 * a:.1f}" for a in accs)
-        return f"| {name} | {label(result)} | {result['parameters']:,} | {readout} | {cells} | {100 * overall:.1f} |"
-
-    for name, result in results.items():
-        steps = result["steps"]
-        lines.append(row(name, result, f"step {steps}", result["per_step"][-1], result["overall_per_step"][-1]))
-        if steps > 1:
-            for t in range(steps - 1):
-                lines.append(row(name, result, f"step {t + 1}", result["per_step"][t], result["overall_per_step"][t]))
-            exit_label = f"Q-exit q={settings.q}"
-            lines.append(row(name, result, exit_label, result["exit"], result["overall_exit"]))
-    cells = " | ".join(f"{100 * a:.1f}" for a in baseline)
-    lines.append(f"| best constant answer | – | 0 | – | {cells} | – |")
-    table = "\n".join(lines)
+    table = repro.accuracy_table(results, "ops", "ℓ", settings.q, ("best constant answer", baseline))
     facts = "\n".join(
         f"- {name}: peak lr {r['train']['peak_lr']:.2g}, {r['train']['steps']} steps, {r['train']['tokens']:,} tokens, "
         f"{r['train']['train_seconds']:.0f} s of steps, final train loss {r['train']['final_train_loss']:.3f}, "
@@ -253,55 +124,58 @@ def report(
     record = {"settings": asdict(settings), "data": data_info, "wall_seconds": wall, "models": results}
     record["best_constant_answer"] = baseline
     (out / "report.json").write_text(json.dumps(record, indent=1))
-    plot(results, settings, out / "accuracy.png", baseline)
+    title = f"Mano, F_{settings.modulus}, L = {settings.max_ops}, held-out test"
+    repro.plot_accuracy(
+        results,
+        "ops",
+        out / "accuracy.png",
+        title,
+        "operations ℓ",
+        settings.q,
+        1 / settings.modulus,
+        ("best constant answer", baseline),
+    )
     return text
-
-
-def plot(results: dict[str, dict], settings: Settings, path: Path, baseline: list[float]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for name, result in results.items():
-        ops = result["ops"]
-        ax.plot(ops, [100 * a for a in result["per_step"][-1]], marker="o", label=f"{name} ({label(result)})")
-        if result["steps"] > 1:
-            ax.plot(ops, [100 * a for a in result["exit"]], ls="--", marker=".", label=f"{name}, Q-exit q={settings.q}")
-    ax.axhline(100 / settings.modulus, color="grey", lw=0.8, ls=":", label="chance (uniform)")
-    ax.plot(result["ops"], [100 * a for a in baseline], color="grey", lw=0.8, ls="-.", label="best constant answer")
-    ax.set_xlabel("operations ℓ")
-    ax.set_ylabel("exact-match accuracy (%)")
-    ax.set_title(f"Mano, F_{settings.modulus}, L = {settings.max_ops}, held-out test")
-    ax.set_ylim(0, 100)
-    ax.set_xticks(result["ops"])
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="repro-mano", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run-dir", default="runs/repro_mano")
-    parser.add_argument("--max-ops", type=int, default=Settings.max_ops)
-    parser.add_argument("--train-samples", type=int, default=Settings.train_samples)
-    parser.add_argument("--test-per-length", type=int, default=Settings.test_per_length)
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: recipes/repro_mano_gpu.yaml (F_23, L = 8, wider models, ~8 min of one H100/H200) "
+        "and its data defaults, the three trainings side by side on the GPU",
+    )
+    parser.add_argument("--run-dir", default=None, help="default: runs/repro_mano, runs/repro_mano_cuda on cuda")
+    parser.add_argument("--max-ops", type=int, default=None, help=f"default {Settings.max_ops}, {GPU.max_ops} on cuda")
+    parser.add_argument("--train-samples", type=int, default=None)
+    parser.add_argument("--test-per-length", type=int, default=None)
     parser.add_argument("--seed", type=int, default=Settings.seed)
-    parser.add_argument("--modulus", type=int, default=Settings.modulus, help="the prime p of F_p (<= 23)")
+    parser.add_argument("--modulus", type=int, default=None, help="the prime p of F_p (<= 23); default 7, 23 on cuda")
     parser.add_argument("--q", type=float, default=Settings.q, help="Q-exit threshold on the exit CDF")
-    parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one torch thread each when > 1)")
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="trainings at a time (cpu: 2, one torch thread each; cuda: 3)"
+    )
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS)
     parser.add_argument(
         "overrides", nargs="*", help="ouro-train overrides for every model (E:key=value for experiment E only)"
     )
     args = parser.parse_args(argv)
-    settings = Settings(args.max_ops, args.train_samples, args.test_per_length, args.seed, args.q, args.modulus)
-    run_dir = Path(args.run_dir)
+    preset = GPU if args.device == "cuda" else Settings()
+    settings = Settings(
+        preset.max_ops if args.max_ops is None else args.max_ops,
+        preset.train_samples if args.train_samples is None else args.train_samples,
+        preset.test_per_length if args.test_per_length is None else args.test_per_length,
+        args.seed,
+        args.q,
+        preset.modulus if args.modulus is None else args.modulus,
+        preset.recipe,
+    )
+    jobs = args.jobs or (3 if args.device == "cuda" else 2)
+    run_dir = Path(args.run_dir or ("runs/repro_mano_cuda" if args.device == "cuda" else "runs/repro_mano"))
     started = time.monotonic()
     data_dir = run_dir / "data"
     data_info = prepare_data(data_dir, settings)
@@ -318,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         commands[experiment] = train_command(experiment, run_dir / experiment, data_dir, settings, overrides)
     # The longest runs first, so that the short one fills in beside them.
     order = sorted(commands, key=lambda name: name == "mano_flat")
-    seconds = train_all({name: commands[name] for name in order}, run_dir, args.jobs)
+    seconds = repro.train_all({name: commands[name] for name in order}, run_dir, jobs, args.device)
     results = {}
     for experiment in args.experiments:
-        result = evaluate(final_checkpoint(run_dir / experiment), test, settings.max_ops, settings.q)
-        result["train"] = run_facts(run_dir / experiment) | {"wall_seconds": seconds[experiment]}
+        result = evaluate(repro.final_checkpoint(run_dir / experiment), test, settings.max_ops, settings.q)
+        result["train"] = repro.run_facts(run_dir / experiment) | {"wall_seconds": seconds[experiment]}
         results[experiment] = result
     baseline = constant_baseline(test, settings.max_ops)
     text = report(results, settings, data_info, time.monotonic() - started, run_dir, baseline)

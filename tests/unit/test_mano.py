@@ -119,3 +119,23 @@ def test_bad_settings_are_refused():
         mano.generate(0, 40, 1, 1)
     with pytest.raises(ValueError, match="prime"):
         mano.generate(0, 3, 1, 1, modulus=9)
+
+
+def test_the_gpu_recipe_is_the_cpu_one_at_gpu_size():
+    """`make repro-mano DEVICE=cuda`: recipes/repro_mano_gpu.yaml keeps the comparison (same data,
+    budget and parameters' ratio for the three models) and sizes it for one GPU; its sequence
+    length is that of the data the driver writes for it."""
+    from data_tools.repro_mano import GPU
+
+    names = ("mano_flat", "mano_looped", "mano_flat_deep")
+    cfgs = {e: compose_config([f"experiment={e}"], "repro_mano_gpu") for e in names}
+    cpu = compose_config(["experiment=mano_looped"], "repro_mano")
+    budget = {(c.train.total_steps, c.train.global_batch_rows, c.train.seq_len) for c in cfgs.values()}
+    assert len(budget) == 1 and next(iter(budget))[2] == mano.doc_length(GPU.max_ops)
+    assert {(c.train.device, c.train.precision) for c in cfgs.values()} == {("cuda", "bf16")}
+    assert cfgs["mano_looped"].model.hidden_size > cpu.model.hidden_size
+    assert cfgs["mano_looped"].train.total_steps * cfgs["mano_looped"].train.global_batch_rows > 10 * (
+        cpu.train.total_steps * cpu.train.global_batch_rows
+    )
+    assert (GPU.modulus, GPU.recipe) == (23, "repro_mano_gpu")
+    assert len({str(c.data) for c in cfgs.values()}) == 1

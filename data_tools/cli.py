@@ -7,6 +7,7 @@ ouro-data inspect shards/web [--tokenizer tokenizer.json] [--verify]
 ouro-data train-tokenizer --out tok.json [--vocab-size N] [--input FILES...]
 ouro-data demo-tokenizer [--vocab-size N]
 ouro-data synth mano --out data/mano [--max-ops L] [--train-samples N] [--test-per-length M] [--seed S]
+ouro-data synth chains --out data/chains [--chains C] [--depth H] [--train-samples N] [--test-per-hop M] [--seed S]
 """
 
 from __future__ import annotations
@@ -167,6 +168,20 @@ def _synth_mano(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth_chains(args: argparse.Namespace) -> int:
+    from data_tools.chains import write_dataset
+
+    info = write_dataset(
+        args.out, args.seed, args.chains, args.depth, args.train_samples, args.test_per_hop, args.jsonl
+    )
+    print(
+        f"chains ({info['chains']} chains of depth {info['depth']}, seed {info['seed']}): "
+        f"{info['train_samples']:,} training samples ({info['train_tokens']:,} tokens), "
+        f"{info['test_samples']:,} held-out test samples -> {args.out}"
+    )
+    return 0
+
+
 SPLIT_HELP = "the split of a saved DatasetDict input (default: train)"
 
 
@@ -248,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modulus", type=int, default=23, help="the prime p of F_p (<= 23: numbers are single tokens)")
     p.add_argument("--jsonl", action="store_true", help="also write train.jsonl")
     p.set_defaults(run=_synth_mano)
+    p = synth.add_parser("chains", help="variable chains: answers that need 1..depth look-ups in a row")
+    p.add_argument("--out", required=True, help="output directory (tokenizer.json, train/, test/, test.jsonl)")
+    p.add_argument("--chains", type=int, default=3, help="chains per sample, each rooted at its own digit")
+    p.add_argument("--depth", type=int, default=2, help="variables per chain: the query needs 1..depth hops")
+    p.add_argument("--train-samples", type=int, default=100_000)
+    p.add_argument("--test-per-hop", type=int, default=300, help="held-out samples per number of hops")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jsonl", action="store_true", help="also write train.jsonl")
+    p.set_defaults(run=_synth_chains)
     return parser
 
 

@@ -59,6 +59,10 @@ class ModelConfig:
     # vectors; a unit embedding and branch norms of 0.1 start it near the identity instead.
     embed_init_std: float | None = None
     branch_norm_init: float = 1.0
+    # The exit gate's initial bias (0 in the reference: lambda = 1/2 at every step, so p(t) starts at
+    # 1/2, 1/4, ... and the last of R steps gets 2^-(R-1) of the loss). Negative starts the exit
+    # distribution on the last step, so that the later steps learn from the start (docs/LOOP.md).
+    exit_gate_bias_init: float = 0.0
     max_position_embeddings: int = 65536
     # Attention backend (ouro_train/kernels/attention.py), the same semantics on packed rows:
     # `sdpa` (torch; CPU and GPU; packed rows one document segment at a time), `flex` (torch

@@ -75,9 +75,9 @@ class LoopLM(nn.Module):
 
     def init_rules(self) -> dict[str, Init]:
         """How each parameter starts, by name. The reference's init by default: N(0, init_std) weights
-        of linears and the embedding, zero biases (the exit gate's), unit norms. `embed_init_std` and
-        `branch_norm_init` change the embedding's std and the weight of the sandwich norms that close
-        each residual branch (ModelConfig)."""
+        of linears and the embedding, zero biases (the exit gate's), unit norms. `embed_init_std`,
+        `branch_norm_init` and `exit_gate_bias_init` change the embedding's std, the weight of the
+        sandwich norms that close each residual branch and the exit gate's bias (ModelConfig)."""
         cfg = self.config
         closing = {id(norm) for layer in self.model.layers for norm in layer.branch_norms()}
         rules: dict[str, Init] = {}
@@ -88,7 +88,8 @@ class LoopLM(nn.Module):
             elif isinstance(module, nn.Linear):
                 rules[f"{prefix}weight"] = ("normal", cfg.init_std)
                 if getattr(module, "bias", None) is not None:
-                    rules[f"{prefix}bias"] = ("constant", 0.0)
+                    bias = cfg.exit_gate_bias_init if isinstance(module, ExitGate) else 0.0
+                    rules[f"{prefix}bias"] = ("constant", bias)
             elif isinstance(module, RMSNorm):
                 rules[f"{prefix}weight"] = ("constant", cfg.branch_norm_init if id(module) in closing else 1.0)
         unknown = sorted({name for name, _ in self.named_parameters()} - set(rules))

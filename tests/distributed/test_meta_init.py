@@ -253,3 +253,25 @@ def test_lazy_init_from_names_every_mismatch(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="unreadable"):
         SafetensorsWeights(tmp_path / "bad.safetensors", expected)
+
+
+def test_exit_gate_bias_init_option():
+    """`exit_gate_bias_init` (recipes/model/demo.yaml) sets the exit gate's bias, in the plain and the
+    sharded build alike, and nothing else: p(t) at init then puts most weight on the last step."""
+    from ouro_train.model.objective import exit_log_distribution
+
+    cfg = dataclasses.replace(tiny_config(), exit_gate_bias_init=-2.0)
+    plain = LoopLM(cfg, seed=5).state_dict()
+    reference = LoopLM(tiny_config(), seed=5).state_dict()
+    with torch.device("meta"):
+        source = InitialWeights(LoopLM(cfg, seed=5))
+    changed = {name for name, value in plain.items() if not torch.equal(value, reference[name])}
+    assert changed == {"model.early_exit_gate.bias"}
+    assert torch.equal(plain["model.early_exit_gate.bias"], torch.tensor([-2.0]))
+    assert torch.equal(source.get("model.early_exit_gate.bias"), torch.tensor([-2.0]))
+    # The gate's input at init is a norm's output times weights of std 0.02: the bias decides p(t).
+    steps = cfg.recurrent_steps
+    p = exit_log_distribution(torch.full((steps, 1), -2.0)).exp().squeeze(1)
+    assert p[-1] > 0.5 and p[0] < 0.15
+    p_reference = exit_log_distribution(torch.zeros(steps, 1)).exp().squeeze(1)
+    assert p_reference[0] == 0.5 and p_reference[-1] == 0.5 ** (steps - 1)

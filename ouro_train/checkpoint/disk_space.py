@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ouro_train.checkpoint.store import CheckpointError, complete_checkpoints
+from ouro_train.checkpoint.errors import CheckpointError
+from ouro_train.checkpoint.store import complete_checkpoints
 
 
 def estimate_checkpoint_bytes(root: Path, module: torch.nn.Module, final: bool, tensor_parallel: int = 1) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.hf_tokenizer import (
     GENERATION_CONFIG,
     SPECIAL_TOKENS_MAP,
@@ -27,7 +28,6 @@ from ouro_train.checkpoint.hf_tokenizer import (
     generation_config,
     write_hf_files,
 )
-from ouro_train.checkpoint.store import CheckpointError
 from ouro_train.checkpoint.tokenizer_record import TOKENIZER, ModelTokenizer, check_vocab_fits
 from ouro_train.checkpoint.weights import read_safetensors
 from ouro_train.config.schema import ModelConfig

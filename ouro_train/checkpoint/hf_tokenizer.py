@@ -1,5 +1,5 @@
 """The Hugging Face tokenizer files of a model directory: read from one (`read_hf_tokenizer`,
-what `ouro-import` and load_model_tokenizer take from a directory with no tokenizer_info.json)
+what `ouro-import` and model_tokenizer.py take from a directory with no tokenizer_info.json)
 and written into an `ouro-export` output (`write_hf_files`): tokenizer.json (the training
 tokenizer, whose post-processor prepends the BOS training prepended, so that `tokenizer(text)`
 prompts the model as ouro-generate does: `hf_tokenizer_json`), tokenizer_config.json (bos / eos /
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.tokenizer_record import (
     EOS_TOKEN,
     TOKENIZER,

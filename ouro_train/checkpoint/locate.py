@@ -17,7 +17,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ouro_train.checkpoint.store import LATEST, CheckpointError, find_latest
+from ouro_train.checkpoint.errors import CheckpointError
+from ouro_train.checkpoint.store import LATEST, find_latest
 from ouro_train.checkpoint.weights import WEIGHTS
 
 CHECKPOINTS = "checkpoints"

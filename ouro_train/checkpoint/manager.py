@@ -18,10 +18,10 @@ import torch
 
 from ouro_train.checkpoint.config_hash import LENGTH_KEYS, config_hash, training_config
 from ouro_train.checkpoint.disk_space import check_free_space, estimate_checkpoint_bytes, write_error
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.rng import rng_state, seed_everything, set_rng_state
 from ouro_train.checkpoint.store import (
     TRAIN_STATE,
-    CheckpointError,
     apply_retention,
     commit,
     read_train_state,

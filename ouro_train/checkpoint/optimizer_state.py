@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.weights import _gather_tensor_parallel, process_rank, read_safetensors
 
 OPTIMIZER = "optimizer.safetensors"

@@ -28,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.store import (
     LATEST,
-    CheckpointError,
     complete_checkpoints,
     read_train_state,
     step_name,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.errors import CheckpointError
 
 FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 FORCE_NOT = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # torch raises if both are set; unset inside the block

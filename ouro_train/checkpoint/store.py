@@ -27,6 +27,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.utils.atomic import atomic_write_text, fsync_dir, is_temporary
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
 _NAME = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message names the directory and what to do."""
 
 
 def step_name(step: int) -> str:

@@ -1,4 +1,4 @@
-"""The tokenizer a checkpoint records, and reading any model directory's tokenizer.
+"""The tokenizer a checkpoint records, and the tokenizer of a model directory (`ModelTokenizer`).
 
 A checkpoint (`<run_dir>/checkpoints/step_N`) or an `ouro-import` / `ouro-upcycle` output holds
     tokenizer.json          a byte copy of the tokenizer the training data was tokenized with
@@ -10,10 +10,11 @@ the same commit as the weights. `sha256` is checked on every read: a copy that d
 fails naming the file. A checkpoint whose data directory held no tokenizer.json (shards
 tokenized before tokenizers were copied beside them) records tokenizer_info.json with
 "file": null and the data's sha256, so that `--tokenizer PATH` can be checked against it.
-`load_model_tokenizer(path)` reads the tokenizer (a `ModelTokenizer`: the tokenizer and the ids
-generation needs) of such a directory, of an `ouro-export` output or of any Hugging Face model
-directory with a tokenizer.json (through hf_tokenizer.py, which also writes an export's files);
-what a training run records is found by training_tokenizer.py.
+A `ModelTokenizer` is a directory's tokenizer and the ids generation needs; model_tokenizer.py's
+`load_model_tokenizer(path)` reads one from such a directory (its record, read here by
+`read_record`), from an `ouro-export` output or from any Hugging Face model directory with a
+tokenizer.json (hf_tokenizer.py, which also writes an export's files); what a training run
+records is found by training_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.utils.atomic import atomic_write_text
 
 TOKENIZER = "tokenizer.json"
@@ -112,61 +113,6 @@ def chat_eos_ids(tokenizer: Tokenizer, eos_ids: list[int]) -> list[int]:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def load_model_tokenizer(path: Path, tokenizer: Path | None = None) -> ModelTokenizer:
-    """The tokenizer of a model directory: a checkpoint, an `ouro-import` output or a Hugging Face
-    directory (an `ouro-export` output). `path` may also name the directory's model.safetensors.
-
-    `tokenizer` (what a CLI's --tokenizer gives: a tokenizer.json, or a directory holding one)
-    supplies the tokenizer of a directory that has none; where the directory records the sha256 of
-    its tokenizer, the given one must match it. Raises CheckpointError naming the directory and
-    what to pass when no tokenizer is found."""
-    path = Path(path)
-    directory = path.parent if path.is_file() else path
-    if not directory.is_dir():
-        raise CheckpointError(f"{path}: no such model directory (a checkpoint, ouro-import or ouro-export output)")
-    record = read_record(directory)
-    if tokenizer is not None:
-        given = _given_tokenizer(Path(tokenizer))
-        if record is None:
-            return given
-        if given.sha256 != record.sha256:
-            raise CheckpointError(
-                f"--tokenizer {tokenizer}: sha256 {given.sha256[:12]}… but {directory / TOKENIZER_INFO} records "
-                f"sha256 {record.sha256[:12]}… ({record.name or 'unnamed'}, from {record.source or '?'}); the model "
-                "was trained with another tokenizer: pass that one (or none, where the directory holds a copy)"
-            )
-        found = _from_record(record, given.tokenizer, given.path)
-        if record.file is None and record.chat_template is not None:  # the record could not look <|im_end|> up
-            found.eos_ids = chat_eos_ids(found.tokenizer, found.eos_ids)
-        return found
-    if record is not None:
-        if record.file is None:
-            raise CheckpointError(
-                f"{directory}: holds no copy of its tokenizer ({record.name or 'unnamed'}, sha256 "
-                f"{record.sha256[:12]}…, from {record.source or '?'}: its data directory had no tokenizer.json); "
-                "pass --tokenizer PATH with that tokenizer.json"
-            )
-        file = directory / record.file
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing, but {directory / TOKENIZER_INFO} names it; pass --tokenizer PATH")
-        found = file_sha256(file)
-        if found != record.sha256:
-            raise CheckpointError(
-                f"{file}: sha256 {found} but {directory / TOKENIZER_INFO} records {record.sha256}; the copy is "
-                "corrupt: restore it, or pass --tokenizer PATH with the original"
-            )
-        return _from_record(record, read_tokenizer_file(file), file)
-    if (directory / TOKENIZER).is_file():
-        from ouro_train.checkpoint.hf_tokenizer import read_hf_tokenizer  # it builds on this module
-
-        return read_hf_tokenizer(directory)
-    raise CheckpointError(
-        f"{directory}: no tokenizer found (no {TOKENIZER}, no {TOKENIZER_INFO}); it was written before "
-        "checkpoints carried their tokenizer: pass --tokenizer PATH (the tokenizer.json the training data was "
-        "tokenized with)"
-    )
-
-
 def read_record(directory: Path) -> TokenizerRecord | None:
     file = Path(directory) / TOKENIZER_INFO
     if not file.is_file():
@@ -178,33 +124,6 @@ def read_record(directory: Path) -> TokenizerRecord | None:
         return TokenizerRecord(**raw)
     except (OSError, json.JSONDecodeError, TypeError) as error:
         raise CheckpointError(f"{file}: unreadable ({error}); restore it or pass --tokenizer PATH") from error
-
-
-def _from_record(record: TokenizerRecord, tokenizer: Tokenizer, path: Path) -> ModelTokenizer:
-    return ModelTokenizer(
-        tokenizer=tokenizer,
-        eos_ids=list(record.eos_ids),
-        bos_id=record.bos_id,
-        pad_id=record.pad_id,
-        chat_template=record.chat_template,
-        path=path,
-        sha256=record.sha256,
-        name=record.name,
-    )
-
-
-def _given_tokenizer(path: Path) -> ModelTokenizer:
-    """--tokenizer: a Hugging Face directory (its ids and template), a checkpoint, or a bare
-    tokenizer.json (EOS <|endoftext|>, no BOS, no chat template)."""
-    if path.is_dir():
-        return load_model_tokenizer(path)
-    if not path.is_file():
-        raise CheckpointError(f"--tokenizer {path}: not found (a tokenizer.json, or a directory holding one)")
-    tokenizer = read_tokenizer_file(path)
-    eos = tokenizer.token_to_id(EOS_TOKEN)
-    if eos is None:
-        raise CheckpointError(f"--tokenizer {path}: has no {EOS_TOKEN!r} token to end a document")
-    return ModelTokenizer(tokenizer, [eos], path=path, sha256=file_sha256(path), name=path.stem)
 
 
 # --- writing -----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.utils.atomic import atomic_path, remove_stale_temporaries
 
 UNIVERSAL_DIR = "universal"

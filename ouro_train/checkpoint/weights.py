@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.config.schema import ModelConfig
 
 WEIGHTS = "model.safetensors"

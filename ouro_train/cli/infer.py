@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.locate import locate_model
-from ouro_train.checkpoint.store import CheckpointError
 from ouro_train.config.schema import ConfigError
 from ouro_train.data.manifest import DataError
 
@@ -45,7 +45,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _tokenizer(args):
-    from ouro_train.checkpoint.tokenizer_record import load_model_tokenizer
+    from ouro_train.checkpoint.model_tokenizer import load_model_tokenizer
 
     return load_model_tokenizer(args.model, args.tokenizer)
 

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.hf import DTYPES, export_hf, import_hf
 from ouro_train.checkpoint.locate import locate_model
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.model_tokenizer import load_model_tokenizer
 from ouro_train.checkpoint.tokenizer_record import (
     CHATML_TEMPLATE,
     TOKENIZER,
     TOKENIZER_INFO,
     chat_eos_ids,
     check_vocab_fits,
-    load_model_tokenizer,
     write_record,
 )
 from ouro_train.checkpoint.weights import WEIGHTS, read_weights, save_weights

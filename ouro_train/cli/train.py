@@ -151,7 +151,7 @@ def _configure_logging() -> None:
 
 def run(cfg: Config) -> None:
     """Train (or dry-run) a composed config; the outcome as an exit status (sys.exit) when it is not 0."""
-    from ouro_train.checkpoint.store import CheckpointError
+    from ouro_train.checkpoint.errors import CheckpointError
     from ouro_train.data.manifest import DataError
     from ouro_train.train.stage import StoppedBySignal, dry_run, run_stage  # torch: not for --help or a typo
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.hf import DTYPES, import_hf
-from ouro_train.checkpoint.store import CheckpointError
 from ouro_train.config.schema import ModelConfig
 from ouro_train.model.looplm import LoopLM
 

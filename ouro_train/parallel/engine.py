@@ -175,8 +175,8 @@ class DeepSpeedEngine:
     def load_checkpoint(self, directory, universal: bool = False) -> None:
         """Every rank. `universal`: `directory` holds DeepSpeed's universal checkpoint (tag `state`),
         saved at another data-parallel size, ZeRO stage or tensor-parallel size."""
+        from ouro_train.checkpoint.errors import CheckpointError
         from ouro_train.checkpoint.safety import failed_file, restricted_loads
-        from ouro_train.checkpoint.store import CheckpointError
 
         # Every torch.load DeepSpeed does in here (its checkpoint engine, the ZeRO optimizers'
         # universal loaders) runs torch's weights-only unpickler; trust_engine_files skips that.

@@ -8,9 +8,9 @@ each training stage alone (commands.py, exactly what the runner runs).
 from __future__ import annotations
 
 from ouro_train.config.schema import Config
+from ouro_train.model.memory import estimate_memory
 from ouro_train.pipeline.commands import stage_command
 from ouro_train.pipeline.cost import MEASURED, human_duration, human_hours, stage_throughput
-from ouro_train.pipeline.memory import estimate_memory
 from ouro_train.pipeline.plan import PlannedStage
 from ouro_train.pipeline.spec import PipelineSpec
 
@@ -193,7 +193,7 @@ def _resources(planned: list[PlannedStage], world_size: int, budget: float, give
     lines += _table(rows)
     lines.append(
         "memory: a rough per-GPU estimate (fp32 states sharded as the stage's ZeRO stage says + bf16 activations; "
-        "see ouro_train/pipeline/memory.py); `!`: over the budget"
+        "see ouro_train/model/memory.py); `!`: over the budget"
     )
     if given is not None:
         lines.append(f"time: at {given:,.0f} tokens/s per GPU for every stage (plan_tokens_per_gpu_s, given)")

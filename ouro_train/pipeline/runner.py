@@ -35,7 +35,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.pipeline.commands import child_env, stage_command
 from ouro_train.pipeline.in_process import run_eval, run_upcycle
 from ouro_train.pipeline.plan import PlannedStage, check_layout, plan, select, stage_done

@@ -149,7 +149,7 @@ class LocalEngine:
         torch.save(self.state_dict(), directory / "engine.pt")
 
     def load_checkpoint(self, directory: Path) -> None:
-        from ouro_train.checkpoint.store import CheckpointError
+        from ouro_train.checkpoint.errors import CheckpointError
 
         path = directory / "engine.pt"
         if not path.is_file():

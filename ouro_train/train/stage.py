@@ -52,7 +52,7 @@ def dry_run(cfg: Config, dp_size: int = 1) -> dict:
         f"batch: {resolved.tokens_per_step:,} tokens per optimizer step; {resolved.steps:,} steps "
         f"= {resolved.tokens_per_step * resolved.steps:,} tokens"
     )
-    from ouro_train.pipeline.memory import estimate_memory
+    from ouro_train.model.memory import estimate_memory
 
     memory = estimate_memory(cfg, dp_size * cfg.parallel.tensor_parallel)
     print(
@@ -66,7 +66,8 @@ def dry_run(cfg: Config, dp_size: int = 1) -> dict:
 
 
 def resolve_resume(resume: str, root: Path, trust_engine_files: bool = False) -> Path | None:
-    from ouro_train.checkpoint.store import CheckpointError, checkpoint_problem, find_latest, is_complete
+    from ouro_train.checkpoint.errors import CheckpointError
+    from ouro_train.checkpoint.store import checkpoint_problem, find_latest, is_complete
 
     if resume == "none":
         return None
@@ -96,7 +97,8 @@ def written_by_deepspeed(checkpoint: Path | None) -> bool:
 def handoff_source(cfg: Config) -> dict | None:
     """The train state of `checkpoint.init_from` (a stage's final checkpoint or an ouro-upcycle
     output), checked to hold what this stage's hand-off options take from it."""
-    from ouro_train.checkpoint.store import CheckpointError, read_train_state_if_any
+    from ouro_train.checkpoint.errors import CheckpointError
+    from ouro_train.checkpoint.store import read_train_state_if_any
     from ouro_train.checkpoint.weights import WEIGHTS
 
     if not cfg.checkpoint.init_from:
@@ -144,8 +146,9 @@ def run_stage(cfg: Config) -> dict:
     final evaluation's metrics. Raises StoppedBySignal (checkpoint saved), TrainingDiverged, and
     ConfigError / DataError / CheckpointError / RunDirError for bad input (message names the key or file)."""
     from ouro_train.checkpoint import rollback
+    from ouro_train.checkpoint.errors import CheckpointError
     from ouro_train.checkpoint.manager import Checkpointer
-    from ouro_train.checkpoint.store import CheckpointError, read_train_state
+    from ouro_train.checkpoint.store import read_train_state
     from ouro_train.data.build import build_data
     from ouro_train.parallel import build_model, destroy_parallel, init_parallel, parallelize
     from ouro_train.train.callbacks import ConsoleLogger, JsonlLogger

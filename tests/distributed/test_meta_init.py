@@ -17,7 +17,7 @@ import pytest
 import torch
 from tiny_models import TRAINABLE, randomized, tiny_config
 
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.weights import WEIGHTS, SafetensorsWeights, full_state_dict, save_weights
 from ouro_train.config import Config, ObjectiveConfig, OptimConfig, ParallelConfig, TrainConfig
 from ouro_train.config.resolve import resolve

@@ -126,7 +126,7 @@ def test_the_conversion_itself_is_weights_only_in_its_workers(saved, tmp_path, m
     """A file replaced after the check (the check skipped here) is still refused, also in the
     conversion's forked extraction workers (rank 1's shard is read only there)."""
     from ouro_train.checkpoint import safety, universal
-    from ouro_train.checkpoint.store import CheckpointError
+    from ouro_train.checkpoint.errors import CheckpointError
 
     checkpoint, path, marker = copy_with_hostile(saved, tmp_path, name, "global")
     monkeypatch.setattr(safety, "verify_engine_files", lambda directory: None)

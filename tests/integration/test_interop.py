@@ -10,7 +10,7 @@ from cli_runs import TINY, run_cli
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from ouro_train.checkpoint.tokenizer_record import load_model_tokenizer
+from ouro_train.checkpoint.model_tokenizer import load_model_tokenizer
 from ouro_train.cli.infer import eval_main, generate_main
 
 pytestmark = pytest.mark.slow  # CLI subprocesses

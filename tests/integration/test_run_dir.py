@@ -171,7 +171,7 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tm
     import ouro_train.checkpoint.manager as manager
 
     monkeypatch.setattr(manager, "check_free_space", lambda *a: None)
-    from ouro_train.checkpoint.store import CheckpointError
+    from ouro_train.checkpoint.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="the disk filled up while saving the checkpoint of step 4"):
         in_process(tmp_path, run, "train.steps=6", "checkpoint.every_steps=2")

@@ -17,8 +17,8 @@ import pytest
 import torch
 from hostile_pickles import SHAPES, SPELLINGS, hostile_file
 
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.safety import FORCE, FORCE_NOT, restricted_loads, verify_engine_files
-from ouro_train.checkpoint.store import CheckpointError
 
 CASES = [(spelling, shape) for shape in SHAPES for spelling in SPELLINGS]
 REFUSED = {

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.store import (
     TRAIN_STATE,
-    CheckpointError,
     apply_retention,
     commit,
     complete_checkpoints,

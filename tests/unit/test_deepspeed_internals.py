@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ouro_train.checkpoint import optimizer_state
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
 

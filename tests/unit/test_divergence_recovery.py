@@ -15,9 +15,10 @@ from hostile_pickles import hostile_pickle, replace_pickle
 from test_checkpoint_store import fake_save
 from test_stability_guard import assert_same, batches, config, snapshot
 
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.rollback import rollback_command
 from ouro_train.checkpoint.safety import safe_torch_load
-from ouro_train.checkpoint.store import CheckpointError, checkpoint_problem, find_latest, rollback_target
+from ouro_train.checkpoint.store import checkpoint_problem, find_latest, rollback_target
 from ouro_train.config import GuardConfig
 from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM

@@ -7,8 +7,8 @@ import shlex
 import pytest
 
 from ouro_train.checkpoint.config_hash import config_hash, training_config
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.manager import Checkpointer
-from ouro_train.checkpoint.store import CheckpointError
 from ouro_train.config import Config, ScheduleConfig, TrainConfig
 from ouro_train.config.resolve import resolve
 

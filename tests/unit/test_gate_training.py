@@ -160,7 +160,7 @@ def test_gate_training_is_the_last_stage_of_every_shipped_pipeline_after_sft(tmp
 
 
 def test_the_memory_plan_counts_only_the_gate_states():
-    from ouro_train.pipeline.memory import estimate_memory
+    from ouro_train.model.memory import estimate_memory
 
     cfg = compose_config(["stage=gate_training", "model=ouro_1p4b", "parallel=zero1"])
     sft = compose_config(["stage=sft", "model=ouro_1p4b", "parallel=zero1"])

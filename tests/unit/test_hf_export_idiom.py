@@ -14,7 +14,8 @@ import torch
 from tiny_models import randomized, tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ouro_train.checkpoint.tokenizer_record import TOKENIZER, ModelTokenizer, load_model_tokenizer, write_record
+from ouro_train.checkpoint.model_tokenizer import load_model_tokenizer
+from ouro_train.checkpoint.tokenizer_record import TOKENIZER, ModelTokenizer, write_record
 from ouro_train.checkpoint.weights import WEIGHTS, save_weights
 from ouro_train.cli.infer import _prompts, generate_main
 from ouro_train.cli.interop import export_main, import_main

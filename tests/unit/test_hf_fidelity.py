@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 from tiny_models import randomized, tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ouro_train.checkpoint.store import CheckpointError
+from ouro_train.checkpoint.errors import CheckpointError
+from ouro_train.checkpoint.model_tokenizer import load_model_tokenizer
 from ouro_train.checkpoint.tokenizer_record import (
     CHATML_TEMPLATE,
     TOKENIZER,
     TOKENIZER_INFO,
     ModelTokenizer,
-    load_model_tokenizer,
     prompt_ids,
     write_record,
 )

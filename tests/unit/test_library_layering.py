@@ -68,18 +68,6 @@ FLOORS = [
     "pipeline",
     "cli",
 ]
-# Not yet on their floor (each entry must still be found: remove it when its import goes). A
-# module of train/ reads pipeline's memory estimate for the dry run (pipeline/memory.py belongs
-# beside model/flops.py, moved when the pipeline refactor under way has landed).
-KNOWN_UPWARD = {("ouro_train/train/stage.py", "ouro_train.pipeline.memory")}
-# Circles not yet broken: the same rule (an entry must still be a circle).
-KNOWN_CYCLES = [
-    # safety raises store's CheckpointError; store's checkpoint_problem reads files through safety.
-    {"ouro_train.checkpoint.safety", "ouro_train.checkpoint.store"},
-    # tokenizer_record reads a Hugging Face directory's tokenizer through hf_tokenizer, which builds
-    # on tokenizer_record (both from the split of checkpoint/tokenizer_files.py).
-    {"ouro_train.checkpoint.hf_tokenizer", "ouro_train.checkpoint.tokenizer_record"},
-]
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -192,25 +180,17 @@ def test_every_subpackage_has_a_floor():
 
 def test_no_import_circle():
     found = cycles(import_graph(LIBRARY))
-    unknown = [c for c in found if set(c[:-1]) not in KNOWN_CYCLES]
-    assert not unknown, "import circles (move the shared name to a module both sides can import):\n" + "\n".join(
-        " -> ".join(c) for c in unknown
+    assert not found, "import circles (move the shared name to a module both sides can import):\n" + "\n".join(
+        " -> ".join(c) for c in found
     )
-    gone = [k for k in KNOWN_CYCLES if not any(set(c[:-1]) == k for c in found)]
-    assert not gone, f"no longer circles: remove them from KNOWN_CYCLES: {gone}"
 
 
 def test_no_module_imports_a_higher_floor():
-    found = list(upward_imports(LIBRARY))
-    offenders = [
-        f"{file}:{line}: import {target}" for file, target, line in found if (file, target) not in KNOWN_UPWARD
-    ]
+    offenders = [f"{file}:{line}: import {target}" for file, target, line in upward_imports(LIBRARY)]
     assert not offenders, (
         f"imports from a lower floor up (floors, bottom first: {', '.join(FLOORS)}); move the name down:\n"
         + "\n".join(offenders)
     )
-    gone = KNOWN_UPWARD - {(file, target) for file, target, _ in found}
-    assert not gone, f"fixed: remove them from KNOWN_UPWARD: {sorted(gone)}"
 
 
 def test_the_checks_find_a_circle_and_an_upward_import(tmp_path):

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from tiny_models import randomized, tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ouro_train.checkpoint.errors import CheckpointError
 from ouro_train.checkpoint.hf import export_hf
 from ouro_train.checkpoint.locate import resolve_model_path
-from ouro_train.checkpoint.store import COMPLETE, LATEST, TRAIN_STATE, CheckpointError, step_name
+from ouro_train.checkpoint.store import COMPLETE, LATEST, TRAIN_STATE, step_name
 from ouro_train.checkpoint.tokenizer_record import ModelTokenizer, write_record
 from ouro_train.checkpoint.weights import WEIGHTS, save_weights
 from ouro_train.cli.infer import eval_main, generate_main

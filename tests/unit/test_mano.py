@@ -91,7 +91,7 @@ def test_cli_writes_shards_the_loader_reads(tmp_path, capsys):
     assert len(evaluation()) == cfg.train.eval_batches
     # A checkpoint of these (loss-masked, not ChatML) shards keeps the Mano tokenizer as a plain
     # one: no chat template, EOS only (it has no <|im_end|>).
-    from ouro_train.checkpoint.tokenizer_record import load_model_tokenizer
+    from ouro_train.checkpoint.model_tokenizer import load_model_tokenizer
     from ouro_train.checkpoint.training_tokenizer import save_checkpoint_tokenizer
 
     (tmp_path / "ckpt").mkdir()

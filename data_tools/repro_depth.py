@@ -37,7 +37,7 @@ EXPERIMENTS = ("depth_flat", "depth_looped", "depth_flat_deep")
 class Settings:
     chains: int = 3
     depth: int = 2
-    train_samples: int = 160_000
+    train_samples: int = 320_000  # 2,500 steps x 128 rows: every sample seen once
     test_per_hop: int = 300
     q: float = 0.5
     solved: float = 0.9
@@ -54,21 +54,28 @@ class Settings:
         }
 
 
-def prepare_data(data_dir: Path, settings: Settings, seed: int) -> dict:
-    """The data set, written unless `data_dir` already holds one with the same settings."""
-    stamp = data_dir / "chains.json"
-    if stamp.is_file():
-        info = json.loads(stamp.read_text())
-        if all(info.get(key) == value for key, value in settings.data_key(seed).items()):
-            print(f"data: {data_dir} is up to date ({info['train_samples']:,} training samples)", flush=True)
-            return info
-    command = [sys.executable, "-c", "import sys; from data_tools.cli import main; sys.exit(main())"]
-    command += ["synth", "chains", "--out", str(data_dir), "--chains", str(settings.chains)]
-    command += ["--depth", str(settings.depth), "--train-samples", str(settings.train_samples)]
-    command += ["--test-per-hop", str(settings.test_per_hop), "--seed", str(seed)]
-    print("$ ouro-data " + " ".join(command[3:]), flush=True)
-    subprocess.run(command, check=True)
-    return json.loads(stamp.read_text())
+def prepare_data(run_dir: Path, settings: Settings, seeds: list[int]) -> dict[int, dict]:
+    """The data set of each seed in <run_dir>/seed_<s>/data, written (the seeds side by side) unless
+    it is already there with the same settings. -> {seed: its chains.json}."""
+    writing = {}
+    for seed in seeds:
+        data_dir = run_dir / f"seed_{seed}" / "data"
+        stamp = data_dir / "chains.json"
+        if stamp.is_file():
+            info = json.loads(stamp.read_text())
+            if all(info.get(key) == value for key, value in settings.data_key(seed).items()):
+                print(f"data: {data_dir} is up to date ({info['train_samples']:,} training samples)", flush=True)
+                continue
+        command = [sys.executable, "-c", "import sys; from data_tools.cli import main; sys.exit(main())"]
+        command += ["synth", "chains", "--out", str(data_dir), "--chains", str(settings.chains)]
+        command += ["--depth", str(settings.depth), "--train-samples", str(settings.train_samples)]
+        command += ["--test-per-hop", str(settings.test_per_hop), "--seed", str(seed)]
+        print("$ ouro-data " + " ".join(command[3:]), flush=True)
+        writing[seed] = subprocess.Popen(command)
+    for seed, process in writing.items():
+        if process.wait() != 0:
+            raise RuntimeError(f"ouro-data synth chains (seed {seed}) exited with {process.returncode}")
+    return {seed: json.loads((run_dir / f"seed_{seed}" / "data" / "chains.json").read_text()) for seed in seeds}
 
 
 def train_command(experiment: str, run_dir: Path, data_dir: Path, settings: Settings, seed: int) -> list:
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_dir = Path(args.run_dir)
     started = time.monotonic()
-    data = {seed: prepare_data(run_dir / f"seed_{seed}" / "data", settings, seed) for seed in args.seeds}
+    data = prepare_data(run_dir, settings, args.seeds)
     commands = {}
     for experiment in EXPERIMENTS:  # the looped and deep models first, so that the flat ones fill in
         for seed in args.seeds:

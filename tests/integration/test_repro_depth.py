@@ -26,7 +26,7 @@ def test_repro_depth_end_to_end(tmp_path, monkeypatch):
     for seed, entry in report["seeds"].items():
         models = entry["models"]
         assert list(models) == ["depth_flat", "depth_looped", "depth_flat_deep"]
-        assert [(m["layers"], m["steps"]) for m in models.values()] == [(2, 1), (2, 4), (3, 1)]
+        assert [(m["layers"], m["steps"]) for m in models.values()] == [(1, 1), (1, 4), (3, 1)]
         assert models["depth_flat"]["parameters"] == models["depth_looped"]["parameters"]
         assert {m["train"]["tokens"] for m in models.values()} == {2 * 8 * 23}  # steps x rows x (3 C H + 5)
         looped = models["depth_looped"]
@@ -40,7 +40,7 @@ def test_repro_depth_end_to_end(tmp_path, monkeypatch):
     first, second = (json.loads((run_dir / f"seed_{s}" / "data" / "chains.json").read_text()) for s in (0, 1))
     assert first["seed"] == 0 and second["seed"] == 1
     text = (run_dir / "report.md").read_text()
-    assert "| depth_looped | 2⊗4 |" in text and "Q-exit q=0.5" in text and "## Seed 1" in text
+    assert "| depth_looped | 1⊗4 |" in text and "Q-exit q=0.5" in text and "## Seed 1" in text
     assert "Verdict: the target does not hold in 2 seed(s)" in text
     assert (run_dir / "accuracy.png").stat().st_size > 5000
 

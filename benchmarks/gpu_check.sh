@@ -3,11 +3,22 @@
 # benchmarks, each log under $OUT (default gpu_check/) and a summary at the end.
 #
 #   On a machine with CUDA, torch and triton (e.g. the device machine: Python 3.12, no internet):
-#       bash benchmarks/gpu_check.sh run [--quick]
+#       bash benchmarks/gpu_check.sh run [--quick] [--mano]
 #   Beforehand, where pip reaches PyPI, fetch the few pure wheels the checked code imports beyond
 #   torch and triton (pytest, omegaconf and their needs) into .whl/, which `run` installs first:
-#       bash benchmarks/gpu_check.sh fetch
+#       bash benchmarks/gpu_check.sh fetch [--train]
 #   (.whl/ is ignored by git; carry it to the GPU machine with the working tree.)
+#
+#   --train (fetch): also the wheels a single-process `ouro-train` run needs there (hydra-core,
+#     webdataset/wids, DeepSpeed built as a pure wheel with DS_BUILD_OPS=0, pydantic, wandb and
+#     their import-time needs), and into .whl/fallback/<module>/ the wheels of packages the device
+#     image already holds (matplotlib and its needs, psutil, msgpack...): `run` installs one of
+#     those only where `import <module>` fails there. megatron-core is not fetched: the
+#     single-process path never imports it (tensor/sequence parallelism only).
+#   --quick (run): skips the 64K MFU run.
+#   --mano (run): last, `make repro-mano DEVICE=cuda` (python -m data_tools.repro_mano --device
+#     cuda, recipes/repro_mano_gpu.yaml: three trainings side by side, ~8 minutes) into
+#     $OUT/repro_mano_cuda, its report.md copied into the summary. Needs `fetch --train`'s wheels.
 #
 # The checked paths (model, kernels, attention, objective) import neither DeepSpeed nor megatron-core;
 # the distributed paths are covered by the CPU suite over gloo. flash-attn has no wheel on PyPI (it
@@ -15,8 +26,53 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
-quick=${2:-}
+[ $# -gt 0 ] && shift
+quick= mano= train=
+for arg in "$@"; do
+    case "$mode:$arg" in
+        run:--quick) quick=--quick ;;
+        run:--mano) mano=--mano ;;
+        fetch:--train) train=--train ;;
+        *) echo "usage: $0 fetch [--train] | run [--quick] [--mano] (got '$mode $arg')" >&2; exit 2 ;;
+    esac
+done
+case "$mode" in run|fetch) ;; *) echo "usage: $0 fetch [--train] | run [--quick] [--mano]" >&2; exit 2 ;; esac
 PYTHON=${PYTHON:-python3}
+
+# `fetch --train`, installed always (versions: constraints.txt). Each line's comment: who imports it.
+train_wheels=(
+    hydra-core==1.3.8                    # ouro_train.config.store (omegaconf, antlr4: the base list)
+    webdataset==1.0.2 wids==0.1.11       # data/tokenize.py, data/source.py (shards)
+    braceexpand==0.1.7                   # webdataset, wids
+    hjson==3.1.0                         # deepspeed (built below)
+    pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
+    typing_extensions==4.16.0            # pydantic 2.14 needs >= 4.16: newer than torch's
+    wandb==0.31.0                        # train/callbacks.py, only with logging.wandb=true (offline there)
+    platformdirs==4.14.7 protobuf==7.36.2 googleapis-common-protos==1.76.0
+    opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2
+    opentelemetry-proto==1.45.2 opentelemetry-exporter-otlp-proto-common==1.45.2
+    opentelemetry-exporter-otlp-proto-http==1.45.2 opentelemetry-exporter-http-transport==0.66b2
+    opentelemetry-exporter-otlp-common==0.66b2
+)
+# `fetch --train`, installed only where the image lacks the module: "module wheel...".
+fallback_wheels=(
+    "matplotlib matplotlib==3.11.2"      # train/report.py, data_tools/repro.py (plots)
+    "contourpy contourpy==1.3.3"
+    "cycler cycler==0.12.1"
+    "fontTools fonttools==4.68.0"
+    "kiwisolver kiwisolver==1.5.1"
+    "PIL pillow==13.0.0"
+    "pyparsing pyparsing==3.3.3"
+    "dateutil python-dateutil==4.0.0 tzdata==2026.6"
+    "psutil psutil==7.2.2"               # deepspeed
+    "msgpack msgpack==1.2.4"             # deepspeed
+    "cpuinfo py-cpuinfo==9.0.0"          # deepspeed
+    "tqdm tqdm==4.70.1"                  # deepspeed
+    "einops einops==0.8.2"               # deepspeed
+    "click click==8.5.1"                 # wandb
+    "xxhash xxhash==4.1.0"               # wandb
+)
+DEEPSPEED=deepspeed==0.19.8  # sdist only on PyPI: built here as a pure wheel (no ops compiled)
 
 if [ "$mode" = fetch ]; then
     mkdir -p .whl
@@ -28,19 +84,39 @@ if [ "$mode" = fetch ]; then
     done
     # antlr4 4.9.3 (omegaconf's parser runtime) is published as a source archive only: build its pure wheel.
     $PYTHON -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3 || exit 1
-    ls -1 .whl
+    if [ -n "$train" ]; then
+        $PYTHON -m pip download -q --no-deps --only-binary=:all: "${platform[@]}" -d .whl "${train_wheels[@]}" || exit 1
+        ls .whl/deepspeed-*.whl > /dev/null 2>&1 ||
+            DS_BUILD_OPS=0 $PYTHON -m pip wheel -q --no-deps -w .whl "$DEEPSPEED" || exit 1
+        for entry in "${fallback_wheels[@]}"; do
+            read -r module specs <<< "$entry"
+            mkdir -p ".whl/fallback/$module"
+            # shellcheck disable=SC2086  # specs: one or more requirements
+            $PYTHON -m pip download -q --no-deps --only-binary=:all: "${platform[@]}" -d ".whl/fallback/$module" \
+                $specs || exit 1
+        done
+    fi
+    ls -1 .whl .whl/fallback/* 2>/dev/null
+    du -sh .whl
     exit 0
 fi
 
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
+site=/tmp/gpu_check_site
 if [ -d .whl ]; then
-    $PYTHON -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/gpu_check_site:$PWD
+    wheels=(.whl/*.whl)
+    for dir in .whl/fallback/*/; do  # only where the image lacks the module
+        [ -d "$dir" ] || continue
+        $PYTHON -c "import $(basename "$dir")" 2>/dev/null || wheels+=("$dir"*.whl)
+    done
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --upgrade --target $site "${wheels[@]}" || exit 1
+    export PYTHONPATH=$site:$PWD
 else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
+export WANDB_MODE=offline  # no internet there; a run with logging.wandb=true logs under its run dir
 unset TRITON_INTERPRET
 summary=$OUT/summary.txt
 : > "$summary"
@@ -71,6 +147,20 @@ step mfu_flex_packed $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 409
 if [ "$quick" != --quick ]; then
     step mfu_longct_64k $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 65536 --attention sdpa \
         --checkpointing layer --kernels triton --steps 2 --warmup 1
+fi
+if [ -n "$mano" ]; then  # last: ~8 minutes of training, and it needs `fetch --train`'s wheels
+    if missing=$($PYTHON -c "
+import importlib.util as u
+print(' '.join(m for m in ('hydra', 'omegaconf', 'deepspeed', 'pydantic', 'wids', 'webdataset', 'matplotlib')
+               if u.find_spec(m) is None))") && [ -z "$missing" ]; then
+        step repro_mano_cuda $PYTHON -m data_tools.repro_mano --device cuda --run-dir "$OUT/repro_mano_cuda"
+        if [ -f "$OUT/repro_mano_cuda/report.md" ]; then
+            { echo "== repro_mano_cuda: report.md"; cat "$OUT/repro_mano_cuda/report.md"; } >> "$summary"
+        fi
+    else
+        echo "== repro_mano_cuda: skipped, not importable: ${missing:-?} (bash benchmarks/gpu_check.sh fetch --train)" \
+            | tee -a "$summary"
+    fi
 fi
 echo "logs in $OUT/"
 cat "$summary"

@@ -40,15 +40,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "the Mano init and the exit gate bias -2",
         ["model.embed_init_std=1.0", "model.branch_norm_init=0.1", "model.exit_gate_bias_init=-2.0"],
     ),
+    "small_init+gate_bias_-4": (
+        "the Mano init and the exit gate bias -4 (p(8) = 0.88 at init)",
+        ["model.embed_init_std=1.0", "model.branch_norm_init=0.1", "model.exit_gate_bias_init=-4.0"],
+    ),
     "small_init+gate_bias+3x_stable1": (
         "the Mano init, gate bias -2, stable 1 three times longer (300 steps)",
         ["model.embed_init_std=1.0", "model.branch_norm_init=0.1", "model.exit_gate_bias_init=-2.0"]
         + ["stable1:train.tokens=1228800"],
-    ),
-    "small_init+gate_bias+R4": (
-        "the Mano init, gate bias -2, R = 4 in stage I instead of 8",
-        ["model.embed_init_std=1.0", "model.branch_norm_init=0.1", "model.exit_gate_bias_init=-2.0"]
-        + ["warmup:model.recurrent_steps=4", "stable1:model.recurrent_steps=4"],
     ),
 }
 

@@ -77,8 +77,18 @@ def test_the_2p6b_stages_take_the_grown_model_and_their_own_parallel_preset(tmp_
         (["+a=1", "a=2"], ["+a=2"]),
         (["++a=1", "a=2"], ["++a=2"]),
         (["a=1", "++a=2"], ["a=2"]),
-        # `a=1 +a=2` fails in hydra either way (a exists, or cannot be set): left as written
+        # `a=1 +a=2` on a key the schema lacks fails either way (config/store.py check_overrides
+        # rejects it; hydra: a exists, or cannot be set): left as written
         (["a=1", "+a=2"], ["a=1", "+a=2"]),
+        # on a key the schema has, check_overrides drops the `+`: two assignments, the later wins
+        (["optim.lr=1", "train.steps=2", "+optim.lr=3"], ["optim.lr=3", "train.steps=2"]),
+        (["+optim.lr=1", "+optim.lr=3"], ["+optim.lr=3"]),
+        # a dict for a group is a value merged into the node, not a choice: values set around it stay
+        (
+            ["model.num_layers=4", "model={num_layers: 8}", "model.num_layers=6"],
+            ["model.num_layers=4", "model={num_layers: 8}", "model.num_layers=6"],
+        ),
+        (["model=a", "model={b: 1}", "model={c: 2}"], ["model=a", "model={b: 1}", "model={c: 2}"]),
         # a key inside or around it set in between: values are assigned in order
         (["train.x=1", "train=5", "train.x=2"], ["train.x=1", "train=5", "train.x=2"]),
         (["a.b=1", "a.b.c=2", "a.b=3"], ["a.b=1", "a.b.c=2", "a.b=3"]),
@@ -122,3 +132,20 @@ def test_the_merged_overrides_compose_the_same_config():
         "model.num_layers=2",
     ]
     assert dataclasses.asdict(compose_config(merged)) == dataclasses.asdict(compose_config(overrides))
+
+
+def test_a_later_plus_key_merges_into_the_plain_one_and_composes_the_same_config():
+    # `+key` on a schema key composes as `key` (config/store.py check_overrides): held once
+    overrides = ["model=tiny", "optim.lr=3e-3", "train.seq_len=128", "+optim.lr=1e-4", "++train.seq_len=64"]
+    merged = merge_overrides(overrides, list(recipe_groups()))
+    assert merged == ["model=tiny", "optim.lr=1e-4", "train.seq_len=64"]
+    assert compose_config(merged).optim.lr == 1e-4
+    assert dataclasses.asdict(compose_config(merged)) == dataclasses.asdict(compose_config(overrides))
+
+
+def test_a_dict_for_a_group_keeps_the_values_set_around_it_in_order():
+    # hydra merges `model={...}` into the node in order (a config value, not a recipe choice)
+    overrides = ["model=tiny", "model.num_layers=4", "model={num_layers: 8}", "model.num_layers=6"]
+    merged = merge_overrides(overrides, list(recipe_groups()))
+    assert merged == overrides
+    assert compose_config(merged).model.num_layers == 6

@@ -38,10 +38,11 @@ def save_and_time(args: dict, tmp: str) -> dict:
         parallel=ParallelConfig(zero_stage=1),
     )
     layout = init_parallel(cfg.parallel, cfg.model, "cpu")
+    resolved = resolve(cfg, layout.dp)
     try:
         torch.manual_seed(0)
         model = LoopLM(cfg.model)
-        engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
+        engine = parallelize(model, cfg, layout, resolved)
         g = torch.Generator().manual_seed(layout.rank)
         batches = iter(
             lambda: {
@@ -50,11 +51,9 @@ def save_and_time(args: dict, tmp: str) -> dict:
             },
             None,
         )
-        trainer = Trainer(
-            cfg, model, batches, engine=engine, resolved=resolve(cfg, engine.dp_size if engine is not None else 1)
-        )
+        trainer = Trainer(cfg, model, batches, engine=engine, resolved=resolved)
         trainer.train_step()
-        checkpointer = Checkpointer(cfg, Path(tmp), layout.rank, layout.world_size, resolved=resolve(cfg, layout.dp))
+        checkpointer = Checkpointer(cfg, Path(tmp), layout.rank, layout.world_size, resolved=resolved)
         times = {"periodic": [], "final": []}
         for repeat in range(args["repeats"]):
             for kind in ("periodic", "final"):

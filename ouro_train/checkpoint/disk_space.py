@@ -1,9 +1,6 @@
-"""Free space for a checkpoint save: how much one needs, whether the disk has it, what a failed write says.
-
-`estimate_checkpoint_bytes` sizes the next save (the newest complete checkpoint's size, or an
-estimate per parameter for the first), `check_free_space` refuses a save before anything is
-written when the file system lacks that much, and `write_error` words a write that failed anyway
-(a full disk named as such, which torch's writer does not report as ENOSPC).
+"""Free space for a checkpoint save: how much the next save needs (`estimate_checkpoint_bytes`),
+a refusal before anything is written when the file system lacks it (`check_free_space`), and the
+message for a write that failed anyway (`write_error`, which names a full disk as such).
 """
 
 from __future__ import annotations
@@ -36,6 +33,7 @@ def estimate_checkpoint_bytes(root: Path, module: torch.nn.Module, final: bool, 
 
 
 def check_free_space(root: Path, needed: int, step: int) -> None:
+    """A CheckpointError, before anything is written, when `root`'s file system has less than `needed` bytes free."""
     free = shutil.disk_usage(root).free
     if free < needed:
         raise CheckpointError(

@@ -1,9 +1,6 @@
-"""The random number generators of one process, saved with a checkpoint and restored on resume.
-
-`rng_state` captures python's, numpy's, torch's CPU and (when present) every CUDA device's
-generator in a form torch's weights-only loader reads back; `set_rng_state` restores it; and
-`seed_everything` seeds them all from one number (a resume that finds no RNG file for its rank,
-e.g. at another world size, derives one from the seed, the step and the rank).
+"""The random number generators of one process (python's, numpy's, torch's CPU and every CUDA
+device's), saved with a checkpoint by `rng_state`, restored on resume by `set_rng_state`, and
+seeded from one number by `seed_everything`.
 """
 
 from __future__ import annotations
@@ -15,6 +12,8 @@ import torch
 
 
 def rng_state() -> dict:
+    """python's, numpy's, torch's CPU and (when present) every CUDA device's generator state, in a
+    form torch's weights-only loader reads back."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -25,6 +24,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured (the CUDA generators only where CUDA is present)."""
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -34,6 +34,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every generator from one number (a resume that finds no RNG file for its rank, e.g. at
+    another world size, derives one from the seed, the step and the rank)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -1,20 +1,9 @@
-"""The tokenizer a checkpoint records, and the tokenizer of a model directory (`ModelTokenizer`).
-
-A checkpoint (`<run_dir>/checkpoints/step_N`) or an `ouro-import` / `ouro-upcycle` output holds
-    tokenizer.json          a byte copy of the tokenizer the training data was tokenized with
-    tokenizer_info.json     {"format": "ouro-tokenizer/1", "name", "sha256" (of tokenizer.json),
-                             "vocab_size", "bos_id", "eos_ids", "pad_id", "chat_template", "source"}
-(`TokenizerRecord`, written by `write_record`, carried on by `copy_record`). A checkpoint is
-written in a temporary directory and renamed into place whole (store.py), so the copy is part of
-the same commit as the weights. `sha256` is checked on every read: a copy that does not match
-fails naming the file. A checkpoint whose data directory held no tokenizer.json (shards
-tokenized before tokenizers were copied beside them) records tokenizer_info.json with
-"file": null and the data's sha256, so that `--tokenizer PATH` can be checked against it.
-A `ModelTokenizer` is a directory's tokenizer and the ids generation needs; model_tokenizer.py's
-`load_model_tokenizer(path)` reads one from such a directory (its record, read here by
-`read_record`), from an `ouro-export` output or from any Hugging Face model directory with a
-tokenizer.json (hf_tokenizer.py, which also writes an export's files); what a training run
-records is found by training_tokenizer.py.
+"""The tokenizer a checkpoint (or an `ouro-import` / `ouro-upcycle` output) records, as a byte
+copy of tokenizer.json beside tokenizer_info.json (`TokenizerRecord`, written by `write_record`,
+read by `read_record`, carried on by `copy_record`), and the tokenizer of a model directory with the
+ids generation needs (`ModelTokenizer`), which model_tokenizer.py's `load_model_tokenizer` reads
+from such a directory, an `ouro-export` output or a Hugging Face model directory (hf_tokenizer.py),
+and training_tokenizer.py finds for a training run.
 """
 
 from __future__ import annotations
@@ -48,8 +37,12 @@ CHATML_TEMPLATE = (
 
 @dataclass
 class TokenizerRecord:
-    """What tokenizer_info.json holds. `file`: "tokenizer.json", or None when the directory
-    holds no copy (then `sha256` is what a tokenizer given with --tokenizer must match)."""
+    """What tokenizer_info.json holds: {"format": "ouro-tokenizer/1", "name", "sha256" (of
+    tokenizer.json), "vocab_size", "bos_id", "eos_ids", "pad_id", "chat_template", "source",
+    "file"}. `file`: "tokenizer.json" (a byte copy of the tokenizer the training data was tokenized
+    with, its `sha256` checked on every read: a copy that does not match fails naming the file), or
+    None when the directory holds no copy (shards tokenized before tokenizers were copied beside
+    them; then `sha256` is the data's, what a tokenizer given with --tokenizer must match)."""
 
     sha256: str
     vocab_size: int
@@ -139,7 +132,9 @@ def check_vocab_fits(model_tokenizer: ModelTokenizer, model_vocab_size: int, whe
 
 
 def write_record(directory: Path, model_tokenizer: ModelTokenizer, source: str = "") -> TokenizerRecord:
-    """tokenizer.json (a byte copy) + tokenizer_info.json into a checkpoint-like directory."""
+    """tokenizer.json (a byte copy) + tokenizer_info.json into a checkpoint-like directory. A
+    checkpoint is written in a temporary directory and renamed into place whole (store.py), so the
+    copy is part of the same commit as the weights."""
     directory = Path(directory)
     assert model_tokenizer.path is not None
     shutil.copyfile(model_tokenizer.path, directory / TOKENIZER)

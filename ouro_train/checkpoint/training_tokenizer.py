@@ -1,12 +1,7 @@
-"""The tokenizer a training run's data was tokenized with, recorded in each checkpoint it saves.
-
-`training_tokenizer(cfg)` finds it: the demo tokenizer (cached by `load_or_train_demo_tokenizer`;
-EOS <|endoftext|>, no BOS) or the first training source's manifest (its EOS / BOS ids, and
-`tokenizer.json` beside the manifest, which `ouro-data tokenize` / `ouro-data sft` write).
-Training on SFT shards (manifest kind "sft") makes a chat model: the ChatML template the SFT data
-was rendered with, and <|im_end|> as a second EOS. `save_checkpoint_tokenizer` writes it into a
-checkpoint being saved (the record of tokenizer_record.py), warning rather than failing the save
-when it cannot be found.
+"""The tokenizer a training run's data was tokenized with (`training_tokenizer`: the demo
+tokenizer or the first training source's manifest and the tokenizer.json beside it) and
+`save_checkpoint_tokenizer`, which records it (tokenizer_record.py) in each checkpoint the run
+saves.
 """
 
 from __future__ import annotations
@@ -36,7 +31,13 @@ log = logging.getLogger(__name__)
 
 def training_tokenizer(cfg) -> tuple[ModelTokenizer | None, TokenizerRecord | None]:
     """The tokenizer a stage's data was tokenized with: (its ModelTokenizer, None) when the file is
-    at hand, (None, a record without a file) when only the manifest's sha256 is known."""
+    at hand, (None, a record without a file) when only the manifest's sha256 is known.
+
+    The demo tokenizer (cached by `load_or_train_demo_tokenizer`; EOS <|endoftext|>, no BOS), or the
+    first training source's manifest (its EOS / BOS ids, and the `tokenizer.json` beside the
+    manifest, which `ouro-data tokenize` / `ouro-data sft` write). Training on SFT shards (manifest
+    kind "sft") makes a chat model: the ChatML template the SFT data was rendered with, and
+    <|im_end|> as a second EOS."""
     from ouro_train.data.manifest import load_manifest
 
     data = cfg.data
@@ -88,7 +89,8 @@ def training_tokenizer(cfg) -> tuple[ModelTokenizer | None, TokenizerRecord | No
 
 
 def save_checkpoint_tokenizer(directory: Path, cfg) -> None:
-    """Into a checkpoint being written (its temporary directory): the training tokenizer. Only
+    """Into a checkpoint being written (its temporary directory): the training tokenizer, as
+    tokenizer_record.py's record. Only
     OSError escapes (a full disk fails the save like any other write); a tokenizer that cannot be
     found is a warning, and the checkpoint is written without it (export then asks for --tokenizer)."""
     try:

@@ -1,25 +1,7 @@
-"""A rough per-GPU memory estimate for the dry run (what fits, not an exact count).
-
-States: parameters, gradients and the two Adam moments are fp32 (4 + 4 + 8 bytes per parameter;
-autocast runs the matmuls in bf16), divided by tensor parallel, and the parts ZeRO shards divided
-by data parallel (stage 1: moments, 2: + gradients, 3: + parameters). Activations: per layer use
-and token about 34 h bytes in bf16 without recomputation (Korthikanti et al. 2022, with
-memory-efficient attention, so no s^2 term); a looped model uses each layer R times. `layer`
-checkpointing keeps each layer use's input (4 h bytes: the residual stream is fp32) and recomputes
-one layer; `step` keeps each
-recurrent step's input (4 h, fp32 residual stream) and recomputes one step (L layer uses).
-The step-wise CE holds one chunk of logits (chunk x vocab x 4 bytes, about 3 live copies).
-
-Attention (`model.attention`, ouro_train/kernels/attention.py): `sdpa` and `flash` run fused
-kernels over document segments, so their scores are never stored (O(s) log-sum-exp, inside the
-34 h); compiled `flex` adds its BlockMask, O((s/128)^2) indices. Eager `flex` (on CPU, where it
-is not compiled) materialises fp32 scores and probabilities, heads x s^2 per call: the one S^2
-term left, which the plan warns about.
-
-Stage II (`objective.kind=gate`) trains the exit gate alone: gradients and moments cover its
-h + 1 parameters only, and the frozen layers record no autograd graph, so the activations are one
-layer use's working set plus the R final states the gate loss reads (4 h bytes per token each),
-whatever the checkpointing policy.
+"""A rough per-GPU memory estimate for the dry run (what fits, not an exact count):
+`estimate_memory` adds up the training states, the activations, the step-wise CE's logits and what
+the attention backend adds (`attention_memory`, which names the one S^2 term left, eager `flex`
+on CPU, for the plan to warn about).
 """
 
 from __future__ import annotations
@@ -47,7 +29,13 @@ class MemoryEstimate:
 
 
 def attention_memory(cfg: Config) -> tuple[float, str | None]:
-    """-> (bytes the attention backend adds beyond the activations, why it is S^2 or None)."""
+    """-> (bytes the attention backend adds beyond the activations, why it is S^2 or None).
+
+    `model.attention` (ouro_train/kernels/attention.py): `sdpa` and `flash` run fused kernels over
+    document segments, so their scores are never stored (O(s) log-sum-exp, inside the activations'
+    34 h); compiled `flex` adds its BlockMask, O((s/128)^2) indices. Eager `flex` (on CPU, where it
+    is not compiled) materialises fp32 scores and probabilities, heads x s^2 per call: the one S^2
+    term left, which the plan warns about."""
     m, t = cfg.model, cfg.train
     heads = m.num_heads / cfg.parallel.tensor_parallel
     if m.attention == "flex":
@@ -64,6 +52,20 @@ def attention_memory(cfg: Config) -> tuple[float, str | None]:
 
 
 def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
+    """Per GPU at `world_size` GPUs.
+
+    States: parameters, gradients and the two Adam moments are fp32 (4 + 4 + 8 bytes per parameter;
+    autocast runs the matmuls in bf16), divided by tensor parallel, and the parts ZeRO shards
+    divided by data parallel (stage 1: moments, 2: + gradients, 3: + parameters). Activations: per
+    layer use and token about 34 h bytes in bf16 without recomputation (Korthikanti et al. 2022,
+    with memory-efficient attention, so no s^2 term); a looped model uses each layer R times.
+    `layer` checkpointing keeps each layer use's input (4 h bytes: the residual stream is fp32) and
+    recomputes one layer; `step` keeps each recurrent step's input (4 h, fp32 residual stream) and
+    recomputes one step (L layer uses). The step-wise CE holds one chunk of logits (chunk x vocab x
+    4 bytes, about 3 live copies). Stage II (`objective.kind=gate`) trains the exit gate alone:
+    gradients and moments cover its h + 1 parameters only, and the frozen layers record no autograd
+    graph, so the activations are one layer use's working set plus the R final states the gate loss
+    reads (4 h bytes per token each), whatever the checkpointing policy."""
     m, par = cfg.model, cfg.parallel
     tp = par.tensor_parallel
     dp = max(1, world_size // tp)

@@ -1,27 +1,7 @@
-"""The training stability guard: skip bad updates on every rank, stop after too many in a row.
-
-Each step the trainer hands the guard the step's loss, already summed over every data-parallel
-rank by the all-reduce it needs for its metrics anyway, so every rank sees the same number and
-takes the same decision without another collective. A NaN or inf on any rank makes the sum
-non-finite everywhere; the gradient norm the engine reports is global too. The verdict is taken
-*before* the optimizer step (the engine is told to skip it), so a bad batch never reaches the
-weights or the Adam moments. The step counter, the LR schedule and the data position still
-advance, identically on all ranks: the bad batch is consumed, not retried (as Megatron-LM does
-with its skipped iterations).
-
-Loss spikes are judged against the losses of recently accepted steps (a z-score with a ratio
-floor, see GuardConfig). The guard's state (window and counters) is saved in train_state.json so
-that a resumed run judges the next steps exactly as the uninterrupted run would have.
-
-A good loss is not enough: the loss is computed before the update, so an absurd learning rate
-would pass it and write blown-up weights into the next checkpoint. The update itself is judged
-too, before it is applied: the trainer hands over the parameter norm ||w|| and the largest
-relative update ||dw|| / ||w|| that AdamW can make at this step's learning rate
-(`adamw_update_bound`: each element of Adam's normalised update m^/(sqrt(v^)+eps) is bounded by a
-constant set by the betas alone, whatever the gradient). An update that could be larger than
-`max_update_ratio` times the weights is skipped like a bad loss; weights that are no longer finite
-end the run at once (no skipped update can repair them). So every accepted step leaves weights
-that can be trained on, and `health()` says why: what a checkpoint records.
+"""The training stability guard (`StabilityGuard`): each step, before the optimizer applies it,
+the same verdict on every rank skips an update whose loss is non-finite or spikes or that AdamW
+could make too large for the weights (`adamw_update_bound`), ends the run when the weights are no
+longer finite, and stops it after too many bad steps in a row (`TrainingDiverged`).
 """
 
 from __future__ import annotations
@@ -79,6 +59,31 @@ def adamw_update_bound(beta1: float, beta2: float) -> float | None:
 
 
 class StabilityGuard:
+    """Skip bad updates on every rank, stop after too many in a row.
+
+    Each step the trainer hands the guard the step's loss, already summed over every data-parallel
+    rank by the all-reduce it needs for its metrics anyway, so every rank sees the same number and
+    takes the same decision without another collective. A NaN or inf on any rank makes the sum
+    non-finite everywhere; the gradient norm the engine reports is global too. The verdict is taken
+    *before* the optimizer step (the engine is told to skip it), so a bad batch never reaches the
+    weights or the Adam moments. The step counter, the LR schedule and the data position still
+    advance, identically on all ranks: the bad batch is consumed, not retried (as Megatron-LM does
+    with its skipped iterations).
+
+    Loss spikes are judged against the losses of recently accepted steps (a z-score with a ratio
+    floor, see GuardConfig). The guard's state (window and counters) is saved in train_state.json so
+    that a resumed run judges the next steps exactly as the uninterrupted run would have.
+
+    A good loss is not enough: the loss is computed before the update, so an absurd learning rate
+    would pass it and write blown-up weights into the next checkpoint. The update itself is judged
+    too, before it is applied: the trainer hands over the parameter norm ||w|| and the largest
+    relative update ||dw|| / ||w|| that AdamW can make at this step's learning rate
+    (`adamw_update_bound`: each element of Adam's normalised update m^/(sqrt(v^)+eps) is bounded by a
+    constant set by the betas alone, whatever the gradient). An update that could be larger than
+    `max_update_ratio` times the weights is skipped like a bad loss; weights that are no longer finite
+    end the run at once (no skipped update can repair them). So every accepted step leaves weights
+    that can be trained on, and `health()` says why: what a checkpoint records."""
+
     def __init__(self, cfg: GuardConfig) -> None:
         self.cfg = cfg
         self.window: deque[float] = deque(maxlen=cfg.window)

@@ -1,10 +1,8 @@
-"""The optimizer both engines step: torch's AdamW with a skip flag, and what goes with it.
-
-`build_optimizer` makes a `SkippableAdamW` over decayed and undecayed parameter groups with the
-kernel of optim.fused (`implementation`; `use_implementation` re-applies it after a state load),
-`squared_norm` is the gradient norm both engines clip by, and `optimizer_overflow_is_divergence`
-turns an overflow in the optimizer's arithmetic into a TrainingDiverged (guard.py). The single
-process engine (train/engine.py) and the DeepSpeed engine (parallel/engine.py) both build on it.
+"""The optimizer both engines step (the single process one, train/engine.py, and the DeepSpeed
+one, parallel/engine.py): torch's AdamW with a skip flag (`SkippableAdamW`, made by
+`build_optimizer` over decayed and undecayed parameter groups with optim.fused's kernel), the
+gradient norm both clip by (`squared_norm`), and an overflow in the optimizer's arithmetic turned
+into a TrainingDiverged (`optimizer_overflow_is_divergence`).
 """
 
 from __future__ import annotations
@@ -72,6 +70,8 @@ class SkippableAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> SkippableAdamW:
+    """A SkippableAdamW over `parameter_groups` with optim.fused's kernel (`implementation`;
+    `use_implementation` re-applies it after a state load)."""
     # torch's AdamW also under DeepSpeed, which would otherwise build its fused/CPU Adam op (a C++ build);
     # torch's own fused kernel (optim.fused) runs on CPU and CUDA alike.
     return SkippableAdamW(

@@ -1,11 +1,6 @@
-"""Learning-rate schedules as pure functions of the step: nothing to save but the step itself.
-
-Every schedule starts with a linear warmup from 0 to the peak over `warmup_steps`, then:
-  constant  the peak until the end;
-  cosine    cosine from the peak (end of warmup) to `final_lr` at the last step;
-  wsd       warmup-stable-decay: the peak, then over the last `decay_steps` (default
-            `decay_fraction` x steps) a decay to `final_lr` shaped linear | cosine | sqrt.
-            `sqrt` is "1 - sqrt" (lr drops fastest at the end), after Hagele et al. 2024.
+"""Learning-rate schedules as pure functions of the step, so nothing but the step is saved:
+`lr_at` gives a step's learning rate under `schedule.kind` (constant, cosine or wsd, each after a
+linear warmup) and `wsd_decay_steps` the length of wsd's decay.
 """
 
 from __future__ import annotations
@@ -28,11 +23,19 @@ def _decay(progress: float, shape: str) -> float:
 
 
 def wsd_decay_steps(cfg: ScheduleConfig, total_steps: int) -> int:
+    """The steps of wsd's decay: `decay_steps`, or else `decay_fraction` of the run."""
     return cfg.decay_steps if cfg.decay_steps is not None else round(cfg.decay_fraction * total_steps)
 
 
 def lr_at(step: int, peak_lr: float, total_steps: int, cfg: ScheduleConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based) of a run of `total_steps` steps."""
+    """Learning rate for optimizer step `step` (0-based) of a run of `total_steps` steps.
+
+    Every schedule starts with a linear warmup from 0 to the peak over `warmup_steps`, then:
+      constant  the peak until the end;
+      cosine    cosine from the peak (end of warmup) to `final_lr` at the last step;
+      wsd       warmup-stable-decay: the peak, then over the last `decay_steps` (default
+                `decay_fraction` x steps) a decay to `final_lr` shaped linear | cosine | sqrt.
+                `sqrt` is "1 - sqrt" (lr drops fastest at the end), after Hagele et al. 2024."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return peak_lr * (step + 1) / cfg.warmup_steps
     if cfg.kind == "constant":

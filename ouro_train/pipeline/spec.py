@@ -43,8 +43,9 @@ class StageSpec:
     order: str = "stack"
     optimizer: str = "duplicate"
     recurrent_steps: int | None = None
-    # eval only (ouro_train/inference/evaluate.py): held-out shard directory, documents and tokens
-    # per document, Q-exit thresholds, KV policies (the first is the baseline).
+    # eval only (ouro_train/inference/evaluate.py; shards read by inference/documents.py): held-out
+    # shard directory, documents and tokens per document, Q-exit thresholds, KV policies (the
+    # first is the baseline).
     data: str | None = None
     documents: int = 16
     max_tokens: int = 256

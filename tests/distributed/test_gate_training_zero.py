@@ -1,7 +1,7 @@
 """Stage II (`objective.kind=gate`) under DeepSpeed ZeRO 1/2/3 on 2 gloo processes.
 
 DeepSpeed builds its flat fp32 master copies, Adam moments and gradient partitions from the
-optimizer's parameter groups, which hold the gate alone (train/engine.py parameter_groups), so
+optimizer's parameter groups, which hold the gate alone (optim/optimizer.py parameter_groups), so
 the frozen LM must get none of them; ZeRO-3 still partitions the frozen parameters (here every
 parameter, with the persistence threshold at 0, as at full size), which is fine. Tolerances as in
 test_parallel.py: the runs differ from one process only in the order of float32 sums.

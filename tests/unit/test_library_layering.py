@@ -206,3 +206,27 @@ def test_the_checks_find_a_circle_and_an_upward_import(tmp_path):
     (root / "__init__.py").write_text("")
     assert cycles(import_graph(root)) == [["ouro_train.train.loop", "ouro_train.train.step", "ouro_train.train.loop"]]
     assert list(upward_imports(root)) == [("ouro_train/config/__init__.py", "ouro_train.train.loop", 1)]
+
+
+def relative_imports(root: Path) -> list[str]:
+    """file:line of every relative import (`from . import x`, `from ..train import y`) under root."""
+    return [
+        f"{path.relative_to(root.parent)}:{node.lineno}"
+        for path in sorted(root.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ]
+
+
+def test_no_library_module_uses_a_relative_import():
+    # import_graph and imported_modules read absolute imports only: a relative one would slip past them.
+    offenders = relative_imports(LIBRARY)
+    assert not offenders, "use absolute imports (from ouro_train.x import y):\n" + "\n".join(offenders)
+
+
+def test_the_scan_finds_relative_imports(tmp_path):
+    root = tmp_path / "ouro_train"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "loop.py").write_text("import os\n\n\ndef f():\n    from ..config import schema\n")
+    (root / "train" / "step.py").write_text("from . import loop\nfrom ouro_train.train import loop as same\n")
+    assert relative_imports(root) == ["ouro_train/train/loop.py:5", "ouro_train/train/step.py:1"]

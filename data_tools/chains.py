@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.mano import write_shards
+from data_tools.mano import word_level_tokenizer, write_records, write_shards
 
 EOS, BOS, PAD, QUERY, END = "<|endoftext|>", "<bos>", "<pad>", "?", ";"
 DIGITS = tuple(str(d) for d in range(10))
@@ -124,13 +124,7 @@ def generate(
 
 def build_tokenizer():
     """A WordLevel tokenizer over `VOCAB` (whitespace-separated symbols), ids in VOCAB's order."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    tokenizer = Tokenizer(models.WordLevel(vocab=dict(TOKEN_ID), unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins with spaces
-    tokenizer.add_special_tokens([EOS, BOS, PAD])
-    return tokenizer
+    return word_level_tokenizer(TOKEN_ID, [EOS, BOS, PAD])
 
 
 def encode(samples: list[Sample], chains: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,11 +155,7 @@ def write_dataset(
     for name, samples in (("train", train), ("test", test)):
         tokens, mask = encode(samples, chains, depth)
         write_shards(out / name, f"chains_{name}", tokens, mask, tokenizer_path)
-    with open(out / "test.jsonl", "w") as f:
-        f.writelines(json.dumps(s.record()) + "\n" for s in test)
-    if jsonl:
-        with open(out / "train.jsonl", "w") as f:
-            f.writelines(json.dumps(s.record()) + "\n" for s in train)
+    write_records(out, test, train if jsonl else None)
     info = {
         "seed": seed,
         "chains": chains,

@@ -126,15 +126,21 @@ def generate(
     return train, test
 
 
-def build_tokenizer():
-    """A WordLevel tokenizer over `VOCAB` (whitespace-separated symbols), ids in VOCAB's order."""
+def word_level_tokenizer(token_id: dict[str, int], specials: list[str]):
+    """A WordLevel tokenizer over a fixed vocabulary (whitespace-separated symbols, ids as given);
+    `specials` are skipped by decode. The synthetic tasks' tokenizer (Mano, data_tools/chains.py)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    tokenizer = Tokenizer(models.WordLevel(vocab=dict(TOKEN_ID), unk_token=None))
+    tokenizer = Tokenizer(models.WordLevel(vocab=dict(token_id), unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins with spaces
-    tokenizer.add_special_tokens([EOS, BOS, PAD])  # skipped by decode; <ans> stays visible
+    tokenizer.add_special_tokens(specials)
     return tokenizer
+
+
+def build_tokenizer():
+    """A WordLevel tokenizer over `VOCAB`, ids in VOCAB's order (<ans> stays visible in decode)."""
+    return word_level_tokenizer(TOKEN_ID, [EOS, BOS, PAD])
 
 
 def encode(tokenizer, samples: list[Sample], max_ops: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,6 +177,14 @@ def write_shards(
     return manifest
 
 
+def write_records(out: Path, test: list, train: list | None) -> None:
+    """test.jsonl (the evaluation's input) and, when given, train.jsonl: one `record()` per line."""
+    for name, samples in (("test", test), ("train", train)):
+        if samples is not None:
+            with open(out / f"{name}.jsonl", "w") as f:
+                f.writelines(json.dumps(s.record()) + "\n" for s in samples)
+
+
 def write_dataset(
     out: str | Path,
     seed: int,
@@ -192,11 +206,7 @@ def write_dataset(
     for name, samples in (("train", train), ("test", test)):
         tokens, mask = encode(tokenizer, samples, max_ops)
         write_shards(out / name, f"mano_{name}", tokens, mask, tokenizer_path)
-    with open(out / "test.jsonl", "w") as f:
-        f.writelines(json.dumps(s.record()) + "\n" for s in test)
-    if jsonl:
-        with open(out / "train.jsonl", "w") as f:
-            f.writelines(json.dumps(s.record()) + "\n" for s in train)
+    write_records(out, test, train if jsonl else None)
     info = {
         "seed": seed,
         "max_ops": max_ops,

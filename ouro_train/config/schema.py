@@ -307,6 +307,9 @@ class DataConfig:
         )
 
 
+# train.precision: fp32; bf16 autocast; bf16 autocast with LoopLM-aware shared weights.
+PRECISIONS = ("fp32", "bf16", "bf16_loop")
+
 # Optimizer steps of a stage that sets neither train.steps nor train.tokens.
 DEFAULT_STEPS = 100
 
@@ -339,8 +342,13 @@ class TrainConfig:
         default=None, metadata={"help": "sequences per optimizer step over all ranks (sets grad accumulation)"}
     )
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
-    # Autocast dtype for the forward pass; parameters and optimizer state stay fp32.
-    precision: str = field(default="fp32", metadata={"help": "autocast dtype of the forward pass: fp32 | bf16"})
+    # Autocast dtype for the forward pass; parameters and optimizer state stay fp32. `bf16_loop`:
+    # bf16 autocast, and the shared layers' linears use a bf16 copy of each weight made once per
+    # optimizer step, their R weight gradients accumulated in fp32 by the GEMMs themselves
+    # (ouro_train/parallel/precision.py). Not with tensor parallel or ZeRO-3.
+    precision: str = field(
+        default="fp32", metadata={"help": "fp32 | bf16 (autocast) | bf16_loop (bf16, weights cast once per step)"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     seed: int = field(default=1234, metadata={"help": "seed of the initial weights and the data order"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
@@ -387,7 +395,7 @@ class TrainConfig:
         for key in ("micro_batch_size", "grad_accum_steps", "seq_len", "eval_batches", "log_every"):
             _require(getattr(self, key) >= 1, f"{section}.{key}", f"must be >= 1, got {getattr(self, key)}")
         _require(self.eval_every >= 0, f"{section}.eval_every", f"must be >= 0, got {self.eval_every}")
-        _one_of(self.precision, ("fp32", "bf16"), f"{section}.precision")
+        _one_of(self.precision, PRECISIONS, f"{section}.precision")
         if self.global_batch_size is not None:
             _require(
                 self.global_batch_size >= 1,
@@ -683,6 +691,14 @@ class Config:
                 "train.seq_len",
                 f"sequence parallelism splits the sequence over tensor_parallel={self.parallel.tensor_parallel} "
                 f"ranks: seq_len {self.train.seq_len} must be divisible by it",
+            )
+        if self.train.precision == "bf16_loop":
+            _require(
+                self.parallel.tensor_parallel == 1 and self.parallel.zero_stage != 3,
+                "train.precision",
+                "bf16_loop keeps one bf16 copy and one fp32 gradient accumulator per whole weight: it does not "
+                f"work with tensor_parallel={self.parallel.tensor_parallel} or zero_stage={self.parallel.zero_stage} "
+                "(sharded weights); use train.precision=bf16 there",
             )
         _require(
             self.checkpoint.init_schedule == "reset" or self.schedule.warmup_steps == 0,

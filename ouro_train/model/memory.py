@@ -65,7 +65,9 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     4 bytes, about 3 live copies). Stage II (`objective.kind=gate`) trains the exit gate alone:
     gradients and moments cover its h + 1 parameters only, and the frozen layers record no autograd
     graph, so the activations are one layer use's working set plus the R final states the gate loss
-    reads (4 h bytes per token each), whatever the checkpointing policy."""
+    reads (4 h bytes per token each), whatever the checkpointing policy. train.precision=bf16_loop
+    adds 6 bytes per layer parameter to the states: a bf16 compute copy and an fp32 gradient
+    accumulator per shared linear."""
     m, par = cfg.model, cfg.parallel
     tp = par.tensor_parallel
     dp = max(1, world_size // tp)
@@ -76,6 +78,9 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     trained = m.hidden_size + 1 if gate else params  # the exit gate is replicated over tensor parallel
     grads = 4 * trained / (dp if zero >= 2 else 1)
     moments = 8 * trained / (dp if zero >= 1 else 1)
+    if cfg.train.precision == "bf16_loop":
+        # parallel/precision.py's buffers; layer_params also holds the norms (< 0.1% of it).
+        grads += 6 * count_model(m, cfg.train.seq_len).layer_params
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len / (tp if par.sequence_parallel else 1)
     h, uses = m.hidden_size, m.num_layers * m.recurrent_steps
     per_use = 34 * h * tokens

@@ -202,6 +202,9 @@ class DeepSpeedEngine:
             config.load_universal_checkpoint = False
         if path is None:
             raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint to load (tag 'state')")
+        precision = getattr(self.module, "loop_precision", None)
+        if precision is not None:  # the masters were written through ZeRO's flat buffers
+            precision.invalidate()
         # The universal loader under ZeRO-3 (deepspeed 0.19.8) overwrites every parameter group's
         # hyperparameters with the first group's, giving norms and biases weight decay; ours are
         # set by the config, not by the checkpoint, so put them back (the LR is set every step).

@@ -123,6 +123,11 @@ class Trainer:
         self.device = torch.device(cfg.train.device)
         self.model = model.to(self.device)
         freeze_for_objective(self.model, cfg.objective.kind)
+        if cfg.train.precision == "bf16_loop" and getattr(model, "loop_precision", None) is None:
+            raise ValueError(
+                "train.precision=bf16_loop but the model's shared linears are plain: build the model "
+                "through ouro_train.parallel.parallelize (or apply_loop_precision) first"
+            )
         if engine is not None and resolved.dp_size != engine.dp_size:
             raise ValueError(
                 f"resolved.dp_size={resolved.dp_size} but the engine's dp_size={engine.dp_size}: "
@@ -170,7 +175,7 @@ class Trainer:
         return float(f"{suggestion:.3g}")
 
     def _autocast(self):
-        if self.cfg.train.precision == "bf16":
+        if self.cfg.train.precision in ("bf16", "bf16_loop"):
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

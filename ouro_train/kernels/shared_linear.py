@@ -1,0 +1,82 @@
+"""A linear layer for a weight that one forward pass uses R times (train.precision=bf16_loop): its
+bf16 compute copy is made by the caller once per optimizer step, and the weight gradient of each
+use is accumulated by its own GEMM into one fp32 buffer (`accumulate_weight_grad`, the pattern of
+Megatron's gradient_accumulation_fusion), instead of autocast casting the fp32 weight at every use
+in forward and backward and autograd adding the R gradients one by one. `hand_over_grads` gives
+each buffer to autograd as its weight's gradient once, after the last use's backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.library.custom_op("ouro_train::accumulate_weight_grad", mutates_args={"acc"})
+def accumulate_weight_grad(acc: torch.Tensor, grad_output: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += grad_output^T @ x over all tokens, in fp32: one GEMM with beta = 1 (out, in).
+
+    CUDA: cuBLAS with bf16 operands and an fp32 output (`torch.addmm(..., out_dtype=float32)`).
+    Elsewhere (CPU has no bf16 x bf16 -> fp32 GEMM in torch 2.13): the bf16 operands upcast, then
+    an fp32 GEMM into acc; the products of bf16 values are exact in fp32 either way. An opaque
+    custom op, so that torch.compile keeps the in-place accumulation as it is."""
+    g = grad_output.reshape(-1, grad_output.shape[-1])
+    i = x.reshape(-1, x.shape[-1])
+    if acc.is_cuda and g.dtype in (torch.bfloat16, torch.float16) and g.dtype == i.dtype:
+        torch.addmm(acc, g.t(), i, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(g.t().to(acc.dtype), i.to(acc.dtype))
+
+
+@accumulate_weight_grad.register_fake
+def _(acc: torch.Tensor, grad_output: torch.Tensor, x: torch.Tensor) -> None:
+    return None
+
+
+class _SharedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        ctx.input_dtype = x.dtype
+        x = x.to(weight.dtype)
+        ctx.save_for_backward(x, weight)
+        # The buffer is not saved (save_for_backward would refuse its in-place updates): held here.
+        ctx.acc = acc
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        accumulate_weight_grad(ctx.acc, grad, x)
+        return (grad @ weight).to(ctx.input_dtype), None, None
+
+
+def shared_linear(x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T with `weight` the compute copy (bf16, no gradient of its own): the weight
+    gradient is added to `acc` (fp32, the master weight's shape) in backward. Without grad mode
+    it is a plain linear in the weight's dtype."""
+    if not torch.is_grad_enabled():
+        return F.linear(x.to(weight.dtype), weight)
+    return _SharedLinear.apply(x, weight, acc)
+
+
+class _HandOverGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, accs: list[torch.Tensor], *weights: torch.Tensor) -> torch.Tensor:
+        ctx.accs = accs
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        return (grad_h, None, *ctx.accs)
+
+
+def hand_over_grads(h: torch.Tensor, weights: list[torch.Tensor], accs: list[torch.Tensor]) -> torch.Tensor:
+    """`h` unchanged, with an autograd node whose backward returns `accs[i]` as the gradient of
+    `weights[i]` (fp32 masters). Put on a tensor that every use of the weights depends on (the
+    embedding output): autograd runs this node after all of them, when the buffers are complete,
+    and each weight's gradient then reaches its AccumulateGrad (and any hook on it, DeepSpeed's
+    ZeRO reduction included) once per micro-batch."""
+    if not torch.is_grad_enabled():
+        return h
+    return _HandOverGrads.apply(h, accs, *weights)

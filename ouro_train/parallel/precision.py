@@ -1,0 +1,120 @@
+"""train.precision=bf16_loop, applied from outside the model: LoopLM-aware mixed precision.
+
+Every linear of the shared decoder layers runs R times per forward. Under plain autocast each use
+casts the fp32 weight to bf16 (and its backward casts the bf16 weight gradient back), and autograd
+sums the R weight gradients one add at a time. Here, per linear:
+
+- a bf16 compute copy (`weight_bf16`, a non-persistent buffer) is refreshed when the fp32 master
+  changed (after any optimizer step, a checkpoint load, an in-place write), in one multi-tensor
+  copy for all layers, at the start of the LoopLM's forward: once per optimizer step, not 2R times
+  per micro-batch;
+- each use's weight gradient is accumulated by its GEMM into one fp32 buffer (`weight_grad_acc`;
+  kernels/shared_linear.py), handed to autograd as the master's gradient once per micro-batch.
+
+Everything else is as with `bf16`: autocast around the step, fp32 masters, fp32 gradients and
+Adam moments, the norms, gate and head as autocast runs them. Memory: 2 bytes per shared weight
+(the bf16 copy) plus 4 (the accumulator) more than `bf16`, against the 2R bytes per shared weight
+of bf16 casts that autocast may keep for backward. The buffers are not in the state dict, so
+checkpoints are those of `bf16`. Not with tensor parallel (megatron-core's linears) nor ZeRO-3
+(partitioned masters): the config refuses both.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from ouro_train.kernels.shared_linear import hand_over_grads, shared_linear
+from ouro_train.model.looplm import LoopLM
+
+
+def shared_linears(model: LoopLM) -> list[nn.Linear]:
+    """The plain linears of the decoder layers, which every recurrent step reuses."""
+    return [m for layer in model.model.layers for m in layer.modules() if type(m) is nn.Linear]
+
+
+def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # Training (also a recomputation under activation checkpointing, which runs with grad enabled):
+    # the compute copy the LoopLM's forward refreshed. Without grad (evaluation): a plain linear of
+    # the master, which is right even when no forward refreshed the copy (inference calling the
+    # recurrent step directly).
+    if not torch.is_grad_enabled():
+        return F.linear(x, module.weight)
+    if module.weight.requires_grad:
+        return shared_linear(x, module.weight_bf16, module.weight_grad_acc)
+    return F.linear(x.to(torch.bfloat16), module.weight_bf16)  # frozen (stage II): no weight gradient
+
+
+class LoopPrecision:
+    """The hooks of one model: `refresh` (LoopLM forward pre-hook) and `attach` (embedding forward
+    hook, where the accumulated gradients re-enter autograd)."""
+
+    def __init__(self, model: LoopLM) -> None:
+        self.linears = shared_linears(model)
+        if not self.linears:
+            raise ValueError("train.precision=bf16_loop: the model has no plain nn.Linear in its decoder layers")
+        for module in self.linears:
+            weight = module.weight
+            module.register_buffer("weight_bf16", torch.empty_like(weight, dtype=torch.bfloat16), persistent=False)
+            module.register_buffer("weight_grad_acc", torch.zeros_like(weight, dtype=torch.float32), persistent=False)
+            # An instance attribute shadows nn.Linear.forward; state-dict keys are unchanged.
+            module.forward = functools.partial(_forward, module)
+        self.versions: list[int | None] = [None] * len(self.linears)
+        self.stale = True
+        self.refreshes = 0  # compute copies made (each one multi-tensor copy); tests read it
+        # Every optimizer step marks the copies stale: torch's fused AdamW updates the weights
+        # without bumping their version counters, and DeepSpeed's ZeRO writes them through flat
+        # buffers. A global hook, so it fires under any engine (the optimizer is built later).
+        this = weakref.ref(self)
+        self._hook = register_optimizer_step_post_hook(lambda *_: this() and this().invalidate())
+        model.register_forward_pre_hook(self.refresh)
+        model.model.embed_tokens.register_forward_hook(self.attach)
+
+    def refresh(self, module: nn.Module, args) -> None:
+        training = torch.is_grad_enabled()
+        with torch.no_grad():
+            stale = [i for i, m in enumerate(self.linears) if self.stale or m.weight._version != self.versions[i]]
+            self.stale = False
+            if stale:
+                torch._foreach_copy_(
+                    [self.linears[i].weight_bf16 for i in stale], [self.linears[i].weight for i in stale]
+                )
+                for i in stale:
+                    self.versions[i] = self.linears[i].weight._version
+                self.refreshes += 1
+            if training:
+                self._zero_accumulators()
+
+    def invalidate(self) -> None:
+        """The masters changed (an optimizer step, a checkpoint loaded): refresh at the next forward.
+        An in-place write to a weight (load_state_dict's copy_) is seen by its version counter too."""
+        self.stale = True
+
+    def _zero_accumulators(self) -> None:
+        reuse = []
+        for m in self.linears:
+            grad = m.weight.grad
+            if grad is not None and grad.data_ptr() == m.weight_grad_acc.data_ptr():
+                # Autograd took the last buffer as the gradient itself: start a new one.
+                m.weight_grad_acc = torch.zeros_like(m.weight_grad_acc)
+            else:
+                reuse.append(m.weight_grad_acc)
+        torch._foreach_zero_(reuse)
+
+    def attach(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        trained = [m for m in self.linears if m.weight.requires_grad]
+        if not trained:
+            return output
+        return hand_over_grads(output, [m.weight for m in trained], [m.weight_grad_acc for m in trained])
+
+
+def apply_loop_precision(model: LoopLM) -> LoopLM:
+    """Install bf16_loop on `model` (in place; before activation checkpointing and compile, after
+    tensor parallel). Returns the model, with its `LoopPrecision` as `model.loop_precision`."""
+    model.loop_precision = LoopPrecision(model)
+    return model

@@ -1,13 +1,16 @@
 """Training-step throughput, MFU and peak memory of a LoopLM on one device.
 
-One process, no DeepSpeed: fp32 parameters, bf16 autocast (train.precision=bf16), torch AdamW
-(the trainer's optimizer), the stage-I objective over all R steps. FLOPs per token are
+One process, no DeepSpeed: fp32 parameters, bf16 autocast (train.precision=bf16, or with
+`--precision bf16_loop` the shared linears' bf16 copies made once per optimizer step and their
+weight gradients accumulated in fp32 by the GEMMs), torch AdamW (the trainer's optimizer, fused),
+the stage-I objective over all R steps. FLOPs per token are
 ouro_train/model/flops.py's: every matmul of all R recurrent steps and the LM head at every step,
 attention in the non-causal convention (PaLM / Megatron MFU), x3 for training; recomputation is
 not counted. MFU = achieved FLOP/s / the device's dense bf16 peak (train/callbacks.py PEAK_TFLOPS).
 
     # Ouro-1.4B, R=4, seq 4K, best settings, then LongCT's 64K with activation checkpointing:
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention flash --kernels triton --compile
+    python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --compile --precision bf16_loop
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 65536 --attention flash --checkpointing layer
     # a CPU smoke run of the script itself:
     .venv/bin/python benchmarks/bench_mfu.py --model tiny --device cpu --seq 256 --steps 2 --warmup 1
@@ -29,6 +32,7 @@ from ouro_train.model.looplm import LoopLM
 from ouro_train.model.objective import looplm_loss
 from ouro_train.optim.optimizer import build_optimizer
 from ouro_train.parallel.checkpointing import apply_activation_checkpointing, apply_compile
+from ouro_train.parallel.precision import apply_loop_precision
 from ouro_train.train.callbacks import peak_tflops
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "model"
@@ -51,6 +55,7 @@ def main() -> None:
     parser.add_argument("--kernels", default="torch", choices=["torch", "triton"])
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--checkpointing", default="none", choices=["none", "layer", "step"])
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "bf16_loop"], help="train.precision")
     parser.add_argument("--chunk", type=int, default=4096, help="tokens per CE chunk")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -67,6 +72,8 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device(device):
         model = LoopLM(cfg)
+    if args.precision == "bf16_loop":
+        model = apply_loop_precision(model)
     model = apply_activation_checkpointing(model, args.checkpointing)
     if args.compile:
         model = apply_compile(model)
@@ -110,7 +117,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(
         f"{name}: {cfg.name} ({model.num_parameters():,} parameters) R={cfg.recurrent_steps} seq {args.seq} x "
-        f"micro-batch {args.micro_batch}, {args.docs} document(s) per row, bf16 autocast, attention "
+        f"micro-batch {args.micro_batch}, {args.docs} document(s) per row, precision {args.precision}, attention "
         f"{args.attention}, kernels {args.kernels}, compile {args.compile}, checkpointing {args.checkpointing}"
     )
     print(f"warm-up ({args.warmup} steps, compilation included): {warmup_s:.1f} s")

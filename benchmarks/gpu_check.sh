@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole GPU check in one command: every GPU-marked test, then the kernel, attention and MFU
-# benchmarks, each log under $OUT (default gpu_check/) and a summary at the end.
+# The whole GPU check in one command: every GPU-marked test, then the MFU, kernel and attention
+# benchmarks, each log under $OUT (default gpu_check/) and a summary at the end. Each step is
+# time-boxed (STEP_LIMIT seconds, default 150); `run --quick` fits in about 8 minutes.
 #
 #   On a machine with CUDA, torch and triton (e.g. the device machine: Python 3.12, no internet):
 #       bash benchmarks/gpu_check.sh run [--quick] [--mano]
@@ -120,11 +121,12 @@ export WANDB_MODE=offline  # no internet there; a run with logging.wandb=true lo
 unset TRITON_INTERPRET
 summary=$OUT/summary.txt
 : > "$summary"
-step() {  # step NAME COMMAND...: run, keep the log, record the status
+STEP_LIMIT=${STEP_LIMIT:-150}  # seconds per step: one hung or slow step cannot eat the device allotment
+step() {  # step NAME COMMAND...: run (time-boxed), keep the log, record the status (124: timed out)
     local name=$1; shift
     echo "== $name: $*" | tee -a "$summary"
     local start=$SECONDS
-    "$@" > "$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$STEP_LIMIT" "$@" > "$OUT/$name.log" 2>&1
     local status=$?
     tail -n 25 "$OUT/$name.log" >> "$summary"
     echo "== $name: exit $status, $((SECONDS - start)) s" | tee -a "$summary"
@@ -136,6 +138,13 @@ step() {  # step NAME COMMAND...: run, keep the log, record the status
 # Only files that hold GPU tests (the rest import DeepSpeed, webdataset, ...: CPU suite).
 gpu_files=$(grep -rl "pytest.mark.gpu" tests | sort)
 step gpu_tests $PYTHON -m pytest -q -p no:cacheprovider -m gpu $gpu_files
+# First the A/B that decides the GPU recipes' precision (#22): the compiled step, bf16 autocast vs
+# bf16_loop (shared weights cast once per optimizer step, fp32 GEMM-accumulated gradients).
+step mfu_compiled_bf16 $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile
+step mfu_compiled_bf16_loop $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
+    --precision bf16_loop
+step mfu_bf16_loop_mb2 $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
+    --precision bf16_loop --micro-batch 2
 step bench_kernels $PYTHON benchmarks/bench_kernels.py --device cuda --dtype bf16
 if [ "$quick" = --quick ]; then seqs=4096,16384; else seqs=4096,8192,16384,32768,65536; fi
 step bench_attention $PYTHON benchmarks/bench_attention.py --device cuda --dtype bf16 --heads 16 --head-dim 128 \
@@ -153,7 +162,7 @@ if [ -n "$mano" ]; then  # last: ~8 minutes of training, and it needs `fetch --t
 import importlib.util as u
 print(' '.join(m for m in ('hydra', 'omegaconf', 'deepspeed', 'pydantic', 'wids', 'webdataset', 'matplotlib')
                if u.find_spec(m) is None))") && [ -z "$missing" ]; then
-        step repro_mano_cuda $PYTHON -m data_tools.repro_mano --device cuda --run-dir "$OUT/repro_mano_cuda"
+        STEP_LIMIT=600 step repro_mano_cuda $PYTHON -m data_tools.repro_mano --device cuda --run-dir "$OUT/repro_mano_cuda"
         if [ -f "$OUT/repro_mano_cuda/report.md" ]; then
             { echo "== repro_mano_cuda: report.md"; cat "$OUT/repro_mano_cuda/report.md"; } >> "$summary"
         fi

@@ -12,8 +12,12 @@ not counted. MFU = achieved FLOP/s / the device's dense bf16 peak (train/callbac
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention flash --kernels triton --compile
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --compile --precision bf16_loop
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 65536 --attention flash --checkpointing layer
+    # against a plain PyTorch Ouro (benchmarks/plain_ouro.py) on the same weights, alternating steps,
+    # and where the GPU time of our step goes:
+    python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --compile --baseline --profile
     # a CPU smoke run of the script itself:
-    .venv/bin/python benchmarks/bench_mfu.py --model tiny --device cpu --seq 256 --steps 2 --warmup 1
+    .venv/bin/python benchmarks/bench_mfu.py --model tiny --device cpu --seq 256 --steps 2 --warmup 1 \
+        --baseline --profile
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import plain_ouro
 import torch
 from omegaconf import OmegaConf
 
@@ -43,6 +48,59 @@ def model_config(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**(fields | {k: v for k, v in overrides.items() if v is not None}))
 
 
+def profile_kinds(train_step, device: torch.device) -> None:
+    """One profiled step: time by kind of kernel (CUDA) or op (CPU), and the idle rest of the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        train_step()
+        sync(device)
+        wall_us = (time.perf_counter() - started) * 1e6
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if device.type == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = event.device_time
+        else:
+            if not event.name.startswith("aten::"):
+                continue
+            us = event.self_cpu_time_total
+        kind = KIND(event.name)
+        totals[kind] = totals.get(kind, 0.0) + us
+        counts[kind] = counts.get(kind, 0) + 1
+    busy = sum(totals.values())
+    unit = "GPU" if device.type == "cuda" else "CPU (aten ops, self time)"
+    print(f"profile of one step ({wall_us / 1e3:.1f} ms wall), {unit} time by kind:")
+    for kind, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<12} {us / 1e3:9.1f} ms {us / wall_us:6.1%}  ({counts[kind]} launches)")
+    print(f"  {'idle':<12} {max(wall_us - busy, 0) / 1e3:9.1f} ms {max(wall_us - busy, 0) / wall_us:6.1%}")
+
+
+def KIND(name: str) -> str:  # noqa: N802 (a table, read as one)
+    """The kind of a CUDA kernel or aten op, by name."""
+    n = name.lower()
+    for kind, keys in (
+        ("attention", ("flash", "attention", "fmha", "sdpa", "cudnn")),
+        ("optimizer", ("adam", "foreach", "multi_tensor")),
+        ("matmul", ("gemm", "matmul", "aten::mm", "addmm", "bmm", "cutlass", "xmma", "nvjet", "cublas", "sm90")),
+        ("casts/copies", ("copy", "_to_copy", "convert")),
+        ("elementwise", ("triton", "elementwise", "vectorized", "reduce", "aten::")),
+    ):
+        if any(key in n for key in keys):
+            return kind
+    return "other"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ouro_1p4b", help="a recipes/model/*.yaml name")
@@ -60,6 +118,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also train a plain PyTorch Ouro (benchmarks/plain_ouro.py) on the same weights, steps alternating",
+    )
+    parser.add_argument("--profile", action="store_true", help="print one step's device time by kind")
     args = parser.parse_args()
 
     overrides = {"attention": args.attention, "recurrent_steps": args.recurrent_steps}
@@ -72,6 +136,7 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device(device):
         model = LoopLM(cfg)
+    plain = plain_ouro.plain_from(model) if args.baseline else None
     if args.precision == "bf16_loop":
         model = apply_loop_precision(model)
     model = apply_activation_checkpointing(model, args.checkpointing)
@@ -92,28 +157,50 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    steps = {"ours": train_step}
+    if plain is not None:
+        if args.docs > 1:
+            raise SystemExit("--baseline trains unpacked rows (the plain model has no document mask): drop --docs")
+        if args.compile:
+            for layer in plain.model.layers:
+                layer.compile()
+        plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=OptimConfig().lr, fused=True)
 
+        def plain_step() -> float:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                logits, gates = plain(ids[:, :-1])
+                loss = plain_ouro.plain_loss(logits, gates, ids[:, 1:], beta=0.05)
+            loss.backward()
+            plain_optimizer.step()
+            plain_optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        steps["plain"] = plain_step
+
+    first_loss = {name: step() for name, step in steps.items()}  # step 1, from the same weights
     started = time.perf_counter()
-    for _ in range(args.warmup):
-        train_step()
-    sync()
+    for _ in range(args.warmup - 1):
+        for step in steps.values():
+            step()
+    sync(device)
     warmup_s = time.perf_counter() - started
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    peak: dict[str, float] = {name: 0.0 for name in steps}
     for _ in range(args.steps):
-        start = time.perf_counter()
-        train_step()
-        sync()
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated() / 2**30)
+    step_s = statistics.median(times["ours"])
     flops = count_model(cfg, args.seq).train_flops_per_token
     tokens_per_s = tokens_per_step / step_s
     achieved = flops * tokens_per_s / 1e12
-    peak = peak_tflops(args.peak_tflops, device.type)
+    peak_flops = peak_tflops(args.peak_tflops, device.type)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(
         f"{name}: {cfg.name} ({model.num_parameters():,} parameters) R={cfg.recurrent_steps} seq {args.seq} x "
@@ -124,10 +211,28 @@ def main() -> None:
     print(f"step time (median of {args.steps}): {step_s * 1e3:.1f} ms; tokens/s {tokens_per_s:,.0f}")
     print(
         f"model FLOPs per token (train, all steps) {flops / 1e9:.2f} GFLOP; achieved {achieved:.1f} TFLOP/s"
-        + (f"; MFU {achieved / peak:.1%} of {peak:g} TFLOP/s" if peak else "; MFU: device peak unknown")
+        + (
+            f"; MFU {achieved / peak_flops:.1%} of {peak_flops:g} TFLOP/s"
+            if peak_flops
+            else "; MFU: device peak unknown"
+        )
     )
     if device.type == "cuda":
-        print(f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        print(f"peak memory allocated {peak['ours']:.1f} GiB")
+    if plain is not None:
+        plain_s = statistics.median(times["plain"])
+        print(
+            f"baseline (plain PyTorch Ouro, per-step full logits, compile {args.compile}): "
+            f"step {plain_s * 1e3:.1f} ms, "
+            f"tokens/s {tokens_per_step / plain_s:,.0f}; first loss ours {first_loss['ours']:.5f}, "
+            f"plain {first_loss['plain']:.5f}"
+        )
+        line = f"ours/baseline tokens/s {plain_s / step_s:.3f}x"
+        if device.type == "cuda":
+            line += f"; peak memory {peak['ours']:.1f} / {peak['plain']:.1f} GiB = {peak['ours'] / peak['plain']:.2f}x"
+        print(line)
+    if args.profile:
+        profile_kinds(train_step, device)
 
 
 if __name__ == "__main__":

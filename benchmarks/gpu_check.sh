@@ -145,6 +145,11 @@ step mfu_compiled_bf16_loop $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --
     --precision bf16_loop
 step mfu_bf16_loop_mb2 $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
     --precision bf16_loop --micro-batch 2
+# Against a plain PyTorch Ouro (benchmarks/plain_ouro.py, compiled per layer) on the same weights,
+# steps alternating; then where our step's GPU time goes (matmul, attention, elementwise, optimizer,
+# casts, idle).
+step mfu_vs_baseline $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
+    --precision bf16_loop --baseline --profile
 step bench_kernels $PYTHON benchmarks/bench_kernels.py --device cuda --dtype bf16
 if [ "$quick" = --quick ]; then seqs=4096,16384; else seqs=4096,8192,16384,32768,65536; fi
 step bench_attention $PYTHON benchmarks/bench_attention.py --device cuda --dtype bf16 --heads 16 --head-dim 128 \

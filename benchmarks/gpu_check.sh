@@ -4,7 +4,7 @@
 # time-boxed (STEP_LIMIT seconds, default 150); `run --quick` fits in about 8 minutes.
 #
 #   On a machine with CUDA, torch and triton (e.g. the device machine: Python 3.12, no internet):
-#       bash benchmarks/gpu_check.sh run [--quick] [--mano]
+#       bash benchmarks/gpu_check.sh run [--quick] [--train] [--mano]
 #   Beforehand, where pip reaches PyPI, fetch the few pure wheels the checked code imports beyond
 #   torch and triton (pytest, omegaconf and their needs) into .whl/, which `run` installs first:
 #       bash benchmarks/gpu_check.sh fetch [--train]
@@ -14,9 +14,13 @@
 #     webdataset/wids, DeepSpeed built as a pure wheel with DS_BUILD_OPS=0, pydantic, wandb and
 #     their import-time needs), and into .whl/fallback/<module>/ the wheels of packages the device
 #     image already holds (matplotlib and its needs, psutil, msgpack...): `run` installs one of
-#     those only where `import <module>` fails there. megatron-core is not fetched: the
-#     single-process path never imports it (tensor/sequence parallelism only).
+#     those only where `import <module>` fails there. With megatron-core (2.6 MB): a ZeRO run,
+#     even on one process, makes its process groups through megatron's parallel_state.
 #   --quick (run): skips the 64K MFU run.
+#   --train (run): `ouro-train` itself under launch/torchrun.sh (NCCL), Ouro-1.4B at 4K on the demo
+#     corpus: benchmarks/train_check.py trains 8 steps with a checkpoint at 4, resumes it in a new
+#     launch and requires steps 5-8 bit for bit; ZeRO-1 with bf16_loop and compiled layers, then
+#     ZeRO-3 with bf16. Prints the trainer's tokens/s beside bench_mfu's. Needs `fetch --train`.
 #   --mano (run): last, `make repro-mano DEVICE=cuda` (python -m data_tools.repro_mano --device
 #     cuda, recipes/repro_mano_gpu.yaml: three trainings side by side, ~8 minutes) into
 #     $OUT/repro_mano_cuda, its report.md copied into the summary. Needs `fetch --train`'s wheels.
@@ -28,21 +32,23 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
 [ $# -gt 0 ] && shift
-quick= mano= train=
+quick= mano= train= trainer=
 for arg in "$@"; do
     case "$mode:$arg" in
         run:--quick) quick=--quick ;;
         run:--mano) mano=--mano ;;
+        run:--train) trainer=--train ;;
         fetch:--train) train=--train ;;
-        *) echo "usage: $0 fetch [--train] | run [--quick] [--mano] (got '$mode $arg')" >&2; exit 2 ;;
+        *) echo "usage: $0 fetch [--train] | run [--quick] [--train] [--mano] (got '$mode $arg')" >&2; exit 2 ;;
     esac
 done
-case "$mode" in run|fetch) ;; *) echo "usage: $0 fetch [--train] | run [--quick] [--mano]" >&2; exit 2 ;; esac
+case "$mode" in run|fetch) ;; *) echo "usage: $0 fetch [--train] | run [--quick] [--train] [--mano]" >&2; exit 2 ;; esac
 PYTHON=${PYTHON:-python3}
 
 # `fetch --train`, installed always (versions: constraints.txt). Each line's comment: who imports it.
 train_wheels=(
     hydra-core==1.3.8                    # ouro_train.config.store (omegaconf, antlr4: the base list)
+    megatron-core==0.16.1                # parallel/groups.py: any DeepSpeed (ZeRO) run's process groups
     webdataset==1.0.2 wids==0.1.11       # data/tokenize.py, data/source.py (shards)
     braceexpand==0.1.7                   # webdataset, wids
     hjson==3.1.0                         # deepspeed (built below)
@@ -162,11 +168,27 @@ if [ "$quick" != --quick ]; then
     step mfu_longct_64k $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 65536 --attention sdpa \
         --checkpointing layer --kernels triton --steps 2 --warmup 1
 fi
-if [ -n "$mano" ]; then  # last: ~8 minutes of training, and it needs `fetch --train`'s wheels
-    if missing=$($PYTHON -c "
+trainer_missing() {  # prints what `ouro-train` needs and cannot import here (fetch --train's wheels)
+    $PYTHON -c "
 import importlib.util as u
-print(' '.join(m for m in ('hydra', 'omegaconf', 'deepspeed', 'pydantic', 'wids', 'webdataset', 'matplotlib')
-               if u.find_spec(m) is None))") && [ -z "$missing" ]; then
+print(' '.join(m for m in ('hydra', 'omegaconf', 'deepspeed', 'megatron', 'pydantic', 'wids', 'webdataset',
+                           'matplotlib') if u.find_spec(m) is None))"
+}
+if [ -n "$trainer" ]; then
+    if missing=$(trainer_missing) && [ -z "$missing" ]; then
+        export PYTHON  # launch/torchrun.sh runs the workers with it
+        ouro_4k="model=ouro_1p4b train.device=cuda train.seq_len=4096 train.micro_batch_size=1 train.global_batch_size=1"
+        STEP_LIMIT=420 step train_zero1 $PYTHON benchmarks/train_check.py --out "$OUT/train_zero1" -- $ouro_4k \
+            parallel=zero1 train.precision=bf16_loop
+        STEP_LIMIT=300 step train_zero3 $PYTHON benchmarks/train_check.py --out "$OUT/train_zero3" -- $ouro_4k \
+            parallel=zero3 train.precision=bf16
+    else
+        echo "== train: skipped, not importable: ${missing:-?} (bash benchmarks/gpu_check.sh fetch --train)" \
+            | tee -a "$summary"
+    fi
+fi
+if [ -n "$mano" ]; then  # last: ~8 minutes of training, and it needs `fetch --train`'s wheels
+    if missing=$(trainer_missing) && [ -z "$missing" ]; then
         STEP_LIMIT=600 step repro_mano_cuda $PYTHON -m data_tools.repro_mano --device cuda --run-dir "$OUT/repro_mano_cuda"
         if [ -f "$OUT/repro_mano_cuda/report.md" ]; then
             { echo "== repro_mano_cuda: report.md"; cat "$OUT/repro_mano_cuda/report.md"; } >> "$summary"

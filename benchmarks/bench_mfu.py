@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "flex", "flash"])
     parser.add_argument("--kernels", default="torch", choices=["torch", "triton"])
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--checkpointing", default="none", choices=["none", "layer", "step"])
+    parser.add_argument("--checkpointing", default="none", choices=["none", "selective", "layer", "step"])
     parser.add_argument("--precision", default="bf16", choices=["bf16", "bf16_loop"], help="train.precision")
     parser.add_argument("--chunk", type=int, default=4096, help="tokens per CE chunk")
     parser.add_argument("--steps", type=int, default=10)
@@ -148,8 +148,10 @@ def main() -> None:
     doc_ids = (torch.arange(args.seq, device=device) // -(-args.seq // args.docs)).expand(args.micro_batch, -1)
     doc_ids = doc_ids if args.docs > 1 else None
 
+    cache = args.checkpointing != "selective"  # as the trainer: selective checkpointing replays the casts
+
     def train_step() -> float:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache):
             output = model(ids[:, :-1], doc_ids=doc_ids)
             loss = looplm_loss(output, model.lm_head, ids[:, 1:], beta=0.05, chunk_size=args.chunk).loss
         loss.backward()

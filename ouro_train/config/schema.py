@@ -432,10 +432,11 @@ class ParallelConfig:
     zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
     # Keep ZeRO optimizer states (and, at stage 3, parameters) in CPU memory.
     cpu_offload: bool = False
-    # Recompute activations in backward: `layer` (each decoder layer use) or `step` (each
-    # whole recurrent step, the cheaper in memory: R x fewer saved states per layer).
+    # Recompute activations in backward: `selective` (each decoder layer use keeps its matmul and
+    # attention outputs, recomputes the elementwise rest), `layer` (each decoder layer use) or
+    # `step` (each whole recurrent step, the cheaper in memory: R x fewer saved states per layer).
     activation_checkpointing: str = field(
-        default="none", metadata={"help": "recompute activations: none | layer | step"}
+        default="none", metadata={"help": "recompute activations: none | selective | layer | step"}
     )
     # Megatron sequence parallelism in the tensor-parallel group (norms and residuals on a
     # sequence shard). Needs tensor_parallel > 1.
@@ -453,7 +454,9 @@ class ParallelConfig:
     def validate(self, section: str = "parallel") -> None:
         _require(self.tensor_parallel >= 1, f"{section}.tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
         _one_of(self.zero_stage, (0, 1, 2, 3), f"{section}.zero_stage")
-        _one_of(self.activation_checkpointing, ("none", "layer", "step"), f"{section}.activation_checkpointing")
+        _one_of(
+            self.activation_checkpointing, ("none", "selective", "layer", "step"), f"{section}.activation_checkpointing"
+        )
         _one_of(self.backend, ("auto", "gloo", "nccl"), f"{section}.backend")
         _require(
             not self.sequence_parallel or self.tensor_parallel > 1,

@@ -60,8 +60,9 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     layer use and token about 34 h bytes in bf16 without recomputation (Korthikanti et al. 2022,
     with memory-efficient attention, so no s^2 term); a looped model uses each layer R times.
     `layer` checkpointing keeps each layer use's input (4 h bytes: the residual stream is fp32) and
-    recomputes one layer; `step` keeps each recurrent step's input (4 h, fp32 residual stream) and
-    recomputes one step (L layer uses). The step-wise CE holds one chunk of logits (chunk x vocab x
+    recomputes one layer; `selective` keeps that and the matmul and attention outputs (bf16); `step`
+    keeps each recurrent step's input (4 h, fp32 residual stream) and recomputes one step (L layer
+    uses). The step-wise CE holds one chunk of logits (chunk x vocab x
     4 bytes, about 3 live copies). Stage II (`objective.kind=gate`) trains the exit gate alone:
     gradients and moments cover its h + 1 parameters only, and the frozen layers record no autograd
     graph, so the activations are one layer use's working set plus the R final states the gate loss
@@ -90,6 +91,13 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
         activations = per_use * uses
     elif par.activation_checkpointing == "layer":
         activations = 4 * h * tokens * uses + per_use
+    elif par.activation_checkpointing == "selective":
+        # Each layer use keeps its input (fp32) and, in bf16, its matmul and attention outputs:
+        # q and the attention output (h each), k and v (kv each), o_proj and down_proj (h each),
+        # gate and up (intermediate each), divided over tensor parallel like the layers.
+        kv = m.num_kv_heads * m.resolved_head_dim
+        kept = 4 * h + 2 * (4 * h + 2 * kv + 2 * m.intermediate_size) / tp
+        activations = kept * tokens * uses + per_use
     else:
         activations = 4 * h * tokens * m.recurrent_steps + per_use * m.num_layers
     chunk = min(cfg.objective.ce_chunk_size, cfg.train.micro_batch_size * cfg.train.seq_len)

@@ -176,7 +176,11 @@ class Trainer:
 
     def _autocast(self):
         if self.cfg.train.precision in ("bf16", "bf16_loop"):
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            # Selective checkpointing replays the forward's ops in backward one for one; autocast's
+            # cache of weight casts (filled by a shared layer's first use, hit by the others) would
+            # make the replay cast where the forward did not.
+            cache = self.cfg.parallel.activation_checkpointing != "selective"
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
     def _loss(self, batch: Batch) -> LossOutput:

@@ -24,7 +24,7 @@ def loss_and_grads(model, ids, labels, doc_ids):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", ["none", "layer"])
+@pytest.mark.parametrize("checkpointing", ["none", "layer", "selective"])
 def test_compiled_layers_equal_eager(checkpointing):
     torch._dynamo.reset()
     eager = randomized(tiny_config(**TRAINABLE))

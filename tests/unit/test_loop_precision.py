@@ -116,6 +116,15 @@ def test_tracks_bf16_autocast_over_20_steps():
     assert not torch.equal(loop.model.lm_head.weight, model.lm_head.weight)
 
 
+def resume(t: Trainer, state: dict, step: int) -> Trainer:
+    """`t` continued from an engine state saved at `step`, at that step's data position."""
+    t.engine.load_state_dict(state)
+    t.state.step = step
+    for _ in range(step * t.resolved.grad_accum_steps):
+        next(t.train_batches)
+    return t
+
+
 def test_resumes_bitwise():
     torch.manual_seed(0)
     model = LoopLM(config().model)
@@ -125,11 +134,7 @@ def test_resumes_bitwise():
     saved = copy.deepcopy(straight.engine.state_dict())
     for _ in range(2):
         straight.train_step()
-    resumed = trainer("bf16_loop", model)
-    resumed.engine.load_state_dict(saved)
-    resumed.state.step = 4
-    for _ in range(4 * resumed.resolved.grad_accum_steps):  # the data position of step 4
-        next(resumed.train_batches)
+    resumed = resume(trainer("bf16_loop", model), saved, 4)
     for _ in range(2):
         resumed.train_step()
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
@@ -145,10 +150,7 @@ def test_a_bf16_checkpoint_resumes_under_bf16_loop():
     state = copy.deepcopy(before.engine.state_dict())
     after = trainer("bf16_loop", model)
     assert after.engine.state_dict()["module"].keys() == state["module"].keys()  # no new state-dict keys
-    after.engine.load_state_dict(state)
-    after.state.step = 2
-    for _ in range(2 * after.resolved.grad_accum_steps):
-        next(after.train_batches)
+    resume(after, state, 2)
     for t in (before, after):
         t.train_step()
     # The compute copies were refreshed from the loaded weights (a stale copy would be the init's).

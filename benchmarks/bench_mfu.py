@@ -125,6 +125,8 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true", help="print one step's device time by kind")
     args = parser.parse_args()
+    if args.precision == "bf16_loop" and args.compile and args.checkpointing in ("layer", "selective"):
+        raise SystemExit("--precision bf16_loop with --compile takes --checkpointing none or step (as the config)")
 
     overrides = {"attention": args.attention, "recurrent_steps": args.recurrent_steps}
     if "kernels" in ModelConfig.__dataclass_fields__:

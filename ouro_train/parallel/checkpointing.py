@@ -16,8 +16,6 @@ hooks (submodules are called normally during recomputation), and with a shared b
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -50,20 +48,28 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
+def _checkpointed(forward, **options):
+    """`forward` run under non-reentrant checkpointing. A plain function, not a functools.partial of
+    `checkpoint`: torch.compile of the layer steps into this frame and traces the checkpoint as one
+    region, where a partial of `checkpoint` (which torch marks as not to trace) left the whole layer
+    running eagerly."""
+
+    def checkpointed_forward(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
+
+    return checkpointed_forward
+
+
 def apply_activation_checkpointing(model: LoopLM, policy: str) -> LoopLM:
     if policy == "none":
         return model
-    if policy == "selective":
-        for layer in model.model.layers:
-            layer.forward = functools.partial(
-                checkpoint, layer.forward, use_reentrant=False, context_fn=_selective_context
-            )
-    elif policy == "layer":
+    if policy in ("selective", "layer"):
+        options = {"context_fn": _selective_context} if policy == "selective" else {}
         for layer in model.model.layers:
             # An instance attribute shadows the class's forward; state-dict keys are unchanged.
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+            layer.forward = _checkpointed(layer.forward, **options)
     elif policy == "step":
-        model.recurrent_step = functools.partial(checkpoint, model.recurrent_step, use_reentrant=False)
+        model.recurrent_step = _checkpointed(model.recurrent_step)
     else:
         raise ValueError(f"unknown activation checkpointing policy {policy!r}; use none, selective, layer or step")
     return model

@@ -12,11 +12,12 @@ sums the R weight gradients one add at a time. Here, per linear:
   kernels/shared_linear.py), handed to autograd as the master's gradient once per micro-batch.
 
 Everything else is as with `bf16`: autocast around the step, fp32 masters, fp32 gradients and
-Adam moments, the norms, gate and head as autocast runs them. Memory: 2 bytes per shared weight
-(the bf16 copy) plus 4 (the accumulator) more than `bf16`, against the 2R bytes per shared weight
-of bf16 casts that autocast may keep for backward. The buffers are not in the state dict, so
-checkpoints are those of `bf16`. Not with tensor parallel (megatron-core's linears) nor ZeRO-3
-(partitioned masters): the config refuses both.
+Adam moments, the norms, gate and head as autocast runs them. (Eager autocast caches its casts
+within a forward, so it casts each weight once per micro-batch in forward and once in backward;
+compiled layers cast at every use, 2R times.) Memory: 2 bytes per shared weight (the bf16 copy)
+plus 4 (the accumulator) more than `bf16`. The buffers are not in the state dict, so checkpoints
+are those of `bf16`. Not with tensor parallel (megatron-core's linears) nor ZeRO-3 (partitioned
+masters), nor with layer-level checkpointing inside compiled layers: the config refuses them.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class LoopPrecision:
         if not self.linears:
             raise ValueError("train.precision=bf16_loop: the model has no plain nn.Linear in its decoder layers")
         for module in self.linears:
+            if module.bias is not None:
+                raise ValueError("train.precision=bf16_loop: the shared linears have no bias in Ouro; this one does")
             weight = module.weight
             module.register_buffer("weight_bf16", torch.empty_like(weight, dtype=torch.bfloat16), persistent=False)
             module.register_buffer("weight_grad_acc", torch.zeros_like(weight, dtype=torch.float32), persistent=False)
@@ -71,7 +74,8 @@ class LoopPrecision:
         # without bumping their version counters, and DeepSpeed's ZeRO writes them through flat
         # buffers. A global hook, so it fires under any engine (the optimizer is built later).
         this = weakref.ref(self)
-        self._hook = register_optimizer_step_post_hook(lambda *_: this() and this().invalidate())
+        hook = register_optimizer_step_post_hook(lambda *_: this() and this().invalidate())
+        weakref.finalize(self, hook.remove)  # gone with its model
         model.register_forward_pre_hook(self.refresh)
         model.model.embed_tokens.register_forward_hook(self.attach)
 

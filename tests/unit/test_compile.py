@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from tiny_models import TRAINABLE, randomized, tiny_config
+from torch._dynamo.utils import counters
 
 from ouro_train.config.schema import ConfigError, ParallelConfig
 from ouro_train.model.objective import looplm_loss
@@ -27,6 +28,7 @@ def loss_and_grads(model, ids, labels, doc_ids):
 @pytest.mark.parametrize("checkpointing", ["none", "layer", "selective"])
 def test_compiled_layers_equal_eager(checkpointing):
     torch._dynamo.reset()
+    counters.clear()
     eager = randomized(tiny_config(**TRAINABLE))
     compiled = apply_compile(apply_activation_checkpointing(copy.deepcopy(eager), checkpointing))
     ids = torch.randint(0, 64, (2, 48))
@@ -38,8 +40,10 @@ def test_compiled_layers_equal_eager(checkpointing):
         torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
         for name in want:
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
-    # Really compiled, not silently eager: the layers carry a compiled call.
+    # Really compiled, not silently eager: dynamo captured the layer (a checkpoint wrapper it may not
+    # trace would leave the layers eager behind a compiled call).
     assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
 
 
 def test_compile_with_zero3_is_refused_naming_the_key():

@@ -52,13 +52,17 @@ def train_losses(
     teardown: bool = True,
     sequence_parallel: bool = False,
     precision: str = "fp32",
+    accum: int = 1,
 ) -> list:
-    """Train from the same seed on this process's share of each global batch -> [(loss, grad norm,
+    """Train from the same seed on this process's share of each global batch, in `accum`
+    micro-batches per step -> [(loss, grad norm,
     parameter norm, update bound)] (the stability guard's: the norm summed over ZeRO-3 partitions
     and tensor-parallel shards, counted once where replicated; the bound over the whole model)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg = make_config(tp, zero, checkpointing, rows=GLOBAL_ROWS * tp // world, precision=precision)
     cfg.parallel.sequence_parallel = sequence_parallel
+    cfg.train.micro_batch_size //= accum
+    cfg.train.grad_accum_steps = accum
     layout = init_parallel(cfg.parallel, cfg.model, "cpu")
     try:
         torch.manual_seed(0)
@@ -66,10 +70,13 @@ def train_losses(
         freeze_for_objective(model, cfg.objective.kind)
         engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
         rows = GLOBAL_ROWS // layout.dp
+        micro = rows // accum
         batches = (
-            {k: v[layout.dp_rank * rows : (layout.dp_rank + 1) * rows] for k, v in global_batch(s).items()}
+            {k: v[layout.dp_rank * rows + m * micro : layout.dp_rank * rows + (m + 1) * micro] for k, v in
+             global_batch(s).items()}
             for s in range(steps)
-        )
+            for m in range(accum)
+        )  # fmt: skip
         trainer = Trainer(
             cfg, model, batches, engine=engine, resolved=resolve(cfg, engine.dp_size if engine is not None else 1)
         )
@@ -375,11 +382,14 @@ def test_deepspeed_checkpoint_resume_continues_exactly_and_saves_full_weights(tm
 
 
 def loop_precision_sweep() -> dict:
-    """train.precision=bf16_loop under ZeRO-1 and ZeRO-2 (with layer checkpointing) on one pair of processes."""
+    """train.precision=bf16_loop under ZeRO-1 and ZeRO-2 (with layer checkpointing), and both with 2
+    micro-batches per step, on one pair of processes."""
     try:
         return {
-            f"zero{zero}-{ckpt}": train_losses(1, zero, ckpt, teardown=False, precision="bf16_loop")
-            for zero, ckpt in [(1, "none"), (2, "layer")]
+            f"zero{zero}-{ckpt}-accum{accum}": train_losses(
+                1, zero, ckpt, teardown=False, precision="bf16_loop", accum=accum
+            )
+            for zero, ckpt, accum in [(1, "none", 1), (2, "layer", 1), (1, "none", 2), (2, "none", 2)]
         }
     finally:
         destroy_parallel()
@@ -388,8 +398,9 @@ def loop_precision_sweep() -> dict:
 @pytest.mark.slow
 def test_bf16_loop_under_zero_1_and_2_matches_one_process(tmp_path):
     """The gradients that the shared linears accumulate reach DeepSpeed's ZeRO reduction once per
-    micro-batch, and the bf16 copies follow the masters that ZeRO writes back (a stale copy would
-    train on the initial weights). bf16 forward, fp32 gradient sums: only the order of the fp32
+    micro-batch (also with 2 micro-batches per step, against one process taking the step's rows at
+    once), and the bf16 copies follow the masters that ZeRO writes back (a stale copy would train
+    on the initial weights). bf16 forward, fp32 gradient sums: only the order of the fp32
     sums differs from one process, as in the fp32 sweep. Then a ZeRO-1 resume continues exactly."""
     reference = train_losses(1, 0, "none", precision="bf16_loop")
     fp32 = train_losses(1, 0, "none")

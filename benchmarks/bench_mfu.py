@@ -70,7 +70,7 @@ def profile_kinds(train_step, device: torch.device) -> None:
             if not event.name.startswith("aten::"):
                 continue
             us = event.self_cpu_time_total
-        kind = KIND(event.name)
+        kind = kind_of(event.name)
         totals[kind] = totals.get(kind, 0.0) + us
         counts[kind] = counts.get(kind, 0) + 1
     busy = sum(totals.values())
@@ -81,7 +81,7 @@ def profile_kinds(train_step, device: torch.device) -> None:
     print(f"  {'idle':<12} {max(wall_us - busy, 0) / 1e3:9.1f} ms {max(wall_us - busy, 0) / wall_us:6.1%}")
 
 
-def KIND(name: str) -> str:  # noqa: N802 (a table, read as one)
+def kind_of(name: str) -> str:
     """The kind of a CUDA kernel or aten op, by name."""
     n = name.lower()
     for kind, keys in (

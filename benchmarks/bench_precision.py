@@ -40,12 +40,12 @@ def main() -> None:
         cfg = step_ab.config(args)
         cfg.train.precision = precision
         cfg.train.grad_accum_steps = args.accum
-        copy_ = copy.deepcopy(model)
+        replica = copy.deepcopy(model)
         if precision == "bf16_loop":
-            apply_loop_precision(copy_)
+            apply_loop_precision(replica)
         if args.compile:
-            apply_compile(copy_)
-        trainers[precision] = Trainer(cfg, copy_, step_ab.batches(args), resolved=resolve(cfg))
+            apply_compile(replica)
+        trainers[precision] = Trainer(cfg, replica, step_ab.batches(args), resolved=resolve(cfg))
     device = torch.device(args.device)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     losses: dict[str, list[float]] = {v: [] for v in VARIANTS}

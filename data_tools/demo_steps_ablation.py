@@ -18,36 +18,38 @@ import sys
 import time
 from pathlib import Path
 
+# The Mano init: unit-std embedding, sandwich norms closing each branch at 0.1.
+SMALL_INIT = ["model.embed_init_std=1.0", "model.branch_norm_init=0.1"]
+
 # name -> (what it changes, overrides for every stage)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "reference": ("the reference's init (ModelConfig defaults), exit gate bias 0", []),
     "small_init": (
         "unit-std embedding, sandwich norms closing each branch at 0.1 (the Mano init)",
-        ["model.embed_init_std=1.0", "model.branch_norm_init=0.1"],
+        SMALL_INIT,
     ),
     "gate_bias": ("exit gate bias -2 at init: p(t) starts on the last step", ["model.exit_gate_bias_init=-2.0"]),
     "beta_1": ("entropy weight beta 1 instead of 0.1", ["objective.beta=1.0"]),
     "lr_1e-3": ("peak learning rate 1e-3 instead of 3e-3", ["optim.lr=1e-3"]),
     "small_init+beta_1": (
         "the Mano init and beta 1",
-        ["model.embed_init_std=1.0", "model.branch_norm_init=0.1", "objective.beta=1.0"],
+        [*SMALL_INIT, "objective.beta=1.0"],
     ),
     "small_init+lr_1e-3": (
         "the Mano init and peak learning rate 1e-3",
-        ["model.embed_init_std=1.0", "model.branch_norm_init=0.1", "optim.lr=1e-3"],
+        [*SMALL_INIT, "optim.lr=1e-3"],
     ),
     "small_init+gate_bias": (
         "the Mano init and the exit gate bias -2",
-        ["model.embed_init_std=1.0", "model.branch_norm_init=0.1", "model.exit_gate_bias_init=-2.0"],
+        [*SMALL_INIT, "model.exit_gate_bias_init=-2.0"],
     ),
     "small_init+gate_bias_-4": (
         "the Mano init and the exit gate bias -4 (p(8) = 0.88 at init)",
-        ["model.embed_init_std=1.0", "model.branch_norm_init=0.1", "model.exit_gate_bias_init=-4.0"],
+        [*SMALL_INIT, "model.exit_gate_bias_init=-4.0"],
     ),
     "small_init+gate_bias+3x_stable1": (
         "the Mano init, gate bias -2, stable 1 three times longer (300 steps)",
-        ["model.embed_init_std=1.0", "model.branch_norm_init=0.1", "model.exit_gate_bias_init=-2.0"]
-        + ["stable1:train.tokens=1228800"],
+        [*SMALL_INIT, "model.exit_gate_bias_init=-2.0", "stable1:train.tokens=1228800"],
     ),
 }
 

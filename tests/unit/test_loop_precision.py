@@ -125,13 +125,18 @@ def resume(t: Trainer, state: dict, step: int) -> Trainer:
     return t
 
 
+def trained(precision: str, model: LoopLM, steps: int) -> tuple[Trainer, dict]:
+    """A trainer of `model` after `steps` steps, and a copy of its engine state then."""
+    t = trainer(precision, model)
+    for _ in range(steps):
+        t.train_step()
+    return t, copy.deepcopy(t.engine.state_dict())
+
+
 def test_resumes_bitwise():
     torch.manual_seed(0)
     model = LoopLM(config().model)
-    straight = trainer("bf16_loop", model)
-    for _ in range(4):
-        straight.train_step()
-    saved = copy.deepcopy(straight.engine.state_dict())
+    straight, saved = trained("bf16_loop", model, 4)
     for _ in range(2):
         straight.train_step()
     resumed = resume(trainer("bf16_loop", model), saved, 4)
@@ -144,10 +149,7 @@ def test_resumes_bitwise():
 def test_a_bf16_checkpoint_resumes_under_bf16_loop():
     torch.manual_seed(0)
     model = LoopLM(config().model)
-    before = trainer("bf16", model)
-    for _ in range(2):
-        before.train_step()
-    state = copy.deepcopy(before.engine.state_dict())
+    before, state = trained("bf16", model, 2)
     after = trainer("bf16_loop", model)
     assert after.engine.state_dict()["module"].keys() == state["module"].keys()  # no new state-dict keys
     resume(after, state, 2)

@@ -22,7 +22,6 @@ masters), nor with layer-level checkpointing inside compiled layers: the config 
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -36,19 +35,28 @@ from ouro_train.model.looplm import LoopLM
 
 def shared_linears(model: LoopLM) -> list[nn.Linear]:
     """The plain linears of the decoder layers, which every recurrent step reuses."""
-    return [m for layer in model.model.layers for m in layer.modules() if type(m) is nn.Linear]
+    return [m for layer in model.model.layers for m in layer.modules() if type(m) in (nn.Linear, LoopLinear)]
 
 
-def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    # Training (also a recomputation under activation checkpointing, which runs with grad enabled):
-    # the compute copy the LoopLM's forward refreshed. Without grad (evaluation): a plain linear of
-    # the master, which is right even when no forward refreshed the copy (inference calling the
-    # recurrent step directly).
-    if not torch.is_grad_enabled():
-        return F.linear(x, module.weight)
-    if module.weight.requires_grad:
-        return shared_linear(x, module.weight_bf16, module.weight_grad_acc)
-    return F.linear(x.to(torch.bfloat16), module.weight_bf16)  # frozen (stage II): no weight gradient
+class LoopLinear(nn.Linear):
+    """A shared linear under bf16_loop. `LoopPrecision` turns each plain `nn.Linear` of the decoder
+    layers into one in place (its class swapped: the same parameter, state-dict keys and hooks), so
+    that every layer runs the same code: torch.compile makes one graph for all layers, where a
+    per-module forward (a bound partial, say) would be guarded by its id and recompiled per layer."""
+
+    weight_bf16: torch.Tensor
+    weight_grad_acc: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Training (also a recomputation under activation checkpointing, which runs with grad
+        # enabled): the compute copy the LoopLM's forward refreshed. Without grad (evaluation): a
+        # plain linear of the master, which is right even when no forward refreshed the copy
+        # (inference calling the recurrent step directly).
+        if not torch.is_grad_enabled():
+            return F.linear(x, self.weight)
+        if self.weight.requires_grad:
+            return shared_linear(x, self.weight_bf16, self.weight_grad_acc)
+        return F.linear(x.to(torch.bfloat16), self.weight_bf16)  # frozen (stage II): no weight gradient
 
 
 class LoopPrecision:
@@ -65,8 +73,7 @@ class LoopPrecision:
             weight = module.weight
             module.register_buffer("weight_bf16", torch.empty_like(weight, dtype=torch.bfloat16), persistent=False)
             module.register_buffer("weight_grad_acc", torch.zeros_like(weight, dtype=torch.float32), persistent=False)
-            # An instance attribute shadows nn.Linear.forward; state-dict keys are unchanged.
-            module.forward = functools.partial(_forward, module)
+            module.__class__ = LoopLinear  # non-persistent buffers: state-dict keys are unchanged
         self.versions: list[int | None] = [None] * len(self.linears)
         self.stale = True
         self.refreshes = 0  # compute copies made (each one multi-tensor copy); tests read it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -182,6 +183,30 @@ def test_the_config_refuses_sharded_weights_and_the_trainer_a_plain_model():
     cfg.train.precision = "bf16_loop"
     with pytest.raises(ValueError, match="apply_loop_precision"):
         Trainer(cfg, LoopLM(cfg.model), batches(), resolved=resolve(cfg))
+
+
+def compiled_graphs(layers: int) -> int:
+    """Graphs dynamo made for one forward and backward of a bf16_loop model with compiled layers."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = apply_loop_precision(LoopLM(dataclasses.replace(model_config(2), num_layers=layers), seed=0))
+    for layer in model.model.layers:
+        layer.compile(backend="aot_eager")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        looplm_loss(model(ids[:, :-1]), model.lm_head, ids[:, 1:], beta=0.05).loss.backward()
+    return counters["stats"]["unique_graphs"]
+
+
+def test_one_compiled_graph_serves_every_layer():
+    # Every layer runs the same code on its own weights: one graph (a forward per-module attribute
+    # made dynamo recompile per layer and, past its recompile limit of 8, run Ouro-1.4B's other
+    # layers eagerly: 490 ms a step on an H200 against 360 compiled).
+    one = compiled_graphs(1)
+    assert one >= 1
+    assert compiled_graphs(3) == one
 
 
 @pytest.mark.slow

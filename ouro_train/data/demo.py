@@ -100,6 +100,15 @@ def build_demo_data(cfg: Config, resolved: Resolved, dp_rank: int = 0) -> tuple[
     train_docs, val_docs = split_documents(demo_documents(), val_fraction=cfg.data.val_fraction)
     join = lambda docs: np.concatenate(encode_documents(tokenizer, docs, append_eos=True))  # noqa: E731
     train_tokens, val_tokens = join(train_docs), join(val_docs)
+    fraction = cfg.data.val_fraction
+    for split, tokens, share in (("training", train_tokens, 1 - fraction), ("validation", val_tokens, fraction)):
+        if len(tokens) <= cfg.train.seq_len:
+            raise ConfigError(
+                f"config key 'train.seq_len': the embedded demo corpus's {split} split ({share:.0%} of its "
+                f"documents, data.val_fraction={fraction:g}) has {len(tokens)} tokens, fewer than one window of "
+                f"{cfg.train.seq_len + 1}; lower train.seq_len, change data.val_fraction, or train on shards "
+                f"(data.source=shards)"
+            )
     micro = cfg.train.micro_batch_size
     train = RandomWindowBatches(
         train_tokens,

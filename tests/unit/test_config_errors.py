@@ -132,3 +132,12 @@ def test_a_run_refused_after_its_run_dir_was_made_leaves_none(capsys, tmp_path, 
     (tmp_path / "run").mkdir()
     refused(capsys, *args)
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]
+
+
+def test_a_window_longer_than_the_demo_corpus_names_the_keys(capsys, tmp_path, monkeypatch):
+    """seq_len 4096 on the embedded corpus: its 5% validation split is shorter than one window (a
+    plain ValueError from inside the data loader, found on the first GPU run of ouro-train)."""
+    monkeypatch.chdir(tmp_path)
+    line = refused(capsys, "model=tiny", "train.seq_len=4096", "logging.wandb=false", f"run_dir={tmp_path / 'run'}")
+    assert "'train.seq_len'" in line and "validation split" in line and "data.val_fraction=0.05" in line, line
+    assert "fewer than one window of 4097" in line, line

@@ -11,6 +11,8 @@ not counted. MFU = achieved FLOP/s / the device's dense bf16 peak (train/callbac
     # Ouro-1.4B, R=4, seq 4K, best settings, then LongCT's 64K with activation checkpointing:
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention flash --kernels triton --compile
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --compile --precision bf16_loop
+    # an A/B in one process: bf16_loop against bf16 on the same weights, steps alternating
+    python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --compile --precision bf16_loop --versus bf16
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 65536 --attention flash --checkpointing layer
     # against a plain PyTorch Ouro (benchmarks/plain_ouro.py) on the same weights, alternating steps,
     # and where the GPU time of our step goes:
@@ -23,8 +25,10 @@ not counted. MFU = achieved FLOP/s / the device's dense bf16 peak (train/callbac
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import plain_ouro
@@ -96,6 +100,15 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def resident_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes a model keeps between steps: parameters, buffers and optimizer state (several models may
+    be resident at once, so the device's own peak would count the others too)."""
+    tensors = {t.data_ptr(): t for t in (*module.parameters(), *module.buffers())}
+    for state in optimizer.state.values():
+        tensors.update({t.data_ptr(): t for t in state.values() if isinstance(t, torch.Tensor)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -123,9 +136,15 @@ def main() -> None:
         action="store_true",
         help="also train a plain PyTorch Ouro (benchmarks/plain_ouro.py) on the same weights, steps alternating",
     )
+    parser.add_argument(
+        "--versus",
+        default=None,
+        choices=["bf16", "bf16_loop"],
+        help="also train our model under this train.precision on the same weights, steps alternating (an A/B)",
+    )
     parser.add_argument("--profile", action="store_true", help="print one step's device time by kind")
     args = parser.parse_args()
-    if args.precision == "bf16_loop" and args.compile and args.checkpointing in ("layer", "selective"):
+    if "bf16_loop" in (args.precision, args.versus) and args.compile and args.checkpointing in ("layer", "selective"):
         raise SystemExit("--precision bf16_loop with --compile takes --checkpointing none or step (as the config)")
 
     overrides = {"attention": args.attention, "recurrent_steps": args.recurrent_steps}
@@ -139,29 +158,41 @@ def main() -> None:
     with torch.device(device):
         model = LoopLM(cfg)
     plain = plain_ouro.plain_from(model) if args.baseline else None
-    if args.precision == "bf16_loop":
-        model = apply_loop_precision(model)
-    model = apply_activation_checkpointing(model, args.checkpointing)
-    if args.compile:
-        model = apply_compile(model)
-    optimizer = build_optimizer(model, OptimConfig())
+    other = copy.deepcopy(model) if args.versus else None  # the same weights, before any wrapping
     tokens_per_step = args.micro_batch * args.seq
     ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq + 1), device=device)
     doc_ids = (torch.arange(args.seq, device=device) // -(-args.seq // args.docs)).expand(args.micro_batch, -1)
     doc_ids = doc_ids if args.docs > 1 else None
-
     cache = args.checkpointing != "selective"  # as the trainer: selective checkpointing replays the casts
 
-    def train_step() -> float:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache):
-            output = model(ids[:, :-1], doc_ids=doc_ids)
-            loss = looplm_loss(output, model.lm_head, ids[:, 1:], beta=0.05, chunk_size=args.chunk).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+    optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}  # for resident memory
 
+    def our_step(model: LoopLM, precision: str) -> tuple[LoopLM, torch.optim.Optimizer, Callable[[], float]]:
+        """`model` wrapped as the trainer would for `precision`, and one training step of it."""
+        if precision == "bf16_loop":
+            model = apply_loop_precision(model)
+        model = apply_activation_checkpointing(model, args.checkpointing)
+        if args.compile:
+            model = apply_compile(model)
+        optimizer = build_optimizer(model, OptimConfig())
+
+        def train_step() -> float:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache):
+                output = model(ids[:, :-1], doc_ids=doc_ids)
+                loss = looplm_loss(output, model.lm_head, ids[:, 1:], beta=0.05, chunk_size=args.chunk).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        return model, optimizer, train_step
+
+    model, optimizer, train_step = our_step(model, args.precision)
     steps = {"ours": train_step}
+    optimizers["ours"] = (model, optimizer)
+    if other is not None:
+        other, other_optimizer, steps["versus"] = our_step(other, args.versus)
+        optimizers["versus"] = (other, other_optimizer)
     if plain is not None:
         if args.docs > 1:
             raise SystemExit("--baseline trains unpacked rows (the plain model has no document mask): drop --docs")
@@ -180,6 +211,7 @@ def main() -> None:
             return float(loss.detach())
 
         steps["plain"] = plain_step
+        optimizers["plain"] = (plain, plain_optimizer)
 
     first_loss = {name: step() for name, step in steps.items()}  # step 1, from the same weights
     started = time.perf_counter()
@@ -194,12 +226,14 @@ def main() -> None:
         for name, step in steps.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             start = time.perf_counter()
             step()
             sync(device)
             times[name].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated() / 2**30)
+            if device.type == "cuda":  # this model's own: its step's peak above the start, plus its resident state
+                own = torch.cuda.max_memory_allocated() - before + resident_bytes(*optimizers[name])
+                peak[name] = max(peak[name], own / 2**30)
     step_s = statistics.median(times["ours"])
     flops = count_model(cfg, args.seq).train_flops_per_token
     tokens_per_s = tokens_per_step / step_s
@@ -222,7 +256,19 @@ def main() -> None:
         )
     )
     if device.type == "cuda":
-        print(f"peak memory allocated {peak['ours']:.1f} GiB")
+        print(f"peak memory {peak['ours']:.1f} GiB (the step's peak above its start, plus the model's resident state)")
+    if other is not None:
+        versus_s = statistics.median(times["versus"])
+        print(
+            f"versus (ours, precision {args.versus}): step {versus_s * 1e3:.1f} ms, tokens/s "
+            f"{tokens_per_step / versus_s:,.0f}, MFU "
+            + (f"{flops * tokens_per_step / versus_s / 1e12 / peak_flops:.1%}" if peak_flops else "?")
+            + f"; first loss {first_loss['versus']:.5f} (ours {first_loss['ours']:.5f})"
+        )
+        line = f"{args.precision}/{args.versus} tokens/s {versus_s / step_s:.3f}x"
+        if device.type == "cuda":
+            line += f"; peak memory {peak['ours']:.1f} / {peak['versus']:.1f} GiB"
+        print(line)
     if plain is not None:
         plain_s = statistics.median(times["plain"])
         print(

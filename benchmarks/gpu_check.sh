@@ -17,6 +17,10 @@
 #     those only where `import <module>` fails there. With megatron-core (2.6 MB): a ZeRO run,
 #     even on one process, makes its process groups through megatron's parallel_state.
 #   --quick (run): skips the 64K MFU run.
+#   ONLY="NAME ..." (run): only these steps (gpu_tests, mfu_ab, train_zero1, ...: the names in the
+#     summary); GPU_TESTS="FILE ...": gpu_tests runs these test files only; STEP_LIMIT (150) and
+#     TRAIN_LIMIT (420, 300) cap each step's seconds, DEADLINE_S the whole run's; RUNS: where --train's
+#     run directories go (default $OUT).
 #   --train (run): `ouro-train` itself under launch/torchrun.sh (NCCL), Ouro-1.4B at 4K on the demo
 #     corpus: benchmarks/train_check.py trains 8 steps with a checkpoint at 4, resumes it in a new
 #     launch and requires steps 5-8 bit for bit; ZeRO-1 with bf16_loop and compiled layers, then
@@ -109,7 +113,8 @@ if [ "$mode" = fetch ]; then
 fi
 
 OUT=${OUT:-gpu_check}
-mkdir -p "$OUT"
+RUNS=${RUNS:-$OUT}  # --train's run directories (checkpoints of tens of GB: keep them off a small $OUT)
+mkdir -p "$OUT" "$RUNS"
 site=/tmp/gpu_check_site
 if [ -d .whl ]; then
     wheels=(.whl/*.whl)
@@ -128,11 +133,19 @@ unset TRITON_INTERPRET
 summary=$OUT/summary.txt
 : > "$summary"
 STEP_LIMIT=${STEP_LIMIT:-150}  # seconds per step: one hung or slow step cannot eat the device allotment
+DEADLINE_S=${DEADLINE_S:-}  # seconds: each step's limit is cut so that the whole run ends by then
+ONLY=${ONLY:-}  # names of the steps to run, space-separated (default: all), e.g. ONLY="mfu_ab train_zero1"
 step() {  # step NAME COMMAND...: run (time-boxed), keep the log, record the status (124: timed out)
     local name=$1; shift
-    echo "== $name: $*" | tee -a "$summary"
+    [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || return 0
+    local limit=$STEP_LIMIT
+    if [ -n "$DEADLINE_S" ]; then  # never past the whole run's deadline (seconds from the start)
+        limit=$(( DEADLINE_S - SECONDS < limit ? DEADLINE_S - SECONDS : limit ))
+        if [ "$limit" -lt 20 ]; then echo "== $name: skipped, past DEADLINE_S=$DEADLINE_S" | tee -a "$summary"; return 0; fi
+    fi
+    echo "== $name (limit $limit s): $*" | tee -a "$summary"
     local start=$SECONDS
-    timeout --kill-after=10 "$STEP_LIMIT" "$@" > "$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local status=$?
     tail -n 25 "$OUT/$name.log" >> "$summary"
     echo "== $name: exit $status, $((SECONDS - start)) s" | tee -a "$summary"
@@ -142,24 +155,21 @@ step() {  # step NAME COMMAND...: run (time-boxed), keep the log, record the sta
   $PYTHON -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } >> "$summary" 2>&1
 # Only files that hold GPU tests (the rest import DeepSpeed, webdataset, ...: CPU suite).
-gpu_files=$(grep -rl "pytest.mark.gpu" tests | sort)
+gpu_files=${GPU_TESTS:-$(grep -rl "pytest.mark.gpu" tests | sort)}  # GPU_TESTS: some of these files only
 step gpu_tests $PYTHON -m pytest -q -p no:cacheprovider -m gpu $gpu_files
-# First the A/B that decides the GPU recipes' precision (#22): the compiled step, bf16 autocast vs
-# bf16_loop (shared weights cast once per optimizer step, fp32 GEMM-accumulated gradients).
-step mfu_compiled_bf16 $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile
-step mfu_compiled_bf16_loop $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
-    --precision bf16_loop
+# First the A/B that decides the GPU recipes' precision (#22), in one process on the same weights,
+# steps alternating: the compiled step under bf16_loop (shared weights cast once per optimizer step,
+# fp32 GEMM-accumulated gradients), under bf16 autocast, and a plain PyTorch Ouro
+# (benchmarks/plain_ouro.py, compiled per layer); then where our step's GPU time goes (matmul,
+# attention, elementwise, optimizer, casts, idle).
+step mfu_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
+    --precision bf16_loop --versus bf16 --baseline --profile
 step mfu_bf16_loop_mb2 $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
     --precision bf16_loop --micro-batch 2
 # Micro-batch 2 inside 80 GiB (an H100's): selective checkpointing keeps matmul/attention outputs only.
 # (bf16: compiled layer-level checkpointing does not work with bf16_loop, which the config refuses.)
 step mfu_bf16_mb2_selective $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa \
     --compile --micro-batch 2 --checkpointing selective
-# Against a plain PyTorch Ouro (benchmarks/plain_ouro.py, compiled per layer) on the same weights,
-# steps alternating; then where our step's GPU time goes (matmul, attention, elementwise, optimizer,
-# casts, idle).
-step mfu_vs_baseline $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
-    --precision bf16_loop --baseline --profile
 step bench_kernels $PYTHON benchmarks/bench_kernels.py --device cuda --dtype bf16
 if [ "$quick" = --quick ]; then seqs=4096,16384; else seqs=4096,8192,16384,32768,65536; fi
 step bench_attention $PYTHON benchmarks/bench_attention.py --device cuda --dtype bf16 --heads 16 --head-dim 128 \
@@ -181,10 +191,12 @@ print(' '.join(m for m in ('hydra', 'omegaconf', 'deepspeed', 'megatron', 'pydan
 if [ -n "$trainer" ]; then
     if missing=$(trainer_missing) && [ -z "$missing" ]; then
         export PYTHON  # launch/torchrun.sh runs the workers with it
-        ouro_4k="model=ouro_1p4b train.device=cuda train.seq_len=4096 train.micro_batch_size=1 train.global_batch_size=1"
-        STEP_LIMIT=420 step train_zero1 $PYTHON benchmarks/train_check.py --out "$OUT/train_zero1" -- $ouro_4k \
+        # (the demo corpus: 15% of its documents held out, so that one 4K evaluation window fits)
+        ouro_4k="model=ouro_1p4b train.device=cuda train.seq_len=4096 train.micro_batch_size=1 train.global_batch_size=1
+                 data.val_fraction=0.15"
+        STEP_LIMIT=${TRAIN_LIMIT:-420} step train_zero1 $PYTHON benchmarks/train_check.py --out "$RUNS/train_zero1" -- $ouro_4k \
             parallel=zero1 train.precision=bf16_loop
-        STEP_LIMIT=300 step train_zero3 $PYTHON benchmarks/train_check.py --out "$OUT/train_zero3" -- $ouro_4k \
+        STEP_LIMIT=${TRAIN_LIMIT:-300} step train_zero3 $PYTHON benchmarks/train_check.py --out "$RUNS/train_zero3" -- $ouro_4k \
             parallel=zero3 train.precision=bf16
     else
         echo "== train: skipped, not importable: ${missing:-?} (bash benchmarks/gpu_check.sh fetch --train)" \

@@ -2,9 +2,11 @@
 fresh launch that must continue exactly; prints the trainer's own tokens/s (to set beside
 `bench_mfu.py` at the same settings).
 
-Launch A trains `--steps` steps and checkpoints halfway (checkpoint.every_steps); launch B, in
-another run directory, resumes from A's halfway checkpoint and trains the second half. Every loss
-and gradient norm of B must equal A's bit for bit. Exit status 1 otherwise.
+Launch A trains `--steps` steps and checkpoints once, just past halfway (checkpoint.every_steps,
+no final save); launch B, in another run directory, resumes from that checkpoint and trains the
+rest, saving nothing. Every loss and gradient norm of B must equal A's bit for bit; exit status 1
+otherwise. One checkpoint at a time, removed at the end (unless --keep): Ouro-1.4B's ZeRO-1
+checkpoint is 26.7 GiB, and the GPU machine's disk 64 GB.
 
     # on a GPU (gpu_check.sh run --train): Ouro-1.4B at 4K, ZeRO-1, bf16_loop, compiled layers
     python benchmarks/train_check.py --out gpu_check/train_zero1 -- model=ouro_1p4b parallel=zero1 \\
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,19 +40,22 @@ def launch(nproc: int, overrides: list[str], log: Path) -> None:
     print("$", " ".join(command), flush=True)
     with log.open("w") as out:
         status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    print(log.read_text().strip().splitlines()[-1] if log.stat().st_size else "(no output)")
+    lines = log.read_text().strip().splitlines()
     if status != 0:
+        print("\n".join(lines[-40:]) if lines else "(no output)")
         sys.exit(f"launch failed with exit status {status}: see {log}")
+    print(lines[-1] if lines else "(no output)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="a new directory for both runs and their logs")
     parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=8, help="steps of launch A (B resumes at half)")
+    parser.add_argument("--steps", type=int, default=8, help="steps of launch A (B resumes just past half)")
+    parser.add_argument("--keep", action="store_true", help="keep launch A's checkpoint")
     parser.add_argument("overrides", nargs="*", help="ouro-train overrides (after --)")
     args = parser.parse_args()
-    half = args.steps // 2
+    half = args.steps // 2 + 1  # the one checkpoint: 2 * half > steps
     args.out.mkdir(parents=True, exist_ok=True)
     common = [
         *args.overrides,
@@ -58,11 +64,16 @@ def main() -> None:
         "schedule.warmup_steps=1",
         "checkpoint.every_minutes=0",
         "logging.plot=false",
+        "checkpoint.save_final=false",
     ]
     first, second = args.out / "a", args.out / "b"
-    launch(args.nproc, [*common, f"run_dir={first}", f"checkpoint.every_steps={half}"], args.out / "a.log")
     checkpoint = first / "checkpoints" / f"step_{half:08d}"
-    launch(args.nproc, [*common, f"run_dir={second}", f"checkpoint.resume={checkpoint}"], args.out / "b.log")
+    try:
+        launch(args.nproc, [*common, f"run_dir={first}", f"checkpoint.every_steps={half}"], args.out / "a.log")
+        launch(args.nproc, [*common, f"run_dir={second}", f"checkpoint.resume={checkpoint}"], args.out / "b.log")
+    finally:  # also after a failed launch: the next check needs the disk
+        if not args.keep:
+            shutil.rmtree(first / "checkpoints", ignore_errors=True)
     a, b = metrics(first), metrics(second)
     resumed = sorted(step for step in b if step > half)
     if resumed != list(range(half + 1, args.steps + 1)):

@@ -1,6 +1,6 @@
 """benchmarks/plain_ouro.py, the baseline `bench_mfu.py --baseline` trains against, computes the
 same model and objective as ouro-train (so the A/B compares implementations, not models), and the
-benchmark's CPU smoke run prints the A/B and the profile."""
+benchmark's CPU smoke run prints the A/Bs (against it and between precisions) and the profile."""
 
 from __future__ import annotations
 
@@ -37,9 +37,12 @@ def test_the_plain_ouro_computes_our_loss_and_gradients(steps):
 def test_bench_mfu_baseline_and_profile_run_on_cpu():
     out = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_mfu.py"), "--model", "tiny", "--device", "cpu", "--seq", "32",
-         "--steps", "1", "--warmup", "1", "--baseline", "--profile", "--precision", "bf16_loop"],
+         "--steps", "1", "--warmup", "1", "--baseline", "--profile", "--precision", "bf16_loop", "--versus", "bf16"],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout  # fmt: skip
     assert "ours/baseline tokens/s" in out and "matmul" in out and "idle" in out
+    assert "bf16_loop/bf16 tokens/s" in out  # the A/B of precisions, same weights, steps alternating
+    versus = out.split("precision bf16): ")[1].split("first loss ")[1]
+    assert float(versus.split()[0]) == pytest.approx(float(versus.split("(ours ")[1].split(")")[0]), rel=1e-2)
     first = out.split("first loss ours ")[1]
     assert float(first.split(",")[0]) == pytest.approx(float(first.split("plain ")[1].split()[0]), rel=1e-2)

@@ -12,6 +12,11 @@ from ouro_train.config.schema import Config
 from ouro_train.model.flops import count_model
 
 GIB = 2**30
+# Bytes per layer use, token and unit of hidden size kept for backward without recomputation.
+# Korthikanti et al. 2022 count 34 (bf16, memory-efficient attention); one H200 measured 37.2 for
+# Ouro-1.4B with compiled layers (2026-12-04, benchmarks/README.md: 28.0 GiB more per 4K row from
+# micro-batch 1 to 2, under bf16 and bf16_loop alike, over 24 layers x R=4 uses).
+ACTIVATION_BYTES_PER_H = 37
 
 
 @dataclass
@@ -57,8 +62,8 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     States: parameters, gradients and the two Adam moments are fp32 (4 + 4 + 8 bytes per parameter;
     autocast runs the matmuls in bf16), divided by tensor parallel, and the parts ZeRO shards
     divided by data parallel (stage 1: moments, 2: + gradients, 3: + parameters). Activations: per
-    layer use and token about 34 h bytes in bf16 without recomputation (Korthikanti et al. 2022,
-    with memory-efficient attention, so no s^2 term); a looped model uses each layer R times.
+    layer use and token about 37 h bytes without recomputation (ACTIVATION_BYTES_PER_H, measured;
+    memory-efficient attention, so no s^2 term); a looped model uses each layer R times.
     `layer` checkpointing keeps each layer use's input (4 h bytes: the residual stream is fp32) and
     recomputes one layer; `selective` keeps that and the matmul and attention outputs (bf16); `step`
     keeps each recurrent step's input (4 h, fp32 residual stream) and recomputes one step (L layer
@@ -67,8 +72,11 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     gradients and moments cover its h + 1 parameters only, and the frozen layers record no autograd
     graph, so the activations are one layer use's working set plus the R final states the gate loss
     reads (4 h bytes per token each), whatever the checkpointing policy. train.precision=bf16_loop
-    adds 6 bytes per layer parameter to the states: a bf16 compute copy and an fp32 gradient
-    accumulator per shared linear."""
+    adds 2 bytes per layer parameter at the peak: its bf16 compute copy, and its fp32 accumulator
+    in place of the gradient (autograd makes the shared layers' gradients from the accumulators
+    after their backward, when their activations are gone). Checked against one H200 (Ouro-1.4B,
+    4K, compiled layers, no checkpointing, micro-batch 1 and 2): within 7% under bf16 (low) and 2%
+    under bf16_loop (tests/unit/test_memory_estimate.py)."""
     m, par = cfg.model, cfg.parallel
     tp = par.tensor_parallel
     dp = max(1, world_size // tp)
@@ -80,11 +88,11 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     grads = 4 * trained / (dp if zero >= 2 else 1)
     moments = 8 * trained / (dp if zero >= 1 else 1)
     if cfg.train.precision == "bf16_loop":
-        # parallel/precision.py's buffers; layer_params also holds the norms (< 0.1% of it).
-        grads += 6 * count_model(m, cfg.train.seq_len).layer_params
+        # parallel/precision.py's bf16 copies; layer_params also holds the norms (< 0.1% of it).
+        grads += 2 * count_model(m, cfg.train.seq_len).layer_params
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len / (tp if par.sequence_parallel else 1)
     h, uses = m.hidden_size, m.num_layers * m.recurrent_steps
-    per_use = 34 * h * tokens
+    per_use = ACTIVATION_BYTES_PER_H * h * tokens
     if gate:
         activations = per_use + 4 * h * tokens * m.recurrent_steps
     elif par.activation_checkpointing == "none":

@@ -1,0 +1,43 @@
+"""The dry run's memory estimate (ouro_train/model/memory.py) against peaks measured on a GPU.
+
+The figures are one H200's (2026-12-04, torch 2.11, benchmarks/README.md "GPU figures"):
+`bench_mfu.py --model ouro_1p4b --seq 4096 --compile` (sdpa, no activation checkpointing, one
+process, fused AdamW, the stage-I objective with 4,096-token CE chunks), each model's own peak.
+The estimate is for what fits, so it may be a little low or high, but not by much."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ouro_train.config.schema import Config, ModelConfig, TrainConfig
+from ouro_train.model.memory import estimate_memory
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "model"
+MEASURED_GIB = {  # (train.precision, micro-batch) -> peak
+    ("bf16", 1): 55.0,
+    ("bf16", 2): 83.0,
+    ("bf16_loop", 1): 52.7,
+    ("bf16_loop", 2): 80.7,
+}
+
+
+def estimate(precision: str, micro_batch: int) -> float:
+    model = ModelConfig(**OmegaConf.to_container(OmegaConf.load(RECIPES / "ouro_1p4b.yaml")))
+    train = TrainConfig(seq_len=4096, micro_batch_size=micro_batch, precision=precision, device="cuda")
+    return estimate_memory(Config(model=model, train=train), world_size=1).total_gib
+
+
+@pytest.mark.parametrize(("precision", "micro_batch"), sorted(MEASURED_GIB))
+def test_ouro_1p4b_at_4k_is_within_7_percent_of_the_h200_peak(precision, micro_batch):
+    measured = MEASURED_GIB[precision, micro_batch]
+    assert estimate(precision, micro_batch) == pytest.approx(measured, rel=0.07)
+
+
+def test_a_4k_row_costs_what_it_measured():
+    # The activations' slope: 28.0 GiB per 4K row under both precisions.
+    for precision in ("bf16", "bf16_loop"):
+        slope = estimate(precision, 2) - estimate(precision, 1)
+        assert slope == pytest.approx(MEASURED_GIB[precision, 2] - MEASURED_GIB[precision, 1], rel=0.02)

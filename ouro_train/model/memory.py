@@ -61,7 +61,8 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
 
     States: parameters, gradients and the two Adam moments are fp32 (4 + 4 + 8 bytes per parameter;
     autocast runs the matmuls in bf16), divided by tensor parallel, and the parts ZeRO shards
-    divided by data parallel (stage 1: moments, 2: + gradients, 3: + parameters). Activations: per
+    divided by data parallel (stage 1: moments, 2: + gradients, 3: + parameters); ZeRO-1/2 also keep
+    DeepSpeed's fp32 master copy of each rank's partition. Activations: per
     layer use and token about 37 h bytes without recomputation (ACTIVATION_BYTES_PER_H, measured;
     memory-efficient attention, so no s^2 term); a looped model uses each layer R times.
     `layer` checkpointing keeps each layer use's input (4 h bytes: the residual stream is fp32) and
@@ -87,6 +88,10 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     trained = m.hidden_size + 1 if gate else params  # the exit gate is replicated over tensor parallel
     grads = 4 * trained / (dp if zero >= 2 else 1)
     moments = 8 * trained / (dp if zero >= 1 else 1)
+    if zero in (1, 2):
+        # DeepSpeed's ZeRO-1/2 optimizer clones its partition of the weights as an fp32 master even
+        # when the weights are fp32 already (stage_1_and_2.py; ZeRO-3 reuses them): 4 more bytes.
+        moments += 4 * trained / dp
     if cfg.train.precision == "bf16_loop":
         # parallel/precision.py's bf16 copies; layer_params also holds the norms (< 0.1% of it).
         grads += 2 * count_model(m, cfg.train.seq_len).layer_params

@@ -12,7 +12,7 @@ not counted. MFU = achieved FLOP/s / the device's dense bf16 peak (train/callbac
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention flash --kernels triton --compile
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --compile --precision bf16_loop
     # an A/B in one process: bf16_loop against bf16 on the same weights, steps alternating
-    python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --compile --precision bf16_loop --versus bf16
+    python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --compile --precision bf16_loop --versus precision=bf16
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 65536 --attention flash --checkpointing layer
     # against a plain PyTorch Ouro (benchmarks/plain_ouro.py) on the same weights, alternating steps,
     # and where the GPU time of our step goes:
@@ -25,7 +25,6 @@ not counted. MFU = achieved FLOP/s / the device's dense bf16 peak (train/callbac
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -139,12 +138,26 @@ def main() -> None:
     parser.add_argument(
         "--versus",
         default=None,
-        choices=["bf16", "bf16_loop"],
-        help="also train our model under this train.precision on the same weights, steps alternating (an A/B)",
+        metavar="KEY=VALUE",
+        help="also train our model with one setting changed (precision=bf16, kernels=triton, attention=flex), "
+        "on the same weights, steps alternating: an A/B in one process",
     )
     parser.add_argument("--profile", action="store_true", help="print one step's device time by kind")
     args = parser.parse_args()
-    if "bf16_loop" in (args.precision, args.versus) and args.compile and args.checkpointing in ("layer", "selective"):
+    versus_key, _, versus_value = (args.versus or "=").partition("=")
+    choices = {
+        "precision": ("bf16", "bf16_loop"),
+        "kernels": ("torch", "triton"),
+        "attention": ("sdpa", "flex", "flash"),
+    }
+    if args.versus and versus_value not in choices.get(versus_key, ()):
+        raise SystemExit(f"--versus takes KEY=VALUE, one of {choices}; got {args.versus!r}")
+    versus_precision = versus_value if versus_key == "precision" else args.precision
+    if (
+        "bf16_loop" in (args.precision, versus_precision)
+        and args.compile
+        and args.checkpointing in ("layer", "selective")
+    ):
         raise SystemExit("--precision bf16_loop with --compile takes --checkpointing none or step (as the config)")
 
     overrides = {"attention": args.attention, "recurrent_steps": args.recurrent_steps}
@@ -158,7 +171,14 @@ def main() -> None:
     with torch.device(device):
         model = LoopLM(cfg)
     plain = plain_ouro.plain_from(model) if args.baseline else None
-    other = copy.deepcopy(model) if args.versus else None  # the same weights, before any wrapping
+    other = None
+    if args.versus:  # the same weights, before any wrapping
+        other_cfg = (
+            cfg if versus_key == "precision" else model_config(args.model, **(overrides | {versus_key: versus_value}))
+        )
+        with torch.device(device):
+            other = LoopLM(other_cfg)
+        other.load_state_dict(model.state_dict())
     tokens_per_step = args.micro_batch * args.seq
     ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq + 1), device=device)
     doc_ids = (torch.arange(args.seq, device=device) // -(-args.seq // args.docs)).expand(args.micro_batch, -1)
@@ -191,7 +211,7 @@ def main() -> None:
     steps = {"ours": train_step}
     optimizers["ours"] = (model, optimizer)
     if other is not None:
-        other, other_optimizer, steps["versus"] = our_step(other, args.versus)
+        other, other_optimizer, steps["versus"] = our_step(other, versus_precision)
         optimizers["versus"] = (other, other_optimizer)
     if plain is not None:
         if args.docs > 1:
@@ -260,12 +280,14 @@ def main() -> None:
     if other is not None:
         versus_s = statistics.median(times["versus"])
         print(
-            f"versus (ours, precision {args.versus}): step {versus_s * 1e3:.1f} ms, tokens/s "
+            f"versus (ours, {args.versus}): step {versus_s * 1e3:.1f} ms, tokens/s "
             f"{tokens_per_step / versus_s:,.0f}, MFU "
             + (f"{flops * tokens_per_step / versus_s / 1e12 / peak_flops:.1%}" if peak_flops else "?")
             + f"; first loss {first_loss['versus']:.5f} (ours {first_loss['ours']:.5f})"
         )
-        line = f"{args.precision}/{args.versus} tokens/s {versus_s / step_s:.3f}x"
+        ours_setting = {"precision": args.precision, "kernels": args.kernels, "attention": args.attention}
+        setting = f"{versus_key} {ours_setting.get(versus_key)}/{versus_value}"
+        line = f"ours/versus ({setting}) tokens/s {versus_s / step_s:.3f}x"
         if device.type == "cuda":
             line += f"; peak memory {peak['ours']:.1f} / {peak['versus']:.1f} GiB"
         print(line)

@@ -163,7 +163,7 @@ step gpu_tests $PYTHON -m pytest -q -p no:cacheprovider -m gpu $gpu_files
 # (benchmarks/plain_ouro.py, compiled per layer); then where our step's GPU time goes (matmul,
 # attention, elementwise, optimizer, casts, idle).
 step mfu_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
-    --precision bf16_loop --versus bf16 --baseline --profile
+    --precision bf16_loop --versus precision=bf16 --baseline --profile
 step mfu_bf16_loop_mb2 $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
     --precision bf16_loop --micro-batch 2
 # Micro-batch 2 inside 80 GiB (an H100's): selective checkpointing keeps matmul/attention outputs only.
@@ -175,9 +175,12 @@ if [ "$quick" = --quick ]; then seqs=4096,16384; else seqs=4096,8192,16384,32768
 step bench_attention $PYTHON benchmarks/bench_attention.py --device cuda --dtype bf16 --heads 16 --head-dim 128 \
     --seqs $seqs --max-gib 40
 step mfu_sdpa_eager $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa
-step mfu_best $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --kernels triton --compile
-step mfu_flex_packed $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --docs 4 --attention flex \
-    --kernels triton --compile
+# Kernels and attention chosen by measurement (#22 item 3), each an A/B in one process on the same
+# weights: our Triton kernels against inductor's fusion, then flex against sdpa on packed rows.
+step mfu_kernels_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
+    --precision bf16_loop --versus kernels=triton
+step mfu_attention_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --docs 4 --attention sdpa \
+    --compile --precision bf16_loop --versus attention=flex
 if [ "$quick" != --quick ]; then
     step mfu_longct_64k $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 65536 --attention sdpa \
         --checkpointing layer --kernels triton --steps 2 --warmup 1

@@ -37,12 +37,31 @@ def test_the_plain_ouro_computes_our_loss_and_gradients(steps):
 def test_bench_mfu_baseline_and_profile_run_on_cpu():
     out = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_mfu.py"), "--model", "tiny", "--device", "cpu", "--seq", "32",
-         "--steps", "1", "--warmup", "1", "--baseline", "--profile", "--precision", "bf16_loop", "--versus", "bf16"],
+         "--steps", "1", "--warmup", "1", "--baseline", "--profile", "--precision", "bf16_loop",
+         "--versus", "precision=bf16"],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout  # fmt: skip
     assert "ours/baseline tokens/s" in out and "matmul" in out and "idle" in out
-    assert "bf16_loop/bf16 tokens/s" in out  # the A/B of precisions, same weights, steps alternating
-    versus = out.split("precision bf16): ")[1].split("first loss ")[1]
+    assert "(precision bf16_loop/bf16) tokens/s" in out  # the A/B of precisions, same weights, steps alternating
+    versus = out.split("precision=bf16): ")[1].split("first loss ")[1]
     assert float(versus.split()[0]) == pytest.approx(float(versus.split("(ours ")[1].split(")")[0]), rel=1e-2)
     first = out.split("first loss ours ")[1]
     assert float(first.split(",")[0]) == pytest.approx(float(first.split("plain ")[1].split()[0]), rel=1e-2)
+
+
+@pytest.mark.slow
+def test_bench_mfu_versus_another_setting_trains_the_same_weights(monkeypatch):
+    # kernels=triton on CPU runs Triton's interpreter: the A/B of kernels item 3 of #22 asks for.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_mfu.py"), "--model", "tiny", "--device", "cpu", "--seq", "16",
+         "--steps", "1", "--warmup", "1", "--versus", "kernels=triton"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    assert "(kernels torch/triton) tokens/s" in out, out
+    versus = out.split("kernels=triton): ")[1].split("first loss ")[1]
+    assert float(versus.split()[0]) == pytest.approx(float(versus.split("(ours ")[1].split(")")[0]), rel=1e-3)
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        subprocess.run([sys.executable, str(BENCHMARKS / "bench_mfu.py"), "--device", "cpu", "--versus", "kernel=x"],
+                       capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    assert "--versus takes KEY=VALUE" in refused.value.stderr

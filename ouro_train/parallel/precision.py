@@ -126,6 +126,8 @@ class LoopPrecision:
 
 def apply_loop_precision(model: LoopLM) -> LoopLM:
     """Install bf16_loop on `model` (in place; before activation checkpointing and compile, after
-    tensor parallel). Returns the model, with its `LoopPrecision` as `model.loop_precision`."""
-    model.loop_precision = LoopPrecision(model)
+    tensor parallel). Returns the model, with its `LoopPrecision` as `model.loop_precision`; a model
+    that has one already is returned as it is (a second would refresh and hand over twice)."""
+    if getattr(model, "loop_precision", None) is None:
+        model.loop_precision = LoopPrecision(model)
     return model

@@ -200,6 +200,19 @@ def compiled_graphs(layers: int) -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def test_applying_it_twice_changes_nothing_and_keeps_the_state_dict():
+    model = LoopLM(model_config(2), seed=0)
+    keys = list(model.state_dict())
+    once = apply_loop_precision(model).loop_precision
+    assert apply_loop_precision(model).loop_precision is once
+    assert list(model.state_dict()) == keys  # the compute copies and accumulators are not saved
+    assert {type(m).__name__ for m in shared_linears(model)} == {"LoopLinear"}
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        looplm_loss(model(ids[:, :-1]), model.lm_head, ids[:, 1:], beta=0.05).loss.backward()
+    assert once.refreshes == 1  # one pre-hook, not two
+
+
 def test_one_compiled_graph_serves_every_layer():
     # Every layer runs the same code on its own weights: one graph (a forward per-module attribute
     # made dynamo recompile per layer and, past its recompile limit of 8, run Ouro-1.4B's other

@@ -181,6 +181,10 @@ step mfu_kernels_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096
     --precision bf16_loop --versus kernels=triton
 step mfu_attention_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --docs 4 --attention sdpa \
     --compile --precision bf16_loop --versus attention=flex
+# The trainer's step reads the device once (the guard's verdict): its host reads and CUDA syncs
+# counted, and an A/B against the same step with a sync where the old step read (#22 item 7).
+step host_reads_ab $PYTHON benchmarks/bench_host_reads.py --hidden 2048 --layers 4 --seq 4096 --rows 1 \
+    --steps 16 --block 4
 if [ "$quick" != --quick ]; then
     step mfu_longct_64k $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 65536 --attention sdpa \
         --checkpointing layer --kernels triton --steps 2 --warmup 1

@@ -8,6 +8,7 @@ into a TrainingDiverged (`optimizer_overflow_is_divergence`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -58,14 +59,19 @@ class SkippableAdamW(torch.optim.AdamW):
     """torch's AdamW whose update the stability guard can cancel: while `skip` is set, `step()`
     changes nothing (no weight, moment or step-count update). DeepSpeed's ZeRO optimizers call
     the inner optimizer's `step()` (once per sub-group under ZeRO-3), so the flag works the same
-    under every engine; the trainer sets it before the boundary step and clears it after."""
+    under every engine; the trainer sets it before the boundary step and clears it after.
+    `before_step`: called as an update starts (the DeepSpeed engine reads ZeRO's gradient norm
+    there, before the update's kernels are queued)."""
 
     skip = False
+    before_step: Callable[[], None] | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
         if self.skip:
             return None
+        if self.before_step is not None:
+            self.before_step()
         return super().step(closure)
 
 

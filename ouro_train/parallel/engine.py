@@ -46,25 +46,16 @@ def deepspeed_config(cfg: Config, resolved: Resolved) -> dict:
     }
 
 
-def tensor_parallel_grad_norm(model: nn.Module, tp_group) -> float:
+def tensor_parallel_grad_norm(model: nn.Module, tp_group) -> torch.Tensor:
     """L2 norm of all gradients, each tensor-parallel shard counted once and replicated
-    parameters (norms, gate) counted once, not once per TP rank."""
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
-    for param in model.parameters():
-        if param.grad is None:
-            continue
-        squares = param.grad.detach().double().pow(2).sum().cpu()
-        if getattr(param, "tensor_model_parallel", False):
-            sharded += squares
-        else:
-            replicated += squares
+    parameters (norms, gate) counted once, not once per TP rank: 0-d on the device, no host sync."""
+    device = next(model.parameters()).device
+    grads = [(p.grad, getattr(p, "tensor_model_parallel", False)) for p in model.parameters() if p.grad is not None]
+    sharded = squared_norm([g for g, is_shard in grads if is_shard], device)
+    replicated = squared_norm([g for g, is_shard in grads if not is_shard], device)
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        device = next(model.parameters()).device
-        sharded = sharded.to(device)
         dist.all_reduce(sharded, group=tp_group)
-        sharded = sharded.cpu()
-    return float((sharded + replicated).sqrt())
+    return (sharded + replicated).sqrt()
 
 
 def zero3_partition(param: nn.Parameter) -> torch.Tensor:
@@ -87,6 +78,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.dp_size = resolved.dp_size
+        self.world_size = dist.get_world_size()
         self.dp_group = mpu.get_data_parallel_group() if mpu is not None else None
         self.tp_group = mpu.get_model_parallel_group() if mpu is not None else None
         self.stage = cfg.parallel.zero_stage
@@ -106,6 +98,8 @@ class DeepSpeedEngine:
         )
         self.module = self.engine.module
         self._grad_norm: float | None = None
+        self._norm_tensor: torch.Tensor | None = None  # stage 0: boundary_grad_norm's
+        self._zero_norm: float | None = None  # ZeRO 1-3: read as the inner optimizer starts
         self.update_skipped = False
 
     def __call__(self, *args, **kwargs):
@@ -122,28 +116,57 @@ class DeepSpeedEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self, skip: bool = False) -> None:
+    def boundary_grad_norm(self) -> torch.Tensor | None:
+        """See `Engine.boundary_grad_norm`. ZeRO stage 0 keeps no global norm; its gradients are
+        already averaged over data parallel after the boundary's backward, so we measure them before
+        the step clips them. ZeRO 1-3 measure their partitions inside the step: None."""
+        if self.stage != 0:
+            return None
+        self._norm_tensor = tensor_parallel_grad_norm(self.module, self.tp_group)
+        return self._norm_tensor
+
+    def step(self, skip: bool = False, grad_norm: float | None = None) -> None:
         """After every micro-batch. At the boundary the update is skipped on `skip` (the guard's
         verdict, the same on every rank) or a non-finite global gradient norm: ZeRO 1/2/3 skip the
         latter themselves (DeepSpeed's overflow check, fp32 included, counted in `skipped_steps`);
-        without ZeRO we measure the norm first. `update_skipped` says whether it was skipped."""
+        stage 0 judges `grad_norm` (`boundary_grad_norm`'s, as the trainer read it).
+        `update_skipped` says whether it was skipped."""
         boundary = self.engine.is_gradient_accumulation_boundary()
-        # ZeRO stage 0 keeps no global norm; its gradients are already averaged over data
-        # parallel after the boundary's backward, so measure them before the step clips them.
-        own_norm = tensor_parallel_grad_norm(self.module, self.tp_group) if boundary and self.stage == 0 else None
+        own_norm = None
+        if boundary and self.stage == 0:
+            own_norm = grad_norm
+            if own_norm is None:  # nobody read it: read it here
+                norm = self._norm_tensor if self._norm_tensor is not None else self.boundary_grad_norm()
+                own_norm = float(norm)
         skipped_before = self.engine.skipped_steps
         if boundary:
             skip = skip or (own_norm is not None and not math.isfinite(own_norm))
             self.inner_optimizer.skip = skip
+            self._zero_norm = None
+            if self.stage > 0:
+                self.inner_optimizer.before_step = self._read_zero_norm
         try:
             with optimizer_overflow_is_divergence():
                 self.engine.step()
         finally:
             self.inner_optimizer.skip = False
+            self.inner_optimizer.before_step = None
         if boundary:
-            norm = self.engine.get_global_grad_norm() if own_norm is None else own_norm
+            norm = own_norm if own_norm is not None else self._zero_norm
+            if norm is None:  # skipped before the inner optimizer ran: read after the step
+                norm = self.engine.get_global_grad_norm()
             self._grad_norm = None if norm is None else float(norm)
             self.update_skipped = skip or self.engine.skipped_steps > skipped_before
+            self._norm_tensor = None
+
+    def _read_zero_norm(self) -> None:
+        """The ZeRO optimizer's global gradient norm, read once its inner optimizer is called:
+        measured, checked (DeepSpeed's own host read) and clipped by, and no update kernels queued
+        yet, so this read waits for little. After the step, reading it would wait for the whole
+        optimizer step (the GPU idle while the host then logs and fetches the next batch)."""
+        if self._zero_norm is None:
+            norm = getattr(self.optimizer, "_global_grad_norm", None)
+            self._zero_norm = None if norm is None else float(norm)
 
     def get_global_grad_norm(self) -> float | None:
         return self._grad_norm

@@ -5,6 +5,10 @@ accumulation boundaries, `get_global_grad_norm`), so the trainer drives a DeepSp
 engine the same way once `ouro_train.parallel` builds one. Losses reaching `backward` are
 already normalised by the loss tokens of the whole step, so nothing here rescales them
 (with DeepSpeed that means `scale_wrt_gas=False`).
+
+No host sync of its own: the gradient norm is handed to the trainer as a device tensor
+(`boundary_grad_norm`), read with the step's other figures in the trainer's one host read, and
+given back to `step`, which clips by it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ouro_train.optim.optimizer import optimizer_overflow_is_divergence, squared_norm, use_implementation
 
@@ -38,6 +43,7 @@ class Engine(Protocol):
     kind: ClassVar[Literal["local", "deepspeed"]]
     module: nn.Module
     dp_size: int
+    world_size: int  # every rank that must agree on a step boundary (tensor- and data-parallel)
     update_skipped: bool
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
@@ -48,7 +54,17 @@ class Engine(Protocol):
 
     def set_lr(self, lr: float) -> None: ...
 
-    def step(self, skip: bool = False) -> None: ...
+    def boundary_grad_norm(self) -> torch.Tensor | None:
+        """At the accumulation boundary, after its backward: the global gradient norm the update
+        will be judged and clipped by, 0-d on the device, without a host sync (the trainer reads it
+        in its one host read and passes the value to `step`). None where the engine measures it
+        inside its own step (DeepSpeed ZeRO 1-3)."""
+        ...
+
+    def step(self, skip: bool = False, grad_norm: float | None = None) -> None:
+        """After every micro-batch. `grad_norm`: the host value of `boundary_grad_norm()` at the
+        boundary, where the caller read it (else the engine reads it itself)."""
+        ...
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
@@ -80,7 +96,9 @@ class LocalEngine:
         self.micro_steps = 0
         self.global_steps = 0
         self.dp_size = 1
+        self.world_size = 1
         self._grad_norm: float | None = None
+        self._norm_tensor: torch.Tensor | None = None
         self.update_skipped = False
 
     def __call__(self, *args, **kwargs):
@@ -96,19 +114,30 @@ class LocalEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self, skip: bool = False) -> None:
+    def _trained(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def boundary_grad_norm(self) -> torch.Tensor:
+        """See `Engine.boundary_grad_norm`: torch's clip_grad_norm_ norm (`get_total_norm`)."""
+        self._norm_tensor = get_total_norm([p.grad for p in self._trained() if p.grad is not None])
+        return self._norm_tensor
+
+    def step(self, skip: bool = False, grad_norm: float | None = None) -> None:
         """Called after every micro-batch; updates the weights on accumulation boundaries, unless
-        `skip` (the guard's verdict) or the gradient norm is not finite. `update_skipped` says which."""
+        `skip` (the guard's verdict) or the gradient norm is not finite. `update_skipped` says which.
+        Clipping is torch's clip_grad_norm_ in its two halves: the norm (`boundary_grad_norm`, read
+        by the trainer with its other figures: `grad_norm`) and the scaling by it, on the device."""
         if self.is_gradient_accumulation_boundary():
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            # clip_grad_norm_ with an infinite max returns the norm without scaling anything.
-            max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            norm = self.boundary_grad_norm() if self._norm_tensor is None else self._norm_tensor
+            self._grad_norm = float(norm) if grad_norm is None else grad_norm  # a host read only if nobody read it
             self.update_skipped = skip or not math.isfinite(self._grad_norm)
             if not self.update_skipped:
+                if self.grad_clip > 0:
+                    clip_grads_with_norm_(self._trained(), self.grad_clip, norm)
                 with optimizer_overflow_is_divergence():
                     self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self._norm_tensor = None
             self.global_steps += 1
         self.micro_steps += 1
 

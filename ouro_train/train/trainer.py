@@ -49,7 +49,8 @@ class TrainState:
 
 @dataclass(frozen=True)
 class StepDecision:
-    """What every rank agreed at the end of a step (one collective: Trainer._decide)."""
+    """What every rank agreed at the end of a step (one collective where there are several ranks:
+    Trainer._decide)."""
 
     stop: bool  # a SIGTERM / SIGUSR1 reached some rank: every rank stops after this step
     save: bool  # some rank's clock says a time-based checkpoint is due: every rank saves now
@@ -95,9 +96,10 @@ def _hooks(callbacks: list, name: str) -> list[Callable]:
     return [getattr(callback, name) for callback in ordered if hasattr(callback, name)]
 
 
-def count_loss_tokens(batch: Batch) -> int:
-    """Loss tokens of a batch, by the objective's own definition (`loss_token_mask`)."""
-    return int(loss_token_mask(batch["labels"], batch.get("loss_mask")).sum())
+def count_loss_tokens(batches: list[Batch]) -> torch.Tensor:
+    """Loss tokens of some batches, by the objective's own definition (`loss_token_mask`): 0-d int64
+    on their device (no host read)."""
+    return sum(loss_token_mask(batch["labels"], batch.get("loss_mask")).sum() for batch in batches)
 
 
 def freeze_for_objective(model: nn.Module, kind: str) -> None:
@@ -206,15 +208,21 @@ class Trainer:
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
 
     def train_step(self) -> dict:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics."""
+        """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics.
+
+        The device is read back on the host once per step (a GPU idles at each read while the host
+        prepares what comes next): the guard must judge the step before the optimizer applies it,
+        so the loss totals, ||w||, the loss-token count and the gradient norm come back together,
+        in one `tolist`, between the last backward and the optimizer step. Nothing after it reads
+        the device: the optimizer step runs while the host logs and fetches the next batch."""
         started = time.perf_counter()
         micro_batches = [self._to_device(next(self.train_batches)) for _ in range(self.resolved.grad_accum_steps)]
         # Normalise by the loss tokens of the whole step on every data-parallel rank, not per
         # micro-batch: with loss masks (SFT) a mean of means would over-weight short answers.
-        # The engine averages gradients over dp ranks, hence the factor dp_size.
-        local_tokens = torch.tensor(float(sum(count_loss_tokens(b) for b in micro_batches)), device=self.device)
-        step_tokens = float(self.engine.all_reduce_sum(local_tokens))
-        scale = self.engine.dp_size / max(step_tokens, 1.0)
+        # The engine averages gradients over dp ranks, hence the factor dp_size. The count stays
+        # on the device (the scale is a 0-d tensor), exact in int64 whatever the batch.
+        step_tokens = self.engine.all_reduce_sum(count_loss_tokens(micro_batches))
+        scale = (self.engine.dp_size / step_tokens.clamp(min=1).double()).float()
         lr = lr_at(self.state.step, self.resolved.lr, self.resolved.steps, self.cfg.schedule)
         self.engine.set_lr(lr)
         self.engine.module.train()
@@ -223,20 +231,26 @@ class Trainer:
             out = self._loss(batch)
             self.engine.backward(out.loss_sum * scale)
             totals = self._accumulate(totals, out)
-            verdict = None
+            verdict = grad_norm = None
             if index == len(micro_batches) - 1:
                 # The step's loss over every rank, before the optimizer step, so that the guard can
                 # cancel the update everywhere (the same all-reduce gives the metrics and ||w||).
                 reduced = self.engine.all_reduce_sum(
                     torch.cat([totals, self.engine.param_norm_sq_share().reshape(1).to(totals)])
                 )
-                loss_sum, norm_sq = reduced[[0, -1]].tolist()  # the one host sync of the verdict
-                totals, param_norm = reduced[:-1], math.sqrt(norm_sq)
+                norm = self.engine.boundary_grad_norm()
+                measured = norm is not None  # else the engine measures it inside its step (DeepSpeed ZeRO)
+                if not measured:
+                    norm = torch.full((), math.nan, device=reduced.device)
+                host = torch.cat([reduced.double(), torch.stack([step_tokens.double(), norm.double()])])
+                values = host.tolist()  # the step's one host read
+                loss_sum, param_norm, num_tokens = values[0], math.sqrt(values[-3]), values[-2]
+                grad_norm = values[-1] if measured else None
                 ratio = self.update_ratio(lr, param_norm)
                 if ratio is not None:  # kept from the last step whose weights could be measured
                     self.last_update_ratio, self.last_lr = ratio, lr
-                verdict = self.guard.verdict(loss_sum / max(step_tokens, 1.0), param_norm, ratio)
-            self.engine.step(skip=verdict is not None)
+                verdict = self.guard.verdict(loss_sum / max(num_tokens, 1.0), param_norm, ratio)
+            self.engine.step(skip=verdict is not None, grad_norm=grad_norm)
         if verdict is None and self.engine.update_skipped:
             verdict = NONFINITE_GRAD
         input_tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * self.engine.dp_size
@@ -244,7 +258,7 @@ class Trainer:
         self.state.tokens += input_tokens
         elapsed = time.perf_counter() - started
         metrics = (
-            self._metrics(totals, step_tokens)
+            self._metrics(values[:-3], num_tokens)
             | {
                 "step": self.state.step,
                 "tokens": self.state.tokens,
@@ -279,10 +293,11 @@ class Trainer:
         return row if totals is None else totals + row
 
     @staticmethod
-    def _metrics(totals: torch.Tensor, num_tokens: float) -> dict:
+    def _metrics(totals: list[float], num_tokens: float) -> dict:
+        """The step's (or evaluation's) per-token figures from `_accumulate`'s totals, read back."""
         n = max(num_tokens, 1.0)
-        steps = (totals.numel() - 2) // 2
-        values = (totals / n).tolist()
+        steps = (len(totals) - 2) // 2
+        values = [value / n for value in totals]
         metrics = {"loss": values[0], "entropy": values[-1]}
         metrics |= {f"ce_step{t + 1}": values[1 + t] for t in range(steps)}
         metrics |= {f"p_step{t + 1}": values[1 + steps + t] for t in range(steps)}
@@ -309,7 +324,8 @@ class Trainer:
             num_tokens += out.num_tokens
             totals = totals + self._accumulate(None, out).to(totals.device)
         totals = self.engine.all_reduce_sum(torch.cat([totals, totals.new_tensor([float(num_tokens)])]))
-        metrics = {f"eval/{key}": value for key, value in self._metrics(totals[:-1], float(totals[-1])).items()}
+        values = totals.tolist()
+        metrics = {f"eval/{key}": value for key, value in self._metrics(values[:-1], values[-1]).items()}
         metrics["step"] = self.state.step
         for hook in _hooks(self.callbacks, "on_eval_end"):
             hook(self, MappingProxyType(metrics))
@@ -381,8 +397,13 @@ class Trainer:
         (clocks differ between ranks; saving is collective). One small collective per step instead
         of one per question: each is a launch, a round trip and a host sync (tens of µs on NCCL,
         more on gloo), on the critical path of every step. The step's other collectives are its
-        arithmetic (the loss-token count before backward, the loss totals before the update)."""
+        arithmetic (the loss-token count before backward, the loss totals before the update).
+        A run of one rank agrees with itself: no collective, no host sync (the step's one is the
+        guard's, train_step)."""
         wants_save = any(hook(self) for hook in _hooks(self.callbacks, "wants_save"))
-        flags = torch.tensor([float(signals.requested is not None), float(wants_save)], device=self.device)
+        stop = signals.requested is not None
+        if self.engine.world_size == 1:
+            return StepDecision(stop=stop, save=wants_save)
+        flags = torch.tensor([float(stop), float(wants_save)], device=self.device)
         stop, save = (value > 0 for value in self.engine.all_reduce_max(flags).tolist())
         return StepDecision(stop=stop, save=save)

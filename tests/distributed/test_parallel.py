@@ -315,6 +315,45 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step():
     assert run_distributed(stop_on_one_rank, 2) == [2, 2]
 
 
+def zero_1_host_reads() -> tuple[list, list]:
+    """Two ranks, ZeRO-1, three steps of `fit` after a warm-up step: the host reads of device
+    tensors made by ouro_train's code and by everything else (DeepSpeed, torch)."""
+    from ouro_train.utils.host_reads import counting_host_reads
+
+    cfg = make_config(zero=1, rows=GLOBAL_ROWS // 2)
+    cfg.train.steps = 4
+    layout = init_parallel(cfg.parallel, cfg.model, "cpu")
+    try:
+        torch.manual_seed(0)
+        model = LoopLM(cfg.model)
+        engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
+        batches = (
+            {k: v[layout.dp_rank * 2 : (layout.dp_rank + 1) * 2] for k, v in global_batch(s).items()} for s in range(4)
+        )
+        trainer = Trainer(cfg, model, batches, engine=engine, resolved=resolve(cfg, engine.dp_size))
+        trainer.train_step()
+        with counting_host_reads() as reads:
+            trainer.fit()
+        assert trainer.state.step == 4
+        ours = [where for _, where in reads if where.startswith("ouro_train.")]
+        return ours, [where for _, where in reads if not where.startswith("ouro_train.")]
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.slow
+def test_zero_1_steps_read_the_device_only_where_the_guard_and_the_ranks_must():
+    """Per step: the guard's read (the step's figures), ZeRO's gradient norm read as the inner
+    optimizer starts (before any update kernel is queued) and the ranks' step-boundary agreement.
+    DeepSpeed's own reads (its overflow check) are its business; the figure is in the message."""
+    for ours, theirs in run_distributed(zero_1_host_reads, 2):
+        modules = sorted({where.rsplit(":", 1)[0] for where in ours})
+        assert len(ours) == 3 * 3 and modules == ["ouro_train.parallel.engine", "ouro_train.train.trainer"], (
+            ours,
+            f"DeepSpeed and torch: {len(theirs) / 3:g} per step",
+        )
+
+
 def resume_with_deepspeed(tmp: str, layouts: list[tuple[int, int]], precision: str = "fp32") -> dict:
     """For each (ZeRO stage, TP) layout: 5 steps straight vs 2 steps, a checkpoint, a fresh engine
     loading it, 3 more steps. One pair of processes for layouts sharing process groups."""

@@ -22,7 +22,7 @@ def trainer(fused: bool, model: LoopLM) -> Trainer:
 def force_skip(engine) -> None:
     """The next steps are skipped as if the guard said so."""
     step = engine.step
-    engine.step = lambda skip=False: step(skip=True)
+    engine.step = lambda skip=False, grad_norm=None: step(skip=True, grad_norm=grad_norm)
 
 
 def test_fused_adamw_makes_the_foreach_update_and_skips_alike():

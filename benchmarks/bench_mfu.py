@@ -13,6 +13,8 @@ not counted. MFU = achieved FLOP/s / the device's dense bf16 peak (train/callbac
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --compile --precision bf16_loop
     # an A/B in one process: bf16_loop against bf16 on the same weights, steps alternating
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --compile --precision bf16_loop --versus precision=bf16
+    # FP8 (the shared linears' GEMMs in float8; MFU still against the bf16 peak) against bf16_loop
+    python benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --compile --precision fp8 --versus precision=bf16_loop
     python benchmarks/bench_mfu.py --model ouro_1p4b --seq 65536 --attention flash --checkpointing layer
     # against a plain PyTorch Ouro (benchmarks/plain_ouro.py) on the same weights, alternating steps,
     # and where the GPU time of our step goes:
@@ -125,7 +127,7 @@ def main() -> None:
     parser.add_argument("--kernels", default="torch", choices=["torch", "triton"])
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--checkpointing", default="none", choices=["none", "selective", "layer", "step"])
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "bf16_loop"], help="train.precision")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "bf16_loop", "fp8"], help="train.precision")
     parser.add_argument("--chunk", type=int, default=4096, help="tokens per CE chunk")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -146,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     versus_key, _, versus_value = (args.versus or "=").partition("=")
     choices = {
-        "precision": ("bf16", "bf16_loop"),
+        "precision": ("bf16", "bf16_loop", "fp8"),
         "kernels": ("torch", "triton"),
         "attention": ("sdpa", "flex", "flash"),
     }
@@ -154,11 +156,13 @@ def main() -> None:
         raise SystemExit(f"--versus takes KEY=VALUE, one of {choices}; got {args.versus!r}")
     versus_precision = versus_value if versus_key == "precision" else args.precision
     if (
-        "bf16_loop" in (args.precision, versus_precision)
+        {"bf16_loop", "fp8"} & {args.precision, versus_precision}
         and args.compile
         and args.checkpointing in ("layer", "selective")
     ):
-        raise SystemExit("--precision bf16_loop with --compile takes --checkpointing none or step (as the config)")
+        raise SystemExit(
+            "--precision bf16_loop or fp8 with --compile takes --checkpointing none or step (as the config)"
+        )
 
     overrides = {"attention": args.attention, "recurrent_steps": args.recurrent_steps}
     if "kernels" in ModelConfig.__dataclass_fields__:
@@ -189,8 +193,8 @@ def main() -> None:
 
     def our_step(model: LoopLM, precision: str) -> tuple[LoopLM, torch.optim.Optimizer, Callable[[], float]]:
         """`model` wrapped as the trainer would for `precision`, and one training step of it."""
-        if precision == "bf16_loop":
-            model = apply_loop_precision(model)
+        if precision in ("bf16_loop", "fp8"):
+            model = apply_loop_precision(model, fp8=precision == "fp8")
         model = apply_activation_checkpointing(model, args.checkpointing)
         if args.compile:
             model = apply_compile(model)

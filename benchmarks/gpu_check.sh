@@ -181,6 +181,11 @@ step mfu_kernels_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096
     --precision bf16_loop --versus kernels=triton
 step mfu_attention_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --docs 4 --attention sdpa \
     --compile --precision bf16_loop --versus attention=flex
+# FP8 (#22 item 6, opt-in): the compiled step against bf16_loop on the same weights, then the loss
+# curves of the two over 300 steps of a learnable synthetic language.
+step mfu_fp8_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
+    --precision fp8 --versus precision=bf16_loop
+step fp8_convergence $PYTHON benchmarks/bench_fp8.py --hidden 1024 --layers 4 --seq 1024 --rows 8 --steps 300
 # The trainer's step reads the device once (the guard's verdict): its host reads and CUDA syncs
 # counted, and an A/B against the same step with a sync where the old step read (#22 item 7).
 step host_reads_ab $PYTHON benchmarks/bench_host_reads.py --hidden 2048 --layers 4 --seq 4096 --rows 1 \

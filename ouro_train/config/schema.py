@@ -308,7 +308,9 @@ class DataConfig:
 
 
 # train.precision: fp32; bf16 autocast; bf16 autocast with LoopLM-aware shared weights.
-PRECISIONS = ("fp32", "bf16", "bf16_loop")
+PRECISIONS = ("fp32", "bf16", "bf16_loop", "fp8")
+# The LoopLM-aware precisions (ouro_train/parallel/precision.py): shared weights cast once per step.
+LOOP_PRECISIONS = ("bf16_loop", "fp8")
 
 # Optimizer steps of a stage that sets neither train.steps nor train.tokens.
 DEFAULT_STEPS = 100
@@ -345,9 +347,15 @@ class TrainConfig:
     # Autocast dtype for the forward pass; parameters and optimizer state stay fp32. `bf16_loop`:
     # bf16 autocast, and the shared layers' linears use a bf16 copy of each weight made once per
     # optimizer step, their R weight gradients accumulated in fp32 by the GEMMs themselves
-    # (ouro_train/parallel/precision.py). Not with tensor parallel or ZeRO-3.
+    # (ouro_train/parallel/precision.py). Not with tensor parallel or ZeRO-3. `fp8` (opt-in):
+    # bf16_loop with the shared linears' forward and input-gradient GEMMs in float8, each weight
+    # quantised once per optimizer step (CPU, or a GPU of compute capability 8.9+: H100, H200, L40).
     precision: str = field(
-        default="fp32", metadata={"help": "fp32 | bf16 (autocast) | bf16_loop (bf16, weights cast once per step)"}
+        default="fp32",
+        metadata={
+            "help": "fp32 | bf16 (autocast) | bf16_loop (bf16, weights cast once per step) | fp8 (bf16_loop, "
+            "shared linears' GEMMs in float8)"
+        },
     )
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     seed: int = field(default=1234, metadata={"help": "seed of the initial weights and the data order"})
@@ -695,19 +703,20 @@ class Config:
                 f"sequence parallelism splits the sequence over tensor_parallel={self.parallel.tensor_parallel} "
                 f"ranks: seq_len {self.train.seq_len} must be divisible by it",
             )
-        if self.train.precision == "bf16_loop":
+        if self.train.precision in LOOP_PRECISIONS:
+            precision = self.train.precision
             _require(
                 self.parallel.tensor_parallel == 1 and self.parallel.zero_stage != 3,
                 "train.precision",
-                "bf16_loop keeps one bf16 copy and one fp32 gradient accumulator per whole weight: it does not "
-                f"work with tensor_parallel={self.parallel.tensor_parallel} or zero_stage={self.parallel.zero_stage} "
-                "(sharded weights); use train.precision=bf16 there",
+                f"{precision} keeps one compute copy and one fp32 gradient accumulator per whole weight: it does "
+                f"not work with tensor_parallel={self.parallel.tensor_parallel} or zero_stage="
+                f"{self.parallel.zero_stage} (sharded weights); use train.precision=bf16 there",
             )
             _require(
                 not (self.parallel.compile and self.parallel.activation_checkpointing in ("layer", "selective")),
                 "parallel.activation_checkpointing",
                 f"{self.parallel.activation_checkpointing} checkpointing inside compiled layers does not work with "
-                "train.precision=bf16_loop (the compiled recomputation checks the version of the gradient "
+                f"train.precision={precision} (the compiled recomputation checks the version of the gradient "
                 "accumulator that the backward updates in place); use activation_checkpointing=step or none, or "
                 "train.precision=bf16",
             )

@@ -281,7 +281,7 @@ def check_backend(backend: str, device: str | torch.device, precision: str, trai
             raise AttentionBackendError(
                 f"model.attention=flash runs on CUDA only (train.device={device_type}); use model.attention=sdpa"
             )
-        if precision not in ("bf16", "bf16_loop"):
+        if precision not in ("bf16", "bf16_loop", "fp8"):
             raise AttentionBackendError(
                 "model.attention=flash needs bf16 activations: set train.precision=bf16 or use model.attention=sdpa"
             )

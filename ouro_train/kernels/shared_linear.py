@@ -80,3 +80,78 @@ def hand_over_grads(h: torch.Tensor, weights: list[torch.Tensor], accs: list[tor
     if not torch.is_grad_enabled():
         return h
     return _HandOverGrads.apply(h, accs, *weights)
+
+
+# train.precision=fp8: the forward GEMM and the input-gradient GEMM of each use in float8 (torch's
+# _scaled_mm, tensorwise dynamic scaling as torchao's default recipe: e4m3 weights and activations,
+# e5m2 gradients), with the weight quantised once per optimizer step by the caller (the R uses share
+# it), and the weight gradient kept in high precision: bf16 operands accumulated in fp32 by
+# `accumulate_weight_grad`, as under bf16_loop.
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+
+
+def to_float8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t scaled so that its largest magnitude is the format's largest, in `dtype`; the inverse
+    scale, fp32 0-d): per-tensor dynamic scaling. An all-zero tensor gets scale 1."""
+    fmax = torch.finfo(dtype).max
+    amax = t.detach().abs().amax().float()
+    scale = torch.where(amax > 0, fmax / amax, torch.ones_like(amax))
+    quantised = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+    return quantised, scale.reciprocal()
+
+
+def fp8_gemm_fits(*dims: int) -> bool:
+    """cuBLAS's float8 GEMM takes dimensions that are multiples of 16."""
+    return all(d % 16 == 0 for d in dims)
+
+
+class _SharedLinearFP8(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight_bf16, acc, weight_fp8, weight_fp8_t, weight_scale_inv):
+        ctx.input_dtype = x.dtype
+        x = x.to(torch.bfloat16)
+        ctx.save_for_backward(x, weight_bf16, weight_fp8_t, weight_scale_inv)
+        ctx.acc = acc
+        rows = x.reshape(-1, x.shape[-1])
+        ctx.fp8 = fp8_gemm_fits(*rows.shape, weight_fp8.shape[0])
+        if not ctx.fp8:  # a shape cuBLAS's float8 GEMM does not take: bf16, as bf16_loop
+            return F.linear(x, weight_bf16)
+        # Its own dtypes, not autocast's (a traced _scaled_mm decomposed on CPU would run under it).
+        with torch.autocast(x.device.type, enabled=False):
+            x8, x_scale_inv = to_float8(rows, E4M3)
+            out = torch._scaled_mm(
+                x8, weight_fp8.t(), scale_a=x_scale_inv, scale_b=weight_scale_inv, out_dtype=torch.bfloat16
+            )
+        return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight_bf16, weight_fp8_t, weight_scale_inv = ctx.saved_tensors
+        grad = grad.to(torch.bfloat16)
+        accumulate_weight_grad(ctx.acc, grad, x)
+        if ctx.fp8:
+            rows = grad.reshape(-1, grad.shape[-1])
+            with torch.autocast(grad.device.type, enabled=False):
+                g8, g_scale_inv = to_float8(rows, E5M2)
+                grad_input = torch._scaled_mm(
+                    g8, weight_fp8_t.t(), scale_a=g_scale_inv, scale_b=weight_scale_inv, out_dtype=torch.bfloat16
+                ).reshape(*grad.shape[:-1], weight_fp8_t.shape[0])
+        else:
+            grad_input = grad @ weight_bf16
+        return grad_input.to(ctx.input_dtype), None, None, None, None, None
+
+
+def shared_linear_fp8(
+    x: torch.Tensor,
+    weight_bf16: torch.Tensor,
+    acc: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_fp8_t: torch.Tensor,
+    weight_scale_inv: torch.Tensor,
+) -> torch.Tensor:
+    """`shared_linear` with its forward and input-gradient GEMMs in float8: `weight_fp8` (out, in)
+    and `weight_fp8_t` (in, out) are the weight quantised once per optimizer step (e4m3,
+    `weight_scale_inv` its inverse scale); activations are quantised at each use (e4m3), output
+    gradients too (e5m2). The weight gradient goes to `acc` in fp32 from bf16 operands."""
+    return _SharedLinearFP8.apply(x, weight_bf16, acc, weight_fp8, weight_fp8_t, weight_scale_inv)

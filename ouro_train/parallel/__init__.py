@@ -5,8 +5,9 @@
    holds the full model unless its layout needs it;
 1. tensor parallel: swap linears / embedding / head for megatron-core parallel layers. First,
    because it changes which parameters exist (shards) and every later stage wraps those;
-1b. LoopLM-aware mixed precision (`train.precision=bf16_loop`, parallel/precision.py): the shared
-   linears' bf16 copies and fp32 gradient accumulators, before the wrappers that call them;
+1b. LoopLM-aware mixed precision (`train.precision=bf16_loop` or `fp8`, parallel/precision.py): the
+   shared linears' bf16 (and float8) copies and fp32 gradient accumulators, before the wrappers
+   that call them;
 2. activation checkpointing: wraps module forwards, so it must see the final modules, and it
    must come before DeepSpeed, whose ZeRO-3 hooks attach to those modules;
 3. torch.compile of each decoder layer (`parallel.compile`): after checkpointing, whose wrapper it
@@ -18,12 +19,12 @@
 from __future__ import annotations
 
 from ouro_train.config.resolve import Resolved
-from ouro_train.config.schema import Config
+from ouro_train.config.schema import LOOP_PRECISIONS, Config
 from ouro_train.model.looplm import LoopLM
 from ouro_train.parallel.checkpointing import apply_activation_checkpointing, apply_compile
 from ouro_train.parallel.groups import MegatronMPU, ParallelLayout, destroy_parallel, init_parallel
 from ouro_train.parallel.materialize import WeightSource, build_model
-from ouro_train.parallel.precision import apply_loop_precision
+from ouro_train.parallel.precision import apply_loop_precision, check_fp8_device
 
 
 def parallelize(
@@ -39,8 +40,10 @@ def parallelize(
         from ouro_train.parallel.tensor_parallel import apply_tensor_parallel
 
         model = apply_tensor_parallel(model, sequence_parallel=cfg.parallel.sequence_parallel, weights=weights)
-    if cfg.train.precision == "bf16_loop":
-        model = apply_loop_precision(model)
+    if cfg.train.precision in LOOP_PRECISIONS:
+        if cfg.train.precision == "fp8":
+            check_fp8_device(cfg.train.device)
+        model = apply_loop_precision(model, fp8=cfg.train.precision == "fp8")
     model = apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     if cfg.parallel.compile:
         model = apply_compile(model)

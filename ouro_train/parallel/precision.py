@@ -18,6 +18,13 @@ compiled layers cast at every use, 2R times.) Memory: 2 bytes per shared weight 
 plus 4 (the accumulator) more than `bf16`. The buffers are not in the state dict, so checkpoints
 are those of `bf16`. Not with tensor parallel (megatron-core's linears) nor ZeRO-3 (partitioned
 masters), nor with layer-level checkpointing inside compiled layers: the config refuses them.
+
+train.precision=fp8 is bf16_loop with the shared linears' forward and input-gradient GEMMs in
+float8 (kernels/shared_linear.py `shared_linear_fp8`): the same refresh also quantises each weight
+(e4m3, one scale per weight) into two float8 copies, (out, in) for the forward and (in, out) for
+the input gradient, so each weight is quantised once per optimizer step, not at each of its R uses.
+The weight gradients stay as bf16_loop's (fp32 accumulation of bf16 operands). Memory: 2 bytes
+per shared weight more than bf16_loop.
 """
 
 from __future__ import annotations
@@ -29,13 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ouro_train.kernels.shared_linear import hand_over_grads, shared_linear
+from ouro_train.config.schema import ConfigError
+from ouro_train.kernels.shared_linear import E4M3, hand_over_grads, shared_linear, shared_linear_fp8, to_float8
 from ouro_train.model.looplm import LoopLM
 
 
 def shared_linears(model: LoopLM) -> list[nn.Linear]:
     """The plain linears of the decoder layers, which every recurrent step reuses."""
-    return [m for layer in model.model.layers for m in layer.modules() if type(m) in (nn.Linear, LoopLinear)]
+    return [
+        m for layer in model.model.layers for m in layer.modules() if type(m) in (nn.Linear, LoopLinear, LoopLinearFP8)
+    ]
 
 
 class LoopLinear(nn.Linear):
@@ -59,11 +69,33 @@ class LoopLinear(nn.Linear):
         return F.linear(x.to(torch.bfloat16), self.weight_bf16)  # frozen (stage II): no weight gradient
 
 
+class LoopLinearFP8(LoopLinear):
+    """A shared linear under train.precision=fp8: `LoopLinear` whose trained forward runs its GEMMs
+    in float8 from the copies the refresh made (`weight_fp8`, `weight_fp8_t`, `weight_fp8_scale_inv`)."""
+
+    weight_fp8: torch.Tensor
+    weight_fp8_t: torch.Tensor
+    weight_fp8_scale_inv: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return shared_linear_fp8(
+                x,
+                self.weight_bf16,
+                self.weight_grad_acc,
+                self.weight_fp8,
+                self.weight_fp8_t,
+                self.weight_fp8_scale_inv,
+            )
+        return super().forward(x)
+
+
 class LoopPrecision:
     """The hooks of one model: `refresh` (LoopLM forward pre-hook) and `attach` (embedding forward
-    hook, where the accumulated gradients re-enter autograd)."""
+    hook, where the accumulated gradients re-enter autograd). `fp8`: train.precision=fp8."""
 
-    def __init__(self, model: LoopLM) -> None:
+    def __init__(self, model: LoopLM, fp8: bool = False) -> None:
+        self.fp8 = fp8
         self.linears = shared_linears(model)
         if not self.linears:
             raise ValueError("train.precision=bf16_loop: the model has no plain nn.Linear in its decoder layers")
@@ -73,10 +105,16 @@ class LoopPrecision:
             weight = module.weight
             module.register_buffer("weight_bf16", torch.empty_like(weight, dtype=torch.bfloat16), persistent=False)
             module.register_buffer("weight_grad_acc", torch.zeros_like(weight, dtype=torch.float32), persistent=False)
-            module.__class__ = LoopLinear  # non-persistent buffers: state-dict keys are unchanged
+            if fp8:
+                module.register_buffer("weight_fp8", torch.empty_like(weight, dtype=E4M3), persistent=False)
+                module.register_buffer("weight_fp8_t", torch.empty_like(weight.t(), dtype=E4M3), persistent=False)
+                module.register_buffer("weight_fp8_scale_inv", torch.ones((), device=weight.device), persistent=False)
+            # Non-persistent buffers: state-dict keys are unchanged.
+            module.__class__ = LoopLinearFP8 if fp8 else LoopLinear
         self.versions: list[int | None] = [None] * len(self.linears)
         self.stale = True
         self.refreshes = 0  # compute copies made (each one multi-tensor copy); tests read it
+        self.quantised = 0  # weights quantised to float8 (fp8), counted for the tests
         # Every optimizer step marks the copies stale: torch's fused AdamW updates the weights
         # without bumping their version counters, and DeepSpeed's ZeRO writes them through flat
         # buffers. A global hook, so it fires under any engine (the optimizer is built later).
@@ -97,9 +135,18 @@ class LoopPrecision:
                 )
                 for i in stale:
                     self.versions[i] = self.linears[i].weight._version
+                    if self.fp8:
+                        self._quantise(self.linears[i])
                 self.refreshes += 1
             if training:
                 self._zero_accumulators()
+
+    def _quantise(self, m: LoopLinearFP8) -> None:
+        weight_fp8, scale_inv = to_float8(m.weight, E4M3)
+        m.weight_fp8.copy_(weight_fp8)
+        m.weight_fp8_t.copy_(weight_fp8.t())
+        m.weight_fp8_scale_inv.copy_(scale_inv)
+        self.quantised += 1
 
     def invalidate(self) -> None:
         """The masters changed (an optimizer step, a checkpoint loaded): refresh at the next forward.
@@ -124,10 +171,31 @@ class LoopPrecision:
         return hand_over_grads(output, [m.weight for m in trained], [m.weight_grad_acc for m in trained])
 
 
-def apply_loop_precision(model: LoopLM) -> LoopLM:
-    """Install bf16_loop on `model` (in place; before activation checkpointing and compile, after
-    tensor parallel). Returns the model, with its `LoopPrecision` as `model.loop_precision`; a model
-    that has one already is returned as it is (a second would refresh and hand over twice)."""
-    if getattr(model, "loop_precision", None) is None:
-        model.loop_precision = LoopPrecision(model)
+def check_fp8_device(device: str) -> None:
+    """train.precision=fp8 needs float8 GEMMs: a CPU (torch's reference kernels, for tests) or a
+    GPU of compute capability 8.9 or more (Ada, Hopper, Blackwell). Else a ConfigError."""
+    if not device.startswith("cuda"):
+        return
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if (major, minor) < (8, 9):
+        raise ConfigError(
+            f"train.precision: fp8 needs float8 GEMMs, which {torch.cuda.get_device_name(torch.device(device))} "
+            f"(compute capability {major}.{minor}) lacks (8.9+: H100, H200, L40, RTX 4090); use "
+            "train.precision=bf16_loop"
+        )
+
+
+def apply_loop_precision(model: LoopLM, fp8: bool = False) -> LoopLM:
+    """Install bf16_loop (`fp8`: train.precision=fp8) on `model` (in place; before activation
+    checkpointing and compile, after tensor parallel). Returns the model, with its `LoopPrecision`
+    as `model.loop_precision`; a model that has one already is returned as it is (a second would
+    refresh and hand over twice), unless it was made for the other precision (a ValueError)."""
+    current = getattr(model, "loop_precision", None)
+    if current is None:
+        model.loop_precision = LoopPrecision(model, fp8=fp8)
+    elif current.fp8 != fp8:
+        raise ValueError(
+            f"the model's shared linears are set up for train.precision={'fp8' if current.fp8 else 'bf16_loop'}; "
+            "build a new model for another precision"
+        )
     return model

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ouro_train.config.resolve import Resolved
-from ouro_train.config.schema import Config
+from ouro_train.config.schema import LOOP_PRECISIONS, Config
 from ouro_train.kernels.linear_cross_entropy import IGNORE_INDEX
 from ouro_train.model.looplm import LoopLM
 from ouro_train.model.objective import LossOutput, gate_loss, looplm_loss, loss_token_mask
@@ -125,9 +125,9 @@ class Trainer:
         self.device = torch.device(cfg.train.device)
         self.model = model.to(self.device)
         freeze_for_objective(self.model, cfg.objective.kind)
-        if cfg.train.precision == "bf16_loop" and getattr(model, "loop_precision", None) is None:
+        if cfg.train.precision in LOOP_PRECISIONS and getattr(model, "loop_precision", None) is None:
             raise ValueError(
-                "train.precision=bf16_loop but the model's shared linears are plain: build the model "
+                f"train.precision={cfg.train.precision} but the model's shared linears are plain: build the model "
                 "through ouro_train.parallel.parallelize (or apply_loop_precision) first"
             )
         if engine is not None and resolved.dp_size != engine.dp_size:
@@ -177,7 +177,7 @@ class Trainer:
         return float(f"{suggestion:.3g}")
 
     def _autocast(self):
-        if self.cfg.train.precision in ("bf16", "bf16_loop"):
+        if self.cfg.train.precision in ("bf16", *LOOP_PRECISIONS):
             # Selective checkpointing replays the forward's ops in backward one for one; autocast's
             # cache of weight casts (filled by a shared layer's first use, hit by the others) would
             # make the replay cast where the forward did not.

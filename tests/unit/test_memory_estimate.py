@@ -13,6 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ouro_train.config.schema import Config, ModelConfig, ParallelConfig, TrainConfig
+from ouro_train.model.flops import count_model
 from ouro_train.model.memory import estimate_memory
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "model"
@@ -50,3 +51,11 @@ def test_ouro_train_under_zero1_is_within_7_percent_of_the_h200_peak():
     # master copy of the weights, 5.3 GiB, most of it).
     assert estimate("bf16_loop", 1, zero_stage=1) == pytest.approx(58.48, rel=0.07)
     assert estimate("bf16_loop", 1, zero_stage=1) - estimate("bf16_loop", 1) == pytest.approx(5.3, abs=0.1)
+
+
+def test_fp8_counts_its_two_float8_copies_of_the_shared_weights():
+    # Unmeasured on a GPU: bf16_loop's estimate plus 2 bytes per shared-layer parameter (the
+    # (out, in) and (in, out) e4m3 copies; the activations it quantises are transient).
+    model = ModelConfig(**OmegaConf.to_container(OmegaConf.load(RECIPES / "ouro_1p4b.yaml")))
+    layer_params = count_model(model, 4096).layer_params
+    assert (estimate("fp8", 1) - estimate("bf16_loop", 1)) * 2**30 == pytest.approx(2 * layer_params, rel=1e-6)

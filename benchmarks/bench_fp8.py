@@ -44,6 +44,7 @@ def main() -> None:
     parser = step_ab.parser(__doc__)
     parser.set_defaults(steps=300)
     parser.add_argument("--window", type=int, default=50, help="steps per printed mean")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and data")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup 10%%, then constant)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -55,9 +56,9 @@ def main() -> None:
         cfg.optim.lr = args.lr
         cfg.train.steps = args.steps
         cfg.schedule.warmup_steps = max(1, args.steps // 10)
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         model = apply_loop_precision(LoopLM(cfg.model).to(device), fp8=precision == "fp8")
-        trainers[precision] = Trainer(cfg, model, bigram_batches(args), resolved=resolve(cfg))
+        trainers[precision] = Trainer(cfg, model, bigram_batches(args, args.seed), resolved=resolve(cfg))
     losses: dict[str, list[float]] = {p: [] for p in trainers}
     times: dict[str, list[float]] = {p: [] for p in trainers}
     for step in range(args.steps):
@@ -70,7 +71,10 @@ def main() -> None:
                 times[precision].append(time.perf_counter() - started)
             losses[precision].append(metrics["loss"])
     params = sum(p.numel() for p in trainers["fp8"].model.parameters())
-    print(f"device {args.device}, {params:,} parameters, {args.rows} x {args.seq} tokens per step, {args.steps} steps")
+    print(
+        f"device {args.device}, {params:,} parameters, {args.rows} x {args.seq} tokens per step, {args.steps} steps, "
+        f"lr {args.lr:g}, seed {args.seed}"
+    )
     print("| steps | A fp8 | B bf16_loop | A - B |")
     print("|---|---|---|---|")
     for start in range(0, args.steps, args.window):

@@ -96,8 +96,11 @@ def to_float8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     scale, fp32 0-d): per-tensor dynamic scaling. An all-zero tensor gets scale 1."""
     fmax = torch.finfo(dtype).max
     amax = t.detach().abs().amax().float()
-    scale = torch.where(amax > 0, fmax / amax, torch.ones_like(amax))
-    quantised = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+    # A floor on amax, as torchao's: fmax / amax stays finite (no 0 * inf on the zeros).
+    scale = torch.where(amax > 0, fmax / amax.clamp(min=1e-12), torch.ones_like(amax))
+    # Row-major whatever t's strides (an elementwise result keeps them): cuBLAS's float8 GEMM takes
+    # its first operand row-major.
+    quantised = (t.float() * scale).clamp(-fmax, fmax).to(dtype).contiguous()
     return quantised, scale.reciprocal()
 
 

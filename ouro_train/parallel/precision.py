@@ -107,7 +107,10 @@ class LoopPrecision:
             module.register_buffer("weight_grad_acc", torch.zeros_like(weight, dtype=torch.float32), persistent=False)
             if fp8:
                 module.register_buffer("weight_fp8", torch.empty_like(weight, dtype=E4M3), persistent=False)
-                module.register_buffer("weight_fp8_t", torch.empty_like(weight.t(), dtype=E4M3), persistent=False)
+                # Its own row-major (in, out) storage: its .t() is the column-major operand cuBLAS's
+                # float8 GEMM takes (empty_like of weight.t() would keep weight's layout).
+                transposed = torch.empty(weight.shape[1], weight.shape[0], dtype=E4M3, device=weight.device)
+                module.register_buffer("weight_fp8_t", transposed, persistent=False)
                 module.register_buffer("weight_fp8_scale_inv", torch.ones((), device=weight.device), persistent=False)
             # Non-persistent buffers: state-dict keys are unchanged.
             module.__class__ = LoopLinearFP8 if fp8 else LoopLinear

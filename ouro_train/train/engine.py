@@ -99,6 +99,7 @@ class LocalEngine:
         self.world_size = 1
         self._grad_norm: float | None = None
         self._norm_tensor: torch.Tensor | None = None
+        self._norm_at = -1  # the micro-step it was measured at
         self.update_skipped = False
 
     def __call__(self, *args, **kwargs):
@@ -119,8 +120,12 @@ class LocalEngine:
 
     def boundary_grad_norm(self) -> torch.Tensor:
         """See `Engine.boundary_grad_norm`: torch's clip_grad_norm_ norm (`get_total_norm`)."""
-        self._norm_tensor = get_total_norm([p.grad for p in self._trained() if p.grad is not None])
-        return self._norm_tensor
+        trained = self._trained()
+        grads = [p.grad for p in trained if p.grad is not None]
+        # No gradient at all: torch gives a CPU zero; the trainer reads it with device tensors.
+        norm = get_total_norm(grads) if grads else torch.zeros((), device=trained[0].device)
+        self._norm_tensor, self._norm_at = norm, self.micro_steps
+        return norm
 
     def step(self, skip: bool = False, grad_norm: float | None = None) -> None:
         """Called after every micro-batch; updates the weights on accumulation boundaries, unless
@@ -128,8 +133,10 @@ class LocalEngine:
         Clipping is torch's clip_grad_norm_ in its two halves: the norm (`boundary_grad_norm`, read
         by the trainer with its other figures: `grad_norm`) and the scaling by it, on the device."""
         if self.is_gradient_accumulation_boundary():
-            norm = self.boundary_grad_norm() if self._norm_tensor is None else self._norm_tensor
-            self._grad_norm = float(norm) if grad_norm is None else grad_norm  # a host read only if nobody read it
+            # The norm measured at this micro-step (by the trainer), else measured now.
+            fresh = self._norm_tensor is not None and self._norm_at == self.micro_steps
+            norm = self._norm_tensor if fresh else self.boundary_grad_norm()
+            self._grad_norm = grad_norm if fresh and grad_norm is not None else float(norm)
             self.update_skipped = skip or not math.isfinite(self._grad_norm)
             if not self.update_skipped:
                 if self.grad_clip > 0:

@@ -132,6 +132,17 @@ def test_fp8_checkpoints_are_those_of_bf16_and_the_copies_follow_a_load():
     w8, inv = to_float8(q.weight, E4M3)
     assert torch.equal(q.weight_fp8.float(), w8.float()) and torch.equal(q.weight_fp8_scale_inv, inv)
     assert torch.equal(q.weight_fp8_t.float(), w8.t().float())
+    # The layouts cuBLAS's float8 GEMM takes (CPU's takes any): both copies row-major, so that
+    # weight_fp8.t() and weight_fp8_t.t() are column-major second operands.
+    assert q.weight_fp8.is_contiguous() and q.weight_fp8_t.is_contiguous()
+    assert q.weight_fp8_t.t().stride() == (1, q.weight_fp8_t.shape[1])
+    quantised, _ = to_float8(torch.randn(64, 32).t(), E4M3)  # a transposed activation
+    assert quantised.is_contiguous()
+
+
+def test_to_float8_of_a_tiny_tensor_is_finite():
+    q, inv = to_float8(torch.tensor([0.0, 1e-40, -1e-39]), E4M3)
+    assert torch.isfinite(q.float()).all() and torch.isfinite(inv)
 
 
 def test_fp8_is_refused_where_bf16_loop_is_and_on_gpus_without_float8(monkeypatch):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import statistics
 import time
-import warnings
 
 import step_ab
 import torch
@@ -30,7 +29,7 @@ import torch
 from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
 from ouro_train.train.trainer import Trainer
-from ouro_train.utils.host_reads import counting_host_reads
+from ouro_train.utils.host_reads import counting_host_reads, cuda_synchronisations
 
 
 def synchronising(trainer: Trainer, device: torch.device):
@@ -78,18 +77,10 @@ def main() -> None:
     for caller, count in by_caller.most_common():
         print(f"  {count} x {caller}")
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                trainer.train_step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        syncs = cuda_synchronisations(trainer.train_step)
         print(f"CUDA synchronisations in one step: {len(syncs)}")
-        for w in syncs:
-            print(f"  {w.filename}:{w.lineno}")
+        for where in syncs:
+            print(f"  {where}")
 
     on, off = synchronising(trainer, device)
     times: dict[str, list[float]] = {"A": [], "B": []}

@@ -41,3 +41,19 @@ def counting_host_reads():
     finally:
         for name, real in originals.items():
             setattr(torch.Tensor, name, real)
+
+
+def cuda_synchronisations(fn) -> list[str]:
+    """Runs fn() under CUDA's sync debug mode; -> "file:line" of each synchronisation it made
+    (reads of device tensors and synchronising ops alike)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]

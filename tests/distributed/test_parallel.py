@@ -274,6 +274,22 @@ def test_misconfigured_layouts_fail_clearly():
         ParallelConfig(zero_stage=4)
 
 
+def zero_1_trainer(steps: int, callbacks=()) -> Trainer:
+    """This rank's ZeRO-1 trainer over two data-parallel ranks (the process groups made here:
+    destroy_parallel after), its half of the global batches cycling over five."""
+    cfg = make_config(zero=1, rows=GLOBAL_ROWS // 2)
+    cfg.train.steps = steps
+    layout = init_parallel(cfg.parallel, cfg.model, "cpu")
+    torch.manual_seed(0)
+    model = LoopLM(cfg.model)
+    engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
+    batches = (
+        {k: v[layout.dp_rank * 2 : (layout.dp_rank + 1) * 2] for k, v in global_batch(s % 5).items()}
+        for s in range(steps)
+    )
+    return Trainer(cfg, model, batches, callbacks=list(callbacks), engine=engine, resolved=resolve(cfg, engine.dp_size))
+
+
 def stop_on_one_rank() -> int:
     """Rank 1 alone receives SIGUSR1 during step 2; both ranks must stop after that same step."""
     import signal
@@ -285,25 +301,8 @@ def stop_on_one_rank() -> int:
             if metrics["step"] == 2 and os.environ["RANK"] == "1":
                 os.kill(os.getpid(), signal.SIGUSR1)
 
-    cfg = make_config(zero=1, rows=GLOBAL_ROWS // 2)
-    cfg.train.steps = 50
-    layout = init_parallel(cfg.parallel, cfg.model, "cpu")
     try:
-        torch.manual_seed(0)
-        model = LoopLM(cfg.model)
-        engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
-        batches = (
-            {k: v[layout.dp_rank * 2 : (layout.dp_rank + 1) * 2] for k, v in global_batch(s % 5).items()}
-            for s in range(50)
-        )
-        trainer = Trainer(
-            cfg,
-            model,
-            batches,
-            callbacks=[SignalAtStep2()],
-            engine=engine,
-            resolved=resolve(cfg, engine.dp_size if engine is not None else 1),
-        )
+        trainer = zero_1_trainer(50, [SignalAtStep2()])
         trainer.fit()
         return trainer.state.step
     finally:
@@ -320,17 +319,8 @@ def zero_1_host_reads() -> tuple[list, list]:
     tensors made by ouro_train's code and by everything else (DeepSpeed, torch)."""
     from ouro_train.utils.host_reads import counting_host_reads
 
-    cfg = make_config(zero=1, rows=GLOBAL_ROWS // 2)
-    cfg.train.steps = 4
-    layout = init_parallel(cfg.parallel, cfg.model, "cpu")
     try:
-        torch.manual_seed(0)
-        model = LoopLM(cfg.model)
-        engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
-        batches = (
-            {k: v[layout.dp_rank * 2 : (layout.dp_rank + 1) * 2] for k, v in global_batch(s).items()} for s in range(4)
-        )
-        trainer = Trainer(cfg, model, batches, engine=engine, resolved=resolve(cfg, engine.dp_size))
+        trainer = zero_1_trainer(4)
         trainer.train_step()
         with counting_host_reads() as reads:
             trainer.fit()

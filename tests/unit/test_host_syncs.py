@@ -9,7 +9,6 @@ debug mode, which also sees the one inside an op: the objective's `nonzero`, onc
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from ouro_train.config.resolve import resolve
 from ouro_train.model import LoopLM
 from ouro_train.train.callbacks import Throughput
 from ouro_train.train.trainer import Callback, Trainer
-from ouro_train.utils.host_reads import counting_host_reads
+from ouro_train.utils.host_reads import counting_host_reads, cuda_synchronisations
 
 
 def make_trainer(accum: int = 2, grad_clip: float = 1.0, callbacks=(), steps: int = 3) -> Trainer:
@@ -112,16 +111,8 @@ def test_a_cuda_step_synchronises_once():
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
     trainer = Trainer(cfg, LoopLM(cfg.model), itertools.repeat(batch), resolved=resolve(cfg))
     trainer.train_step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            trainer.train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    syncs = cuda_synchronisations(trainer.train_step)
     # The step's one read, and one per micro-batch inside the objective: its selection of the loss
     # tokens (`nonzero`, objective.py _select_loss_tokens), which a CPU count of Python-level
     # reads does not see. Left for now: removing it means a loss over every token, masked.
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1 + 2, syncs

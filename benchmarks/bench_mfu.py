@@ -141,7 +141,8 @@ def main() -> None:
         "--versus",
         default=None,
         metavar="KEY=VALUE",
-        help="also train our model with one setting changed (precision=bf16, kernels=triton, attention=flex), "
+        help="also train our model with one setting changed (precision=bf16, kernels=triton, attention=flex, "
+        "checkpointing=none), "
         "on the same weights, steps alternating: an A/B in one process",
     )
     parser.add_argument("--profile", action="store_true", help="print one step's device time by kind")
@@ -151,18 +152,12 @@ def main() -> None:
         "precision": ("bf16", "bf16_loop", "fp8"),
         "kernels": ("torch", "triton"),
         "attention": ("sdpa", "flex", "flash"),
+        "checkpointing": ("none", "selective", "layer", "step"),
     }
     if args.versus and versus_value not in choices.get(versus_key, ()):
         raise SystemExit(f"--versus takes KEY=VALUE, one of {choices}; got {args.versus!r}")
     versus_precision = versus_value if versus_key == "precision" else args.precision
-    if (
-        {"bf16_loop", "fp8"} & {args.precision, versus_precision}
-        and args.compile
-        and args.checkpointing in ("layer", "selective")
-    ):
-        raise SystemExit(
-            "--precision bf16_loop or fp8 with --compile takes --checkpointing none or step (as the config)"
-        )
+    versus_checkpointing = versus_value if versus_key == "checkpointing" else args.checkpointing
 
     overrides = {"attention": args.attention, "recurrent_steps": args.recurrent_steps}
     if "kernels" in ModelConfig.__dataclass_fields__:
@@ -177,9 +172,8 @@ def main() -> None:
     plain = plain_ouro.plain_from(model) if args.baseline else None
     other = None
     if args.versus:  # the same weights, before any wrapping
-        other_cfg = (
-            cfg if versus_key == "precision" else model_config(args.model, **(overrides | {versus_key: versus_value}))
-        )
+        same_model = versus_key in ("precision", "checkpointing")
+        other_cfg = cfg if same_model else model_config(args.model, **(overrides | {versus_key: versus_value}))
         with torch.device(device):
             other = LoopLM(other_cfg)
         other.load_state_dict(model.state_dict())
@@ -187,15 +181,18 @@ def main() -> None:
     ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq + 1), device=device)
     doc_ids = (torch.arange(args.seq, device=device) // -(-args.seq // args.docs)).expand(args.micro_batch, -1)
     doc_ids = doc_ids if args.docs > 1 else None
-    cache = args.checkpointing != "selective"  # as the trainer: selective checkpointing replays the casts
 
     optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}  # for resident memory
 
-    def our_step(model: LoopLM, precision: str) -> tuple[LoopLM, torch.optim.Optimizer, Callable[[], float]]:
-        """`model` wrapped as the trainer would for `precision`, and one training step of it."""
+    def our_step(
+        model: LoopLM, precision: str, checkpointing: str
+    ) -> tuple[LoopLM, torch.optim.Optimizer, Callable[[], float]]:
+        """`model` wrapped as the trainer would for `precision` and `checkpointing`, and one training
+        step of it."""
         if precision in ("bf16_loop", "fp8"):
             model = apply_loop_precision(model, fp8=precision == "fp8")
-        model = apply_activation_checkpointing(model, args.checkpointing)
+        model = apply_activation_checkpointing(model, checkpointing)
+        cache = checkpointing != "selective"  # as the trainer: selective checkpointing replays the casts
         if args.compile:
             model = apply_compile(model)
         optimizer = build_optimizer(model, OptimConfig())
@@ -211,11 +208,11 @@ def main() -> None:
 
         return model, optimizer, train_step
 
-    model, optimizer, train_step = our_step(model, args.precision)
+    model, optimizer, train_step = our_step(model, args.precision, args.checkpointing)
     steps = {"ours": train_step}
     optimizers["ours"] = (model, optimizer)
     if other is not None:
-        other, other_optimizer, steps["versus"] = our_step(other, versus_precision)
+        other, other_optimizer, steps["versus"] = our_step(other, versus_precision, versus_checkpointing)
         optimizers["versus"] = (other, other_optimizer)
     if plain is not None:
         if args.docs > 1:
@@ -289,7 +286,12 @@ def main() -> None:
             + (f"{flops * tokens_per_step / versus_s / 1e12 / peak_flops:.1%}" if peak_flops else "?")
             + f"; first loss {first_loss['versus']:.5f} (ours {first_loss['ours']:.5f})"
         )
-        ours_setting = {"precision": args.precision, "kernels": args.kernels, "attention": args.attention}
+        ours_setting = {
+            "precision": args.precision,
+            "kernels": args.kernels,
+            "attention": args.attention,
+            "checkpointing": args.checkpointing,
+        }
         setting = f"{versus_key} {ours_setting.get(versus_key)}/{versus_value}"
         line = f"ours/versus ({setting}) tokens/s {versus_s / step_s:.3f}x"
         if device.type == "cuda":

@@ -166,10 +166,14 @@ step mfu_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --atten
     --precision bf16_loop --versus precision=bf16 --baseline --profile
 step mfu_bf16_loop_mb2 $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \
     --precision bf16_loop --micro-batch 2
-# Micro-batch 2 inside 80 GiB (an H100's): selective checkpointing keeps matmul/attention outputs only.
-# (bf16: compiled layer-level checkpointing does not work with bf16_loop, which the config refuses.)
-step mfu_bf16_mb2_selective $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa \
-    --compile --micro-batch 2 --checkpointing selective
+# Micro-batch 2 inside 80 GiB (an H100's; 80.7 GiB without checkpointing): selective checkpointing
+# keeps matmul/attention outputs only, against none, on the same weights.
+step mfu_mb2_selective_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa \
+    --compile --precision bf16_loop --micro-batch 2 --checkpointing selective --versus checkpointing=none
+# The stage recipes' setting (4K x 4 rows, `layer` checkpointing, compiled layers): bf16_loop (its
+# checkpoint around the compiled layer) against bf16 (traced inside): decides the recipes' precision.
+step mfu_layer_ckpt_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa \
+    --compile --micro-batch 4 --checkpointing layer --precision bf16_loop --versus precision=bf16
 step bench_kernels $PYTHON benchmarks/bench_kernels.py --device cuda --dtype bf16
 if [ "$quick" = --quick ]; then seqs=4096,16384; else seqs=4096,8192,16384,32768,65536; fi
 step bench_attention $PYTHON benchmarks/bench_attention.py --device cuda --dtype bf16 --heads 16 --head-dim 128 \

@@ -712,14 +712,6 @@ class Config:
                 f"not work with tensor_parallel={self.parallel.tensor_parallel} or zero_stage="
                 f"{self.parallel.zero_stage} (sharded weights); use train.precision=bf16 there",
             )
-            _require(
-                not (self.parallel.compile and self.parallel.activation_checkpointing in ("layer", "selective")),
-                "parallel.activation_checkpointing",
-                f"{self.parallel.activation_checkpointing} checkpointing inside compiled layers does not work with "
-                f"train.precision={precision} (the compiled recomputation checks the version of the gradient "
-                "accumulator that the backward updates in place); use activation_checkpointing=step or none, or "
-                "train.precision=bf16",
-            )
         _require(
             self.checkpoint.init_schedule == "reset" or self.schedule.warmup_steps == 0,
             "schedule.warmup_steps",

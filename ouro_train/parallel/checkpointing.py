@@ -16,6 +16,8 @@ hooks (submodules are called normally during recomputation), and with a shared b
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -52,11 +54,13 @@ def _checkpointed(forward, **options):
     """`forward` run under non-reentrant checkpointing. A plain function, not a functools.partial of
     `checkpoint`: torch.compile of the layer steps into this frame and traces the checkpoint as one
     region, where a partial of `checkpoint` (which torch marks as not to trace) left the whole layer
-    running eagerly."""
+    running eagerly. The wrapped forward is kept as `.inner` (apply_compile may re-wrap it)."""
 
     def checkpointed_forward(*args, **kwargs):
         return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
 
+    checkpointed_forward.inner = forward
+    checkpointed_forward.options = options
     return checkpointed_forward
 
 
@@ -80,10 +84,32 @@ def apply_compile(model: LoopLM) -> LoopLM:
     unchanged). After activation checkpointing, so a recomputed layer is the compiled one too (dynamo
     traces the checkpoint wrapper); before DeepSpeed. The layers share one code object, so the first
     compiles and the others reuse its graph. Attention over packed rows with `sdpa` / `flash` runs
-    outside the graph (kernels/attention.py), the rest of the layer inside."""
+    outside the graph (kernels/attention.py), the rest of the layer inside.
+
+    One exception: `layer` checkpointing of a model under train.precision=bf16_loop / fp8 stays
+    outside the compiled layer (an eager checkpoint around the compiled forward, as `step` is). Traced
+    inside, AOTAutograd recomputes the attention kernel (tagged random: it has a dropout argument)
+    with its RNG state saved after the tensors it exempts from the version check, which are the
+    gradient accumulators the backward updates in place: the check then fails at the second use of
+    a layer (torch 2.13). Outside, the recomputation re-runs the compiled forward graph: one
+    forward more per layer use, as inside."""
     from ouro_train.kernels.attention import prepare_for_compile
 
     prepare_for_compile()
+    loop_precision = getattr(model, "loop_precision", None) is not None
     for layer in model.model.layers:
-        layer.compile()
+        wrapper = layer.__dict__.get("forward")
+        inner = getattr(wrapper, "inner", None)
+        if loop_precision and inner is not None and not wrapper.options:  # `layer` checkpointing
+            layer.forward = _checkpointed(functools.partial(_compiled_forward(type(layer)), layer))
+        else:
+            layer.compile()
     return model
+
+
+@functools.cache
+def _compiled_forward(layer_class: type):
+    """One compiled function for every layer of a class, called with the layer as its first
+    argument: one graph for all of them (dynamo lifts the module's parameters and buffers as
+    inputs), as `nn.Module.compile` of each layer gives."""
+    return torch.compile(layer_class.forward)

@@ -17,7 +17,8 @@ within a forward, so it casts each weight once per micro-batch in forward and on
 compiled layers cast at every use, 2R times.) Memory: 2 bytes per shared weight (the bf16 copy)
 plus 4 (the accumulator) more than `bf16`. The buffers are not in the state dict, so checkpoints
 are those of `bf16`. Not with tensor parallel (megatron-core's linears) nor ZeRO-3 (partitioned
-masters), nor with layer-level checkpointing inside compiled layers: the config refuses them.
+masters): the config refuses them. With `layer` checkpointing and compiled layers, the checkpoint
+goes around the compiled layer (parallel/checkpointing.py apply_compile says why).
 
 train.precision=fp8 is bf16_loop with the shared linears' forward and input-gradient GEMMs in
 float8 (kernels/shared_linear.py `shared_linear_fp8`): the same refresh also quantises each weight

@@ -223,7 +223,11 @@ def test_one_compiled_graph_serves_every_layer():
 
 
 @pytest.mark.slow
-def test_compiled_layers_equal_eager_under_bf16_loop():
+@pytest.mark.parametrize("policy", ["step", "layer", "selective"])
+def test_compiled_checkpointed_layers_equal_eager_under_bf16_loop(policy):
+    """Every checkpointing policy with compiled layers, two micro-batches (the accumulators are
+    updated in place by each use's backward, R = 3 uses per layer): the gradients of eager. `layer`
+    traced inside the compiled layer failed at the second use (apply_compile keeps it outside)."""
     from torch._dynamo.utils import counters
 
     from ouro_train.parallel.checkpointing import apply_activation_checkpointing, apply_compile
@@ -232,26 +236,27 @@ def test_compiled_layers_equal_eager_under_bf16_loop():
     counters.clear()
     eager = apply_loop_precision(LoopLM(model_config(3), seed=0))
     compiled = apply_loop_precision(LoopLM(model_config(3), seed=0))
-    compiled = apply_compile(apply_activation_checkpointing(compiled, "step"))
+    compiled = apply_compile(apply_activation_checkpointing(compiled, policy))
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
     for model in (eager, compiled):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            looplm_loss(model(ids[:, :-1]), model.lm_head, ids[:, 1:], beta=0.05).loss.backward()
-    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])  # really compiled
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                looplm_loss(model(ids[:, :-1]), model.lm_head, ids[:, 1:], beta=0.05).loss.backward()
+    # Really compiled, and one graph for both layers (two under `step`'s and `selective`'s region
+    # tracing at most: the recomputation can be a graph of its own).
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=2e-2, atol=2e-3, msg=name)
+        # bf16 rounding: inductor keeps some intermediates in fp32 where eager autocast rounds them.
+        assert ((b.grad - a.grad).norm() / a.grad.norm()).item() < 4e-2, name
 
 
-def test_compiled_layer_checkpointing_is_refused_under_bf16_loop():
-    for policy in ("layer", "selective"):
-        with pytest.raises(ConfigError, match="parallel.activation_checkpointing"):
+def test_compiled_layer_checkpointing_is_taken_under_bf16_loop():
+    for precision in ("bf16_loop", "fp8"):
+        for policy in ("layer", "selective", "step"):
             Config(
-                train=TrainConfig(precision="bf16_loop"),
+                train=TrainConfig(precision=precision),
                 parallel=ParallelConfig(compile=True, activation_checkpointing=policy),
             )
-    Config(
-        train=TrainConfig(precision="bf16_loop"), parallel=ParallelConfig(compile=True, activation_checkpointing="step")
-    )
 
 
 def test_weights_loaded_after_a_forward_reach_the_compute_copies():

@@ -32,7 +32,7 @@ from ouro_train.model.looplm import LoopOutput
 @dataclass
 class LossOutput:
     loss_sum: torch.Tensor  # scalar, differentiable: sum over loss tokens
-    num_tokens: int  # loss tokens in this batch
+    num_tokens: torch.Tensor  # () int64 on the device: loss tokens in this batch
     ce_per_step: torch.Tensor  # (R,) summed CE per step over loss tokens (detached)
     exit_prob_per_step: torch.Tensor  # (R,) summed p(t) over loss tokens (detached)
     entropy: torch.Tensor  # scalar, summed H(p) over loss tokens (detached)
@@ -40,7 +40,7 @@ class LossOutput:
     @property
     def loss(self) -> torch.Tensor:
         """Mean over this batch's loss tokens."""
-        return self.loss_sum / max(self.num_tokens, 1)
+        return self.loss_sum / self.num_tokens.clamp(min=1)
 
 
 def exit_log_distribution(gate_logits: torch.Tensor) -> torch.Tensor:
@@ -71,12 +71,39 @@ def loss_token_mask(
     return valid
 
 
-def _select_loss_tokens(
-    labels: torch.Tensor, loss_mask: torch.Tensor | None, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (flat indices of loss tokens, their labels). Tokens outside the loss cost nothing."""
-    index = loss_token_mask(labels, loss_mask, ignore_index).flatten().nonzero().squeeze(1)
-    return index, labels.flatten()[index]
+@dataclass
+class LossTokens:
+    """Where the loss is taken, in one of two forms (`_loss_tokens`).
+
+    Dense (`index` None: no loss mask, i.e. pretraining, where nearly every token carries loss):
+    every position, the ignored ones with target `ignore_index` and `valid` False, so that their
+    CE, exit weights and entropy count as 0. Nothing here depends on how many tokens carry loss,
+    so the host never waits for the device (a `nonzero` would: its output size lives on the GPU).
+
+    Selected (`index`: with a loss mask, i.e. SFT, whose prompt tokens, often half, would cost the
+    LM head's work for nothing): only the loss tokens, gathered; one host sync for `nonzero`."""
+
+    index: torch.Tensor | None  # (n,) flat positions of the loss tokens, or None: all positions
+    targets: torch.Tensor  # (n,)
+    valid: torch.Tensor | None  # (n,) bool: dense form only
+    num_tokens: torch.Tensor  # () int64, on the device
+
+    def select(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """`t` with all B x S positions along `dim` -> the loss positions along it."""
+        return t if self.index is None else t.index_select(dim, self.index)
+
+    def mask(self, t: torch.Tensor) -> torch.Tensor:
+        """Zero where a dense position carries no loss (last dimension n)."""
+        return t if self.valid is None else t * self.valid
+
+
+def _loss_tokens(labels: torch.Tensor, loss_mask: torch.Tensor | None, ignore_index: int) -> LossTokens:
+    valid = loss_token_mask(labels, loss_mask, ignore_index).flatten()
+    num_tokens = valid.sum()
+    if loss_mask is None:  # the ignored labels already hold ignore_index
+        return LossTokens(index=None, targets=labels.flatten(), valid=valid, num_tokens=num_tokens)
+    index = valid.nonzero().squeeze(1)
+    return LossTokens(index=index, targets=labels.flatten()[index], valid=None, num_tokens=num_tokens)
 
 
 Head = torch.Tensor | nn.Module
@@ -85,19 +112,19 @@ Head = torch.Tensor | nn.Module
 def exit_weighted_head_cross_entropy(
     head: Head,
     output: LoopOutput,
-    index: torch.Tensor,
-    targets: torch.Tensor,
+    tokens: LossTokens,
     exit_weights: torch.Tensor,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (sum_t sum_i p_ti CE_ti, CE (R, n) detached) of every step on the selected tokens.
-    `head` is the head's weight, or a head module called as `head(states, targets, exit_weights=p)`:
-    the model's LMHead, or the vocab-parallel head of ouro_train.parallel (whose weight holds one
-    shard of the vocabulary); through the module call so that ZeRO-3 gathers its weight."""
-    states = [h.flatten(0, 1).index_select(0, index) for h in output.hidden_states]  # R x (n, H)
+    """-> (sum_t sum_i p_ti CE_ti, CE (R, n) detached) of every step on the loss positions
+    (dense: CE 0 where none is taken). `head` is the head's weight, or a head module called as
+    `head(states, targets, exit_weights=p)`: the model's LMHead, or the vocab-parallel head of
+    ouro_train.parallel (whose weight holds one shard of the vocabulary); through the module call so
+    that ZeRO-3 gathers its weight."""
+    states = [tokens.select(h.flatten(0, 1), 0) for h in output.hidden_states]  # R x (n, H)
     if isinstance(head, torch.Tensor):
-        return exit_weighted_cross_entropy(states, head, targets, exit_weights, chunk_size=chunk_size)
-    return head(states, targets=targets, exit_weights=exit_weights, chunk_size=chunk_size)
+        return exit_weighted_cross_entropy(states, head, tokens.targets, exit_weights, chunk_size=chunk_size)
+    return head(states, targets=tokens.targets, exit_weights=exit_weights, chunk_size=chunk_size)
 
 
 def looplm_loss(
@@ -111,17 +138,18 @@ def looplm_loss(
 ) -> LossOutput:
     """Stage I: sum_t p(t) CE_t - beta H(p). labels (B, S) are already shifted (label of
     position i is token i+1); `ignore_index` and `loss_mask` (B, S) exclude tokens."""
-    index, targets = _select_loss_tokens(labels, loss_mask, ignore_index)
-    log_p = exit_log_distribution(output.gate_logits.flatten(1).index_select(1, index))  # (R, n)
+    tokens = _loss_tokens(labels, loss_mask, ignore_index)
+    log_p = exit_log_distribution(tokens.select(output.gate_logits.flatten(1), 1))  # (R, n)
     p = log_p.exp()
-    expected_ce_sum, ce = exit_weighted_head_cross_entropy(head, output, index, targets, p, chunk_size)  # (), (R, n)
-    entropy = -(p * log_p).sum(0)  # (n,)
+    # The fused CE weighs each position's CE by p and takes none where the target is ignored.
+    expected_ce_sum, ce = exit_weighted_head_cross_entropy(head, output, tokens, p, chunk_size)  # (), (R, n)
+    entropy = tokens.mask(-(p * log_p).sum(0))  # (n,)
     loss_sum = expected_ce_sum - beta * entropy.sum()
     return LossOutput(
         loss_sum=loss_sum,
-        num_tokens=int(index.numel()),
+        num_tokens=tokens.num_tokens,
         ce_per_step=ce.detach().sum(1),
-        exit_prob_per_step=p.detach().sum(1),
+        exit_prob_per_step=tokens.mask(p.detach()).sum(1),
         entropy=entropy.detach().sum(),
     )
 
@@ -141,22 +169,22 @@ def gate_loss(
     steps = len(output.hidden_states)
     if steps < 2:
         raise ValueError("the gate loss compares consecutive steps: it needs recurrent_steps >= 2")
-    index, targets = _select_loss_tokens(labels, loss_mask, ignore_index)
+    tokens = _loss_tokens(labels, loss_mask, ignore_index)
+    g = tokens.select(output.gate_logits.flatten(1), 1)  # (R, n)
     with torch.no_grad():
-        log_p = exit_log_distribution(output.gate_logits.flatten(1).index_select(1, index))  # (R, n)
+        log_p = exit_log_distribution(g)  # (R, n)
         p = log_p.exp()
         # The fused pass under no_grad computes only the CE: no graph, no gradient work.
-        _, ce = exit_weighted_head_cross_entropy(head, output, index, targets, p, chunk_size)  # (R, n)
+        _, ce = exit_weighted_head_cross_entropy(head, output, tokens, p, chunk_size)  # (R, n)
         improvement = (ce[:-1] - ce[1:]).clamp_min(0)  # I_t for t = 2..R: (R-1, n)
         continue_target = torch.sigmoid(k * (improvement - gamma))
-    g = output.gate_logits.flatten(1).index_select(1, index)[1:]  # steps 2..R: (R-1, n)
     # BCE on the continuation probability 1 - lambda_t = sigmoid(-g_t), from logits for stability.
-    bce = F.binary_cross_entropy_with_logits(-g, continue_target, reduction="none")  # (R-1, n)
-    loss_sum = bce.sum(0).sum() / steps
+    bce = F.binary_cross_entropy_with_logits(-g[1:], continue_target, reduction="none")  # steps 2..R: (R-1, n)
+    loss_sum = tokens.mask(bce.sum(0)).sum() / steps
     return LossOutput(
         loss_sum=loss_sum,
-        num_tokens=int(index.numel()),
+        num_tokens=tokens.num_tokens,
         ce_per_step=ce.sum(1),
-        exit_prob_per_step=p.sum(1),
-        entropy=-(p * log_p).sum(),
+        exit_prob_per_step=tokens.mask(p).sum(1),
+        entropy=tokens.mask(-(p * log_p).sum(0)).sum(),
     )

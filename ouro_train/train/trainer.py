@@ -317,13 +317,13 @@ class Trainer:
             return {}
         width = 2 * self.cfg.model.recurrent_steps + 2
         totals = torch.zeros(width, device=self.device)
-        num_tokens = 0
+        num_tokens = torch.zeros(1, device=self.device)
         for index in range(count):
             batch = batches[index] if index < len(batches) else self._padding_batch(batches)
             out = self._loss(batch)
-            num_tokens += out.num_tokens
+            num_tokens = num_tokens + out.num_tokens.to(num_tokens)
             totals = totals + self._accumulate(None, out).to(totals.device)
-        totals = self.engine.all_reduce_sum(torch.cat([totals, totals.new_tensor([float(num_tokens)])]))
+        totals = self.engine.all_reduce_sum(torch.cat([totals, num_tokens]))
         values = totals.tolist()
         metrics = {f"eval/{key}": value for key, value in self._metrics(values[:-1], values[-1]).items()}
         metrics["step"] = self.state.step

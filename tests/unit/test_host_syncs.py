@@ -4,7 +4,8 @@ step beyond what the guard needs"). Everything else the step reports (the loss-t
 metrics, the gradient norm) travels in that one read, and a one-rank run decides its step boundary
 (signal, time-based save) with no collective at all. Counted on CPU by
 ouro_train/utils/host_reads.py; the GPU-marked test counts real synchronisations with CUDA's sync
-debug mode, which also sees the one inside an op: the objective's `nonzero`, once per micro-batch."""
+debug mode, which would also see one inside an op (the objective's loss-token selection had a
+`nonzero`, once per micro-batch, until its loss went dense)."""
 
 from __future__ import annotations
 
@@ -112,7 +113,6 @@ def test_a_cuda_step_synchronises_once():
     trainer = Trainer(cfg, LoopLM(cfg.model), itertools.repeat(batch), resolved=resolve(cfg))
     trainer.train_step()
     syncs = cuda_synchronisations(trainer.train_step)
-    # The step's one read, and one per micro-batch inside the objective: its selection of the loss
-    # tokens (`nonzero`, objective.py _select_loss_tokens), which a CPU count of Python-level
-    # reads does not see. Left for now: removing it means a loss over every token, masked.
-    assert len(syncs) == 1 + 2, syncs
+    # The step's one read: the objective takes its loss over every position, masked, without the
+    # `nonzero` that cost one more per micro-batch (tests/unit/test_objective.py has the CPU proxy).
+    assert len(syncs) == 1, syncs

@@ -172,3 +172,50 @@ def test_gate_loss_needs_two_steps():
             torch.randn(4, 3),
             torch.zeros(1, 2, dtype=torch.long),
         )
+
+
+class _SyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops that make the host wait for a GPU: an output whose size is data (`nonzero`,
+    `masked_select`...) or a scalar read (`_local_scalar_dense`: item, tolist, bool)."""
+
+    SYNCING = ("nonzero", "masked_select", "_local_scalar_dense", "unique", "repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.SYNCING:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("objective", ["looplm", "gate"])
+def test_the_dense_loss_equals_the_selected_one_and_needs_no_sync(objective):
+    """Without a loss mask (pretraining) the loss is taken over every position, the ignored ones
+    weighted 0, with no op whose output size the host must read; with one (SFT), over the
+    selected tokens. Both give the same values and gradients."""
+    torch.manual_seed(3)
+    steps, batch, seq = 3, 2, 7
+    labels = torch.randint(0, 9, (batch, seq))
+    labels[0, 2] = labels[1, 5] = labels[1, 6] = -100
+    results = {}
+    for form, mask in (("dense", None), ("selected", torch.ones(batch, seq, dtype=torch.bool))):
+        hs = [torch.randn(batch, seq, 4, generator=torch.Generator().manual_seed(i)).requires_grad_() for i in range(3)]
+        gates = torch.randn(steps, batch, seq, generator=torch.Generator().manual_seed(7)).requires_grad_()
+        head = torch.randn(9, 4, generator=torch.Generator().manual_seed(8)).requires_grad_()
+        loss_fn = looplm_loss if objective == "looplm" else gate_loss
+        kwargs = {"beta": 0.1} if objective == "looplm" else {}
+        with _SyncingOps() as syncing:
+            out = loss_fn(_output_from(hs, gates), head, labels, loss_mask=mask, chunk_size=4, **kwargs)
+            out.loss.backward()
+        results[form] = (out, [t.grad for t in (*hs, gates, head)], syncing.seen)
+    (dense, dense_grads, dense_syncs), (selected, selected_grads, selected_syncs) = results.values()
+    assert dense_syncs == [] and "nonzero.default" in selected_syncs  # the check sees a nonzero
+    assert int(dense.num_tokens) == int(selected.num_tokens) == batch * seq - 3
+    for name in ("loss", "ce_per_step", "exit_prob_per_step", "entropy"):
+        torch.testing.assert_close(getattr(dense, name), getattr(selected, name), msg=name)
+    for a, b in zip(dense_grads, selected_grads, strict=True):
+        if a is None and b is None:
+            continue
+        torch.testing.assert_close(a, b)

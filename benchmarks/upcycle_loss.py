@@ -31,7 +31,7 @@ def evaluate(model: LoopLM, batches: list[dict]) -> tuple[list[float], float]:
         out = looplm_loss(model(batch["input_ids"]), model.lm_head, batch["labels"], beta=0.1, chunk_size=512)
         ce_sum = out.ce_per_step if ce_sum is None else ce_sum + out.ce_per_step
         loss_sum += out.loss_sum.item()
-        tokens += out.num_tokens
+        tokens += int(out.num_tokens)
     return (ce_sum / tokens).tolist(), loss_sum / tokens
 
 

@@ -26,6 +26,11 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
+# The console line names the host's wait for the data where it is at least this share of the step
+# (the metrics hold it at every step: `data_wait_s`); more loader workers (`data.num_workers`) help.
+DATA_WAIT_SHOWN = 0.05
+
+
 def format_metrics(metrics: dict) -> str:
     """One console line, made for a log file as much as a terminal: step (of the total), loss, CE
     and exit probability per recurrent step, entropy, grad norm, lr, tokens/s, TFLOP/s per device
@@ -42,6 +47,9 @@ def format_metrics(metrics: dict) -> str:
         parts.append(f"gnorm {grad_norm:.3f}" if grad_norm is not None and math.isfinite(grad_norm) else "gnorm -")
         parts.append(f"lr {metrics['lr']:.2e}")
         parts.append(f"{metrics['tokens_per_s'] / 1e3:.1f}k tok/s")
+        wait, step_time = metrics.get("data_wait_s"), metrics.get("step_time_s")
+        if wait is not None and step_time and wait >= DATA_WAIT_SHOWN * step_time:
+            parts.append(f"data wait {wait / step_time:.0%}")  # the loader may be the bottleneck
         if "tflops_per_device" in metrics:
             parts.append(f"{metrics['tflops_per_device']:.3g} TFLOP/s")
     if "mfu" in metrics:

@@ -205,6 +205,13 @@ class Trainer:
             return looplm_loss(output, model.lm_head, batch["labels"], objective.beta, **common)
 
     def _to_device(self, batch: Batch) -> Batch:
+        """The batch on the training device. To a GPU through pinned memory: a copy from pageable
+        memory waits for everything queued on the stream before it starts (CUDA's rule), which
+        would stall the host at each micro-batch until the previous step's optimizer is done;
+        from pinned memory the copy is queued and the host goes on to launch the forward. torch's
+        pinned-memory allocator keeps each buffer until its copy has run."""
+        if self.device.type == "cuda":
+            return {key: value.pin_memory().to(self.device, non_blocking=True) for key, value in batch.items()}
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
 
     def train_step(self) -> dict:
@@ -217,6 +224,9 @@ class Trainer:
         the device: the optimizer step runs while the host logs and fetches the next batch."""
         started = time.perf_counter()
         micro_batches = [self._to_device(next(self.train_batches)) for _ in range(self.resolved.grad_accum_steps)]
+        # The host's wait for the data (reading, packing, the copies queued): on a GPU it idles
+        # behind this only where it exceeds the previous step's optimizer kernels still running.
+        data_wait = time.perf_counter() - started
         # Normalise by the loss tokens of the whole step on every data-parallel rank, not per
         # micro-batch: with loss masks (SFT) a mean of means would over-weight short answers.
         # The engine averages gradients over dp ranks, hence the factor dp_size. The count stays
@@ -268,6 +278,7 @@ class Trainer:
                 "update_ratio_max": ratio,
                 "tokens_per_s": input_tokens / elapsed,
                 "step_time_s": elapsed,
+                "data_wait_s": data_wait,
             }
             | self.annotations
         )

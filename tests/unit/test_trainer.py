@@ -96,3 +96,29 @@ def test_metrics_schedule_and_bf16():
     assert trainer.state.step == 8 and trainer.state.tokens == 8 * 4 * 32
     assert {"eval/loss", "eval/ce_step1", "eval/ce_step4", "eval/p_step4", "eval/entropy"} <= set(final)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in final.items() if k.startswith("eval/"))
+
+
+def test_a_slow_loader_shows_in_the_step_metrics_and_the_console_line():
+    """The host's wait for the data is measured at every step and named on the console line where
+    it takes a noticeable share of the step (a loader that cannot keep up)."""
+    import time
+
+    from ouro_train.train.callbacks import format_metrics
+
+    cfg = config(micro_batch_size=2, grad_accum_steps=2)
+
+    def batches(delay: float):
+        for seed in itertools.count():
+            time.sleep(delay)
+            yield batch(seed, size=2)
+
+    torch.manual_seed(0)
+    slow = Trainer(cfg, LoopLM(cfg.model), batches(0.25), resolved=resolve(cfg)).train_step()
+    assert slow["data_wait_s"] >= 2 * 0.25  # two micro-batches
+    assert slow["data_wait_s"] <= slow["step_time_s"]
+    assert "data wait" in format_metrics(slow)
+    fast = Trainer(cfg, LoopLM(cfg.model), batches(0.0), resolved=resolve(cfg))
+    fast.train_step()
+    metrics = fast.train_step()
+    assert 0 <= metrics["data_wait_s"] < 0.05 * metrics["step_time_s"], metrics
+    assert "data wait" not in format_metrics(metrics)

@@ -84,6 +84,9 @@ def main() -> None:
     speeds = [a[s]["tokens_per_s"] for s in sorted(a) if s > 2]
     if speeds:
         print(f"ouro-train tokens/s (launch A, median of steps 3..{args.steps}): {statistics.median(speeds):,.0f}")
+        waits = [a[s]["data_wait_s"] / a[s]["step_time_s"] for s in sorted(a) if s > 2 and "data_wait_s" in a[s]]
+        if waits:  # the host's wait for the data, a share of the step (the trainer against the benchmark)
+            print(f"data wait (median share of the step): {statistics.median(waits):.1%}")
     if differ:
         sys.exit(f"resume is not exact at steps {differ}")
     print(f"resume exact: steps {half + 1}..{args.steps} equal bit for bit")

@@ -706,11 +706,11 @@ class Config:
         if self.train.precision in LOOP_PRECISIONS:
             precision = self.train.precision
             _require(
-                self.parallel.tensor_parallel == 1 and self.parallel.zero_stage != 3,
+                self.parallel.zero_stage != 3,
                 "train.precision",
-                f"{precision} keeps one compute copy and one fp32 gradient accumulator per whole weight: it does "
-                f"not work with tensor_parallel={self.parallel.tensor_parallel} or zero_stage="
-                f"{self.parallel.zero_stage} (sharded weights); use train.precision=bf16 there",
+                f"{precision} keeps a compute copy and an fp32 gradient accumulator of each weight as this rank "
+                "holds it between steps: it does not work with zero_stage=3 (the weights are partitioned and "
+                "gathered per call); use train.precision=bf16 there",
             )
         _require(
             self.checkpoint.init_schedule == "reset" or self.schedule.warmup_steps == 0,

@@ -93,10 +93,10 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
         # when the weights are fp32 already (stage_1_and_2.py; ZeRO-3 reuses them): 4 more bytes.
         moments += 4 * trained / dp
     if cfg.train.precision in ("bf16_loop", "fp8"):
-        # parallel/precision.py's bf16 copies (fp8: and two float8 ones); layer_params also holds
-        # the norms (< 0.1% of it).
+        # parallel/precision.py's bf16 copies (fp8: and two float8 ones) of this rank's shards;
+        # layer_params also holds the norms (< 0.1% of it).
         copies = 4 if cfg.train.precision == "fp8" else 2
-        grads += copies * count_model(m, cfg.train.seq_len).layer_params
+        grads += copies * count_model(m, cfg.train.seq_len).layer_params / tp
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len / (tp if par.sequence_parallel else 1)
     h, uses = m.hidden_size, m.num_layers * m.recurrent_steps
     per_use = ACTIVATION_BYTES_PER_H * h * tokens

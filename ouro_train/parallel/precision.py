@@ -16,9 +16,12 @@ Adam moments, the norms, gate and head as autocast runs them. (Eager autocast ca
 within a forward, so it casts each weight once per micro-batch in forward and once in backward;
 compiled layers cast at every use, 2R times.) Memory: 2 bytes per shared weight (the bf16 copy)
 plus 4 (the accumulator) more than `bf16`. The buffers are not in the state dict, so checkpoints
-are those of `bf16`. Not with tensor parallel (megatron-core's linears) nor ZeRO-3 (partitioned
-masters): the config refuses them. With `layer` checkpointing and compiled layers, the checkpoint
-goes around the compiled layer (parallel/checkpointing.py apply_compile says why).
+are those of `bf16`. Under tensor parallel the same holds per weight shard: megatron-core's
+column- and row-parallel linears become `LoopColumnParallel` / `LoopRowParallel`
+(parallel/tensor_parallel.py), megatron's own collectives around this GEMM. Not with ZeRO-3
+(partitioned masters, gathered per call): the config refuses it. With `layer` checkpointing and
+compiled layers, the checkpoint goes around the compiled layer (parallel/checkpointing.py
+apply_compile says why).
 
 train.precision=fp8 is bf16_loop with the shared linears' forward and input-gradient GEMMs in
 float8 (kernels/shared_linear.py `shared_linear_fp8`): the same refresh also quantises each weight
@@ -41,12 +44,31 @@ from ouro_train.config.schema import ConfigError
 from ouro_train.kernels.shared_linear import E4M3, hand_over_grads, shared_linear, shared_linear_fp8, to_float8
 from ouro_train.model.looplm import LoopLM
 
+# The class each kind of shared linear becomes under bf16_loop / fp8 (its class swapped in place:
+# the same parameter, state-dict keys and hooks). parallel/tensor_parallel.py adds megatron-core's
+# column- and row-parallel linears when it is imported (it needs megatron; this module does not).
+LOOP_CLASSES: dict[type, type] = {}
 
-def shared_linears(model: LoopLM) -> list[nn.Linear]:
-    """The plain linears of the decoder layers, which every recurrent step reuses."""
-    return [
-        m for layer in model.model.layers for m in layer.modules() if type(m) in (nn.Linear, LoopLinear, LoopLinearFP8)
-    ]
+
+def shared_linears(model: LoopLM) -> list[nn.Module]:
+    """The linears of the decoder layers, which every recurrent step reuses: plain `nn.Linear`, or
+    the tensor-parallel ones, before or after `LoopPrecision` swapped their class."""
+    kinds = (*LOOP_CLASSES, *LOOP_CLASSES.values(), LoopLinearFP8)
+    return [m for layer in model.model.layers for m in layer.modules() if type(m) in kinds]
+
+
+def loop_linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for shared linear `m` in training (grad mode), on its weight as held here (a
+    tensor-parallel shard included): from the compute copies the LoopLM's forward refreshed (also
+    in a recomputation under activation checkpointing, which runs with grad enabled), the weight
+    gradient accumulated into `m.weight_grad_acc`; fp8 (`m.loop_fp8`) runs its GEMMs in float8."""
+    if not m.weight.requires_grad:
+        return F.linear(x.to(torch.bfloat16), m.weight_bf16)  # frozen (stage II): no weight gradient
+    if m.loop_fp8:
+        return shared_linear_fp8(
+            x, m.weight_bf16, m.weight_grad_acc, m.weight_fp8, m.weight_fp8_t, m.weight_fp8_scale_inv
+        )
+    return shared_linear(x, m.weight_bf16, m.weight_grad_acc)
 
 
 class LoopLinear(nn.Linear):
@@ -57,17 +79,14 @@ class LoopLinear(nn.Linear):
 
     weight_bf16: torch.Tensor
     weight_grad_acc: torch.Tensor
+    loop_fp8: bool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Training (also a recomputation under activation checkpointing, which runs with grad
-        # enabled): the compute copy the LoopLM's forward refreshed. Without grad (evaluation): a
-        # plain linear of the master, which is right even when no forward refreshed the copy
-        # (inference calling the recurrent step directly).
+        # Without grad (evaluation): a plain linear of the master, which is right even when no
+        # forward refreshed the copy (inference calling the recurrent step directly).
         if not torch.is_grad_enabled():
             return F.linear(x, self.weight)
-        if self.weight.requires_grad:
-            return shared_linear(x, self.weight_bf16, self.weight_grad_acc)
-        return F.linear(x.to(torch.bfloat16), self.weight_bf16)  # frozen (stage II): no weight gradient
+        return loop_linear(self, x)
 
 
 class LoopLinearFP8(LoopLinear):
@@ -78,17 +97,8 @@ class LoopLinearFP8(LoopLinear):
     weight_fp8_t: torch.Tensor
     weight_fp8_scale_inv: torch.Tensor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return shared_linear_fp8(
-                x,
-                self.weight_bf16,
-                self.weight_grad_acc,
-                self.weight_fp8,
-                self.weight_fp8_t,
-                self.weight_fp8_scale_inv,
-            )
-        return super().forward(x)
+
+LOOP_CLASSES[nn.Linear] = LoopLinear
 
 
 class LoopPrecision:
@@ -114,7 +124,9 @@ class LoopPrecision:
                 module.register_buffer("weight_fp8_t", transposed, persistent=False)
                 module.register_buffer("weight_fp8_scale_inv", torch.ones((), device=weight.device), persistent=False)
             # Non-persistent buffers: state-dict keys are unchanged.
-            module.__class__ = LoopLinearFP8 if fp8 else LoopLinear
+            module.loop_fp8 = fp8
+            if type(module) in LOOP_CLASSES:
+                module.__class__ = LoopLinearFP8 if fp8 and type(module) is nn.Linear else LOOP_CLASSES[type(module)]
         self.versions: list[int | None] = [None] * len(self.linears)
         self.stale = True
         self.refreshes = 0  # compute copies made (each one multi-tensor copy); tests read it

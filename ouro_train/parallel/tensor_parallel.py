@@ -25,12 +25,17 @@ from megatron.core.tensor_parallel import (
     VocabParallelEmbedding,
     set_tensor_model_parallel_attributes,
 )
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 from torch import nn
 
 from ouro_train.kernels.exit_weighted_cross_entropy import exit_weighted_cross_entropy
 from ouro_train.kernels.linear_cross_entropy import linear_cross_entropy
 from ouro_train.model.looplm import LoopLM
 from ouro_train.parallel.materialize import ModuleWeights, WeightSource, materialize_parameter
+from ouro_train.parallel.precision import LOOP_CLASSES, loop_linear
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -45,6 +50,33 @@ class ColumnParallel(ColumnParallelLinear):
 class RowParallel(RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
+
+
+class LoopColumnParallel(ColumnParallel):
+    """A column-parallel shared linear under train.precision=bf16_loop / fp8 (parallel/precision.py
+    swaps the class in): in training, megatron's identity-forward / all-reduce-backward copy of the
+    input, then the loop-precision GEMM on this rank's weight shard (its bf16 copy, its gradient
+    accumulated in fp32). Megatron's own linear would overlap the input gradient's all-reduce
+    with the weight-gradient GEMM; here the all-reduce follows it. Without grad: megatron's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return loop_linear(self, copy_to_tensor_model_parallel_region(x))
+
+
+class LoopRowParallel(RowParallel):
+    """A row-parallel shared linear under bf16_loop / fp8: the loop-precision GEMM on this rank's
+    shard of the input features, then megatron's all-reduce of the partial outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return reduce_from_tensor_model_parallel_region(loop_linear(self, x))
+
+
+LOOP_CLASSES[ColumnParallel] = LoopColumnParallel
+LOOP_CLASSES[RowParallel] = LoopRowParallel
 
 
 class VocabParallelHead(ColumnParallelLinear):

@@ -59,3 +59,17 @@ def test_fp8_counts_its_two_float8_copies_of_the_shared_weights():
     model = ModelConfig(**OmegaConf.to_container(OmegaConf.load(RECIPES / "ouro_1p4b.yaml")))
     layer_params = count_model(model, 4096).layer_params
     assert (estimate("fp8", 1) - estimate("bf16_loop", 1)) * 2**30 == pytest.approx(2 * layer_params, rel=1e-6)
+
+
+def test_tensor_parallel_divides_the_loop_precision_copies():
+    # bf16_loop's copies and accumulators are of this rank's weight shards: 2 bytes per layer
+    # parameter over bf16, divided by tensor_parallel like the weights themselves.
+    model = ModelConfig(**OmegaConf.to_container(OmegaConf.load(RECIPES / "ouro_1p4b.yaml")))
+    layer_params = count_model(model, 4096).layer_params
+
+    def tp2(precision: str) -> float:
+        train = TrainConfig(seq_len=4096, micro_batch_size=1, precision=precision, device="cuda")
+        cfg = Config(model=model, train=train, parallel=ParallelConfig(tensor_parallel=2, zero_stage=1))
+        return estimate_memory(cfg, world_size=2).total_gib
+
+    assert (tp2("bf16_loop") - tp2("bf16")) * 2**30 == pytest.approx(2 * layer_params / 2, rel=1e-6)

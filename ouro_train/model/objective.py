@@ -80,6 +80,10 @@ class LossTokens:
     CE, exit weights and entropy count as 0. Nothing here depends on how many tokens carry loss,
     so the host never waits for the device (a `nonzero` would: its output size lives on the GPU).
 
+    The dense form runs the LM head on the ignored positions too (an evaluation padding batch with
+    every label ignored costs a full head pass), and a non-finite state there reaches the loss
+    (0 x inf) where the selected form would drop it.
+
     Selected (`index`: with a loss mask, i.e. SFT, whose prompt tokens, often half, would cost the
     LM head's work for nothing): only the loss tokens, gathered; one host sync for `nonzero`."""
 

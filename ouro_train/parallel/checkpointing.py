@@ -50,17 +50,18 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def _checkpointed(forward, **options):
+def _checkpointed(forward, policy: str, **options):
     """`forward` run under non-reentrant checkpointing. A plain function, not a functools.partial of
     `checkpoint`: torch.compile of the layer steps into this frame and traces the checkpoint as one
     region, where a partial of `checkpoint` (which torch marks as not to trace) left the whole layer
-    running eagerly. The wrapped forward is kept as `.inner` (apply_compile may re-wrap it)."""
+    running eagerly. Marked with its `policy` and the `inner` forward it wraps (apply_compile
+    reads them)."""
 
     def checkpointed_forward(*args, **kwargs):
         return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
 
+    checkpointed_forward.policy = policy
     checkpointed_forward.inner = forward
-    checkpointed_forward.options = options
     return checkpointed_forward
 
 
@@ -71,9 +72,9 @@ def apply_activation_checkpointing(model: LoopLM, policy: str) -> LoopLM:
         options = {"context_fn": _selective_context} if policy == "selective" else {}
         for layer in model.model.layers:
             # An instance attribute shadows the class's forward; state-dict keys are unchanged.
-            layer.forward = _checkpointed(layer.forward, **options)
+            layer.forward = _checkpointed(layer.forward, policy, **options)
     elif policy == "step":
-        model.recurrent_step = _checkpointed(model.recurrent_step)
+        model.recurrent_step = _checkpointed(model.recurrent_step, policy)
     else:
         raise ValueError(f"unknown activation checkpointing policy {policy!r}; use none, selective, layer or step")
     return model
@@ -99,9 +100,13 @@ def apply_compile(model: LoopLM) -> LoopLM:
     loop_precision = getattr(model, "loop_precision", None) is not None
     for layer in model.model.layers:
         wrapper = layer.__dict__.get("forward")
-        inner = getattr(wrapper, "inner", None)
-        if loop_precision and inner is not None and not wrapper.options:  # `layer` checkpointing
-            layer.forward = _checkpointed(functools.partial(_compiled_forward(type(layer)), layer))
+        if loop_precision and getattr(wrapper, "policy", None) == "layer":
+            if getattr(wrapper.inner, "__func__", None) is not type(layer).forward:
+                raise ValueError(
+                    "apply_compile: this layer's checkpointed forward wraps something other than its class's "
+                    "forward, which compiling the class's forward would drop"
+                )
+            layer.forward = _checkpointed(functools.partial(_compiled_forward(type(layer)), layer), "layer")
         else:
             layer.compile()
     return model

@@ -210,9 +210,13 @@ class Trainer:
         would stall the host at each micro-batch until the previous step's optimizer is done;
         from pinned memory the copy is queued and the host goes on to launch the forward. torch's
         pinned-memory allocator keeps each buffer until its copy has run."""
-        if self.device.type == "cuda":
-            return {key: value.pin_memory().to(self.device, non_blocking=True) for key, value in batch.items()}
-        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+        pin = self.device.type == "cuda"
+        return {
+            key: (value.pin_memory() if pin and value.device.type == "cpu" else value).to(
+                self.device, non_blocking=True
+            )
+            for key, value in batch.items()
+        }
 
     def train_step(self) -> dict:
         """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics.
@@ -327,8 +331,9 @@ class Trainer:
         if count == 0:
             return {}
         width = 2 * self.cfg.model.recurrent_steps + 2
-        totals = torch.zeros(width, device=self.device)
-        num_tokens = torch.zeros(1, device=self.device)
+        # float64: the token count (and the sums) stay exact past 2^24 tokens
+        totals = torch.zeros(width, dtype=torch.float64, device=self.device)
+        num_tokens = torch.zeros(1, dtype=torch.float64, device=self.device)
         for index in range(count):
             batch = batches[index] if index < len(batches) else self._padding_batch(batches)
             out = self._loss(batch)

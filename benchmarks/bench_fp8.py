@@ -13,7 +13,6 @@ window of --window steps for both, the last window's difference, and the median 
 from __future__ import annotations
 
 import statistics
-import time
 
 import step_ab
 import torch
@@ -63,12 +62,9 @@ def main() -> None:
     times: dict[str, list[float]] = {p: [] for p in trainers}
     for step in range(args.steps):
         for precision, trainer in trainers.items():
-            step_ab.synchronize(device)
-            started = time.perf_counter()
-            metrics = trainer.train_step()
-            step_ab.synchronize(device)
+            metrics, seconds = step_ab.timed_step(trainer, device)
             if step >= 2:
-                times[precision].append(time.perf_counter() - started)
+                times[precision].append(seconds)
             losses[precision].append(metrics["loss"])
     params = sum(p.numel() for p in trainers["fp8"].model.parameters())
     print(

@@ -12,7 +12,6 @@ the check existed. Steps alternate A, B, A, B... on the same model and batches; 
 from __future__ import annotations
 
 import statistics
-import time
 
 import step_ab
 import torch
@@ -38,12 +37,9 @@ def main() -> None:
     for index in range(2 * (args.steps + 2)):
         check = index % 2 == 0
         variant(check)
-        step_ab.synchronize(device)
-        started = time.perf_counter()
-        metrics = trainer.train_step()
-        step_ab.synchronize(device)
+        metrics, seconds = step_ab.timed_step(trainer, device)
         if index >= 4:
-            times[check].append(time.perf_counter() - started)
+            times[check].append(seconds)
         trainer.guard.record(trainer.state.step, metrics["loss"], trainer.pending_verdict)
     params = sum(p.numel() for p in trainer.model.parameters())
     a, b = statistics.median(times[True]), statistics.median(times[False])

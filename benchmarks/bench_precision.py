@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 
 import step_ab
 import torch
@@ -51,13 +50,10 @@ def main() -> None:
     losses: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for index in range(2 * (args.steps + 2)):
         precision = VARIANTS[index % 2]
-        step_ab.synchronize(device)
-        started = time.perf_counter()
-        metrics = trainers[precision].train_step()
-        step_ab.synchronize(device)
+        metrics, seconds = step_ab.timed_step(trainers[precision], device)
         losses[precision].append(metrics["loss"])
         if index >= 4:
-            times[precision].append(time.perf_counter() - started)
+            times[precision].append(seconds)
     params = sum(p.numel() for p in model.parameters())
     print(
         f"device {args.device}, {params:,} parameters, R={model.config.recurrent_steps}, {args.accum} x {args.rows} x "

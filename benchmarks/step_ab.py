@@ -5,6 +5,7 @@ sibling module (the scripts run as `python benchmarks/<script>.py`)."""
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -53,3 +54,12 @@ def batches(args: argparse.Namespace, seed: int = 0):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed_step(trainer, device: torch.device) -> tuple[dict, float]:
+    """One `trainer.train_step()` -> (its metrics, its seconds from one device sync to the next)."""
+    synchronize(device)
+    started = time.perf_counter()
+    metrics = trainer.train_step()
+    synchronize(device)
+    return metrics, time.perf_counter() - started

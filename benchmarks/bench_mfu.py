@@ -44,6 +44,7 @@ from ouro_train.optim.optimizer import build_optimizer
 from ouro_train.parallel.checkpointing import apply_activation_checkpointing, apply_compile
 from ouro_train.parallel.precision import apply_loop_precision
 from ouro_train.train.callbacks import peak_tflops
+from ouro_train.train.profiling import breakdown
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "model"
 
@@ -54,7 +55,8 @@ def model_config(name: str, **overrides) -> ModelConfig:
 
 
 def profile_kinds(train_step, device: torch.device) -> None:
-    """One profiled step: time by kind of kernel (CUDA) or op (CPU), and the idle rest of the step."""
+    """One profiled step: time by kind of kernel (CUDA) or op (CPU), and the idle rest of the step
+    (ouro_train/train/profiling.py, the breakdown `ouro-train` writes with logging.profile_start)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -64,41 +66,7 @@ def profile_kinds(train_step, device: torch.device) -> None:
         train_step()
         sync(device)
         wall_us = (time.perf_counter() - started) * 1e6
-    totals: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for event in prof.events():
-        if device.type == "cuda":
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = event.device_time
-        else:
-            if not event.name.startswith("aten::"):
-                continue
-            us = event.self_cpu_time_total
-        kind = kind_of(event.name)
-        totals[kind] = totals.get(kind, 0.0) + us
-        counts[kind] = counts.get(kind, 0) + 1
-    busy = sum(totals.values())
-    unit = "GPU" if device.type == "cuda" else "CPU (aten ops, self time)"
-    print(f"profile of one step ({wall_us / 1e3:.1f} ms wall), {unit} time by kind:")
-    for kind, us in sorted(totals.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:<12} {us / 1e3:9.1f} ms {us / wall_us:6.1%}  ({counts[kind]} launches)")
-    print(f"  {'idle':<12} {max(wall_us - busy, 0) / 1e3:9.1f} ms {max(wall_us - busy, 0) / wall_us:6.1%}")
-
-
-def kind_of(name: str) -> str:
-    """The kind of a CUDA kernel or aten op, by name."""
-    n = name.lower()
-    for kind, keys in (
-        ("attention", ("flash", "attention", "fmha", "sdpa", "cudnn")),
-        ("optimizer", ("adam", "foreach", "multi_tensor")),
-        ("matmul", ("gemm", "matmul", "aten::mm", "addmm", "bmm", "cutlass", "xmma", "nvjet", "cublas", "sm90")),
-        ("casts/copies", ("copy", "_to_copy", "convert")),
-        ("elementwise", ("triton", "elementwise", "vectorized", "reduce", "aten::")),
-    ):
-        if any(key in n for key in keys):
-            return kind
-    return "other"
+    print("\n".join(breakdown(prof.events(), wall_us, device.type).lines("profile of one step")))
 
 
 def resident_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:

@@ -2,11 +2,13 @@
 fresh launch that must continue exactly; prints the trainer's own tokens/s (to set beside
 `bench_mfu.py` at the same settings).
 
-Launch A trains `--steps` steps and checkpoints once, just past halfway (checkpoint.every_steps,
-no final save); launch B, in another run directory, resumes from that checkpoint and trains the
-rest, saving nothing. Every loss and gradient norm of B must equal A's bit for bit; exit status 1
-otherwise. One checkpoint at a time, removed at the end (unless --keep): Ouro-1.4B's ZeRO-1
-checkpoint is 26.7 GiB, and the GPU machine's disk 64 GB.
+Launch A trains `--steps` steps and checkpoints once, just past halfway (checkpoint.every_steps, no
+final save), and profiles steps 3-4 (`--profile-steps`: logging.profile_start, the breakdown
+printed: device time by kind, idle, the host's time per phase of the step); launch B, in another run
+directory, resumes from that checkpoint and trains the rest, saving nothing. Every loss and gradient
+norm of B must equal A's bit for bit; exit status 1 otherwise. One checkpoint at a time, removed at
+the end (unless --keep): Ouro-1.4B's ZeRO-1 checkpoint is 26.7 GiB, and the GPU machine's disk 64
+GB.
 
     # on a GPU (gpu_check.sh run --train): Ouro-1.4B at 4K, ZeRO-1, bf16_loop, compiled layers
     python benchmarks/train_check.py --out gpu_check/train_zero1 -- model=ouro_1p4b parallel=zero1 \\
@@ -53,6 +55,12 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8, help="steps of launch A (B resumes just past half)")
     parser.add_argument("--keep", action="store_true", help="keep launch A's checkpoint")
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=2,
+        help="profile launch A's steps 3.. (logging.profile_start=3; 0: off) and print the breakdown",
+    )
     parser.add_argument("overrides", nargs="*", help="ouro-train overrides (after --)")
     args = parser.parse_args()
     half = args.steps // 2 + 1  # the one checkpoint: 2 * half > steps
@@ -67,9 +75,15 @@ def main() -> None:
         "checkpoint.save_final=false",
     ]
     first, second = args.out / "a", args.out / "b"
+    # Steps 1-2 compile and warm up; the profiled ones (after them, before the checkpoint) are left
+    # out of the tokens/s median below (the profiler and its two synchronisations slow them).
+    profiled = set(range(3, 3 + args.profile_steps)) if args.profile_steps and 3 + args.profile_steps <= half else set()
+    profiling = ["logging.profile_start=3", f"logging.profile_steps={len(profiled)}"] if profiled else []
     checkpoint = first / "checkpoints" / f"step_{half:08d}"
     try:
-        launch(args.nproc, [*common, f"run_dir={first}", f"checkpoint.every_steps={half}"], args.out / "a.log")
+        launch(
+            args.nproc, [*common, *profiling, f"run_dir={first}", f"checkpoint.every_steps={half}"], args.out / "a.log"
+        )
         launch(args.nproc, [*common, f"run_dir={second}", f"checkpoint.resume={checkpoint}"], args.out / "b.log")
     finally:  # also after a failed launch: the next check needs the disk
         if not args.keep:
@@ -81,10 +95,13 @@ def main() -> None:
     differ = [s for s in resumed if (a[s]["loss"], a[s]["grad_norm"]) != (b[s]["loss"], b[s]["grad_norm"])]
     for step in resumed:
         print(f"step {step}: loss {a[step]['loss']:.6f} / resumed {b[step]['loss']:.6f}")
-    speeds = [a[s]["tokens_per_s"] for s in sorted(a) if s > 2]
-    if speeds:
-        print(f"ouro-train tokens/s (launch A, median of steps 3..{args.steps}): {statistics.median(speeds):,.0f}")
-        waits = [a[s]["data_wait_s"] / a[s]["step_time_s"] for s in sorted(a) if s > 2 and "data_wait_s" in a[s]]
+    for summary in sorted((first / "profile").glob("*.txt")):  # rank 0's: where launch A's step goes
+        print(summary.read_text().rstrip())
+    timed = [s for s in sorted(a) if s > 2 and s not in profiled]
+    if timed:
+        speeds = [a[s]["tokens_per_s"] for s in timed]
+        print(f"ouro-train tokens/s (launch A, median of steps {timed}): {statistics.median(speeds):,.0f}")
+        waits = [a[s]["data_wait_s"] / a[s]["step_time_s"] for s in timed if "data_wait_s" in a[s]]
         if waits:  # the host's wait for the data, a share of the step (the trainer against the benchmark)
             print(f"data wait (median share of the step): {statistics.median(waits):.1%}")
     if differ:

@@ -661,9 +661,29 @@ class LoggingConfig:
     # Peak dense bf16 TFLOP/s per device, for MFU. None: looked up from the CUDA device name
     # (H100/H200 989, A100 312); no MFU on CPU.
     peak_tflops: float | None = None
+    # torch.profiler over optimizer steps [profile_start, profile_start + profile_steps), after one
+    # warm-up step, on the ranks in profile_ranks: a trace (Perfetto) and a breakdown (device time
+    # by kind of kernel, idle time, host time per phase of the step) in <run_dir>/profile/
+    # (ouro_train/train/profiling.py). None: off.
+    profile_start: int | None = field(
+        default=None, metadata={"help": "first optimizer step to profile (trace + breakdown in run_dir/profile)"}
+    )
+    profile_steps: int = field(default=2, metadata={"help": "how many steps to profile from profile_start"})
+    profile_ranks: list[int] = field(default_factory=lambda: [0], metadata={"help": "the ranks that profile"})
 
     def __post_init__(self) -> None:
         _one_of(self.wandb_mode, ("offline", "online", "disabled"), "logging.wandb_mode")
+        _require(
+            self.profile_start is None or self.profile_start >= 1,
+            "logging.profile_start",
+            f"got {self.profile_start}: optimizer steps count from 1 (null turns profiling off)",
+        )
+        _require(self.profile_steps >= 1, "logging.profile_steps", f"got {self.profile_steps}, expected >= 1")
+        _require(
+            all(rank >= 0 for rank in self.profile_ranks),
+            "logging.profile_ranks",
+            f"got {list(self.profile_ranks)}: ranks are >= 0",
+        )
 
 
 @dataclass

@@ -41,6 +41,7 @@ class CheckpointCallback(Callback):
     def save(self, trainer: Trainer, final: bool = False) -> None:
         if self.last_step_saved == trainer.state.step and not final:
             return
-        self.last_path = self.checkpointer.save(trainer, self.loader_state(), final=final)
+        with trainer.phase("ouro/checkpoint"):
+            self.last_path = self.checkpointer.save(trainer, self.loader_state(), final=final)
         self.last_save = time.monotonic()
         self.last_step_saved = trainer.state.step

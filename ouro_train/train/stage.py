@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ouro_train.config.resolve import Resolved, resolve
-from ouro_train.config.schema import Config
+from ouro_train.config.schema import Config, ConfigError
 from ouro_train.model.flops import count_model
 from ouro_train.model.looplm import LoopLM
 from ouro_train.train.rundir import RunDirError, RunDirLock, prepare_run_dir, save_config
@@ -170,6 +170,12 @@ def run_stage(cfg: Config) -> dict:
     say = print if main_rank else (lambda *a, **k: None)
     lock = None
     try:
+        unknown = [rank for rank in cfg.logging.profile_ranks if rank >= layout.world_size]
+        if cfg.logging.profile_start is not None and unknown:
+            raise ConfigError(
+                f"config key 'logging.profile_ranks': ranks {unknown} do not exist in a world of "
+                f"{layout.world_size} process(es); name ranks below {layout.world_size}"
+            )
         # Rank 0 checks and locks the run directory; every rank fails alike if it cannot.
         if main_rank:
             try:
@@ -280,6 +286,12 @@ def run_stage(cfg: Config) -> dict:
             trainer.callbacks.append(ConsoleLogger(cfg.train.log_every, progress_bar=cfg.logging.progress_bar))
         saver = CheckpointCallback(checkpointer, loader_state, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
         trainer.callbacks.append(saver)
+        if cfg.logging.profile_start is not None and layout.rank in cfg.logging.profile_ranks:
+            from ouro_train.train.profiling import StepProfiler
+
+            log = cfg.logging
+            profiler = StepProfiler(log.profile_start, log.profile_steps, run_dir / "profile", layout.rank)
+            trainer.callbacks.append(profiler)
         started, first_step, first_tokens = time.monotonic(), trainer.state.step, trainer.state.tokens
         with diverging_ends_in_a_rollback(trainer, checkpoint_root):
             final = trainer.fit(signals)

@@ -156,6 +156,13 @@ class Trainer:
         self.last_lr: float | None = None  # the learning rate that ratio was computed at
         # Fields for the next step's metrics only (a rollback says so in the step after it).
         self.annotations: dict = {}
+        # Mark the step's phases for the profiler (train/profiling.py sets it for its window only).
+        self.profiling = False
+
+    def phase(self, name: str):
+        """A context marking one phase of the step (`ouro/...`, train/profiling.py PHASES) in the
+        profiler's trace while `profiling`; nothing otherwise (no record_function's dispatch)."""
+        return torch.profiler.record_function(name) if self.profiling else contextlib.nullcontext()
 
     def update_ratio(self, lr: float, param_norm: float) -> float | None:
         """The largest ||dw|| / ||w|| AdamW can make at `lr`: each element of its normalised update
@@ -227,7 +234,8 @@ class Trainer:
         in one `tolist`, between the last backward and the optimizer step. Nothing after it reads
         the device: the optimizer step runs while the host logs and fetches the next batch."""
         started = time.perf_counter()
-        micro_batches = [self._to_device(next(self.train_batches)) for _ in range(self.resolved.grad_accum_steps)]
+        with self.phase("ouro/data"):
+            micro_batches = [self._to_device(next(self.train_batches)) for _ in range(self.resolved.grad_accum_steps)]
         # The host's wait for the data (reading, packing, the copies queued): on a GPU it idles
         # behind this only where it exceeds the previous step's optimizer kernels still running.
         data_wait = time.perf_counter() - started
@@ -242,29 +250,33 @@ class Trainer:
         self.engine.module.train()
         totals = None
         for index, batch in enumerate(micro_batches):
-            out = self._loss(batch)
-            self.engine.backward(out.loss_sum * scale)
+            with self.phase("ouro/forward"):
+                out = self._loss(batch)
+            with self.phase("ouro/backward"):
+                self.engine.backward(out.loss_sum * scale)
             totals = self._accumulate(totals, out)
             verdict = grad_norm = None
             if index == len(micro_batches) - 1:
-                # The step's loss over every rank, before the optimizer step, so that the guard can
-                # cancel the update everywhere (the same all-reduce gives the metrics and ||w||).
-                reduced = self.engine.all_reduce_sum(
-                    torch.cat([totals, self.engine.param_norm_sq_share().reshape(1).to(totals)])
-                )
-                norm = self.engine.boundary_grad_norm()
-                measured = norm is not None  # else the engine measures it inside its step (DeepSpeed ZeRO)
-                if not measured:
-                    norm = torch.full((), math.nan, device=reduced.device)
-                host = torch.cat([reduced.double(), torch.stack([step_tokens.double(), norm.double()])])
-                values = host.tolist()  # the step's one host read
-                loss_sum, param_norm, num_tokens = values[0], math.sqrt(values[-3]), values[-2]
-                grad_norm = values[-1] if measured else None
-                ratio = self.update_ratio(lr, param_norm)
-                if ratio is not None:  # kept from the last step whose weights could be measured
-                    self.last_update_ratio, self.last_lr = ratio, lr
-                verdict = self.guard.verdict(loss_sum / max(num_tokens, 1.0), param_norm, ratio)
-            self.engine.step(skip=verdict is not None, grad_norm=grad_norm)
+                with self.phase("ouro/host_read"):
+                    # The step's loss over every rank, before the optimizer step, so that the guard can
+                    # cancel the update everywhere (the same all-reduce gives the metrics and ||w||).
+                    reduced = self.engine.all_reduce_sum(
+                        torch.cat([totals, self.engine.param_norm_sq_share().reshape(1).to(totals)])
+                    )
+                    norm = self.engine.boundary_grad_norm()
+                    measured = norm is not None  # else the engine measures it inside its step (DeepSpeed ZeRO)
+                    if not measured:
+                        norm = torch.full((), math.nan, device=reduced.device)
+                    host = torch.cat([reduced.double(), torch.stack([step_tokens.double(), norm.double()])])
+                    values = host.tolist()  # the step's one host read
+                    loss_sum, param_norm, num_tokens = values[0], math.sqrt(values[-3]), values[-2]
+                    grad_norm = values[-1] if measured else None
+                    ratio = self.update_ratio(lr, param_norm)
+                    if ratio is not None:  # kept from the last step whose weights could be measured
+                        self.last_update_ratio, self.last_lr = ratio, lr
+                    verdict = self.guard.verdict(loss_sum / max(num_tokens, 1.0), param_norm, ratio)
+            with self.phase("ouro/engine_step"):
+                self.engine.step(skip=verdict is not None, grad_norm=grad_norm)
         if verdict is None and self.engine.update_skipped:
             verdict = NONFINITE_GRAD
         input_tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * self.engine.dp_size
@@ -385,15 +397,17 @@ class Trainer:
                     error.rollback_lr = self.suggested_lr(error.reason)
                     diverged = error
                 metrics |= self.guard.metrics()
-                for hook in _hooks(self.callbacks, "step_metrics"):
-                    metrics |= hook(self, MappingProxyType(metrics))
-                for hook in _hooks(self.callbacks, "on_step_end"):
-                    hook(self, MappingProxyType(metrics))
+                with self.phase("ouro/callbacks"):
+                    for hook in _hooks(self.callbacks, "step_metrics"):
+                        metrics |= hook(self, MappingProxyType(metrics))
+                    for hook in _hooks(self.callbacks, "on_step_end"):
+                        hook(self, MappingProxyType(metrics))
                 if diverged is not None:  # after every callback saw the step; no final evaluation or save
                     for hook in _hooks(self.callbacks, "on_train_end"):
                         hook(self)
                     raise diverged
-                decision = self._decide(signals)
+                with self.phase("ouro/callbacks"):
+                    decision = self._decide(signals)
                 for hook in _hooks(self.callbacks, "on_step_decision"):
                     hook(self, decision)
                 if decision.stop:

@@ -11,7 +11,13 @@ Each variant runs in a fresh subprocess and reports its peak resident memory (ru
 a baseline process that only builds the inputs, so the numbers are the loss's own footprint.
 Variants run interleaved, `--repeats` rounds; medians are reported.
 
+`--device cuda` (#22 item 3: the fused objective against per-step logits on the GPU): each
+variant warms up once (kernel selection, Triton compilation), then times `--iters` passes between
+device synchronisations (their median); its memory is torch's CUDA peak above the inputs.
+`--dtype bf16` makes the hidden states and the head bf16 (the GEMMs' operands under autocast).
+
     .venv/bin/python benchmarks/bench_loss_memory.py [--tokens 2048 --vocab 49152 --hidden 256]
+    python benchmarks/bench_loss_memory.py --device cuda --dtype bf16 --tokens 4096 --hidden 2048 --chunk 4096
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ import sys
 import time
 
 VARIANTS = ("baseline", "naive", "stepwise", "fused", "naive_one_step", "linear_ce_one_step")
+ITERS = 5  # timed passes per CUDA subprocess (set by --iters)
 
 
-def run_variant(variant: str, tokens: int, vocab: int, hidden: int, steps: int, chunk: int) -> dict:
+def run_variant(
+    variant: str, tokens: int, vocab: int, hidden: int, steps: int, chunk: int, device: str = "cpu", dtype: str = "fp32"
+) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -35,35 +44,59 @@ def run_variant(variant: str, tokens: int, vocab: int, hidden: int, steps: int, 
     from ouro_train.model.objective import exit_log_distribution, looplm_loss
 
     torch.manual_seed(0)
-    hs = [torch.randn(1, tokens, hidden, requires_grad=True) for _ in range(steps)]
-    gates = torch.randn(steps, 1, tokens, requires_grad=True)
-    head = torch.randn(vocab, hidden, requires_grad=True)
-    labels = torch.randint(0, vocab, (1, tokens))
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    make = lambda *shape, dtype=kind: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
+    hs = [make(1, tokens, hidden) for _ in range(steps)]
+    gates = make(steps, 1, tokens, dtype=torch.float32)
+    head = make(vocab, hidden)
+    labels = torch.randint(0, vocab, (1, tokens), device=device)
     beta = 0.05
+
+    def loss_of() -> torch.Tensor | None:
+        if variant == "fused":
+            return looplm_loss(LoopOutput(hs, gates), head, labels, beta=beta, chunk_size=chunk).loss
+        if variant == "stepwise":
+            log_p = exit_log_distribution(gates.flatten(1))  # (R, T)
+            p = log_p.exp()
+            ce = torch.stack([linear_cross_entropy(h[0], head, labels[0], chunk_size=chunk) for h in hs])  # (R, T)
+            return ((p * ce).sum(0) + beta * (p * log_p).sum(0)).mean()
+        if variant == "naive":
+            logits = torch.stack([h @ head.T for h in hs])  # (R, 1, T, V): every step's logits at once
+            ce = F.cross_entropy(
+                logits.flatten(0, 2).float(), labels.repeat(steps, 1, 1).flatten(), reduction="none"
+            ).view(steps, 1, tokens)
+            log_p = exit_log_distribution(gates)
+            p = log_p.exp()
+            return ((p * ce).sum(0) + beta * (p * log_p).sum(0)).mean()
+        if variant == "naive_one_step":
+            return F.cross_entropy((hs[0][0] @ head.T).float(), labels[0])
+        if variant == "linear_ce_one_step":
+            return linear_cross_entropy(hs[0][0], head, labels[0], chunk_size=chunk).mean()
+        return None  # baseline: inputs only
+
+    def run() -> None:
+        loss = loss_of()
+        if loss is not None:
+            loss.backward()
+        for t in (*hs, gates, head):
+            t.grad = None
+
+    if device == "cuda":
+        run()  # warm-up: kernel selection, Triton compilation
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        inputs = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(ITERS):
+            start = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated() - inputs) / 2**20
+        return {"variant": variant, "seconds": sorted(times)[len(times) // 2], "peak_mb": peak}
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    if variant == "fused":
-        loss = looplm_loss(LoopOutput(hs, gates), head, labels, beta=beta, chunk_size=chunk).loss
-    elif variant == "stepwise":
-        log_p = exit_log_distribution(gates.flatten(1))  # (R, T)
-        p = log_p.exp()
-        ce = torch.stack([linear_cross_entropy(h[0], head, labels[0], chunk_size=chunk) for h in hs])  # (R, T)
-        loss = ((p * ce).sum(0) + beta * (p * log_p).sum(0)).mean()
-    elif variant == "naive":
-        logits = torch.stack([h @ head.T for h in hs])  # (R, 1, T, V): every step's logits at once
-        ce = F.cross_entropy(logits.flatten(0, 2), labels.repeat(steps, 1, 1).flatten(), reduction="none")
-        ce = ce.view(steps, 1, tokens)
-        log_p = exit_log_distribution(gates)
-        p = log_p.exp()
-        loss = ((p * ce).sum(0) + beta * (p * log_p).sum(0)).mean()
-    elif variant == "naive_one_step":
-        loss = F.cross_entropy(hs[0][0] @ head.T, labels[0])
-    elif variant == "linear_ce_one_step":
-        loss = linear_cross_entropy(hs[0][0], head, labels[0], chunk_size=chunk).mean()
-    else:  # baseline: inputs only
-        loss = None
-    if loss is not None:
-        loss.backward()
+    run()
     elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"variant": variant, "seconds": elapsed, "peak_rss_mb": peak / 1024, "base_rss_mb": base / 1024}
@@ -77,31 +110,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="hidden states and head")
+    parser.add_argument("--iters", type=int, default=5, help="CUDA: timed passes per run (their median)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global ITERS
+    ITERS = args.iters
+    options = ("tokens", "vocab", "hidden", "steps", "chunk", "device", "dtype", "iters")
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.tokens, args.vocab, args.hidden, args.steps, args.chunk)))
+        sizes = (args.tokens, args.vocab, args.hidden, args.steps, args.chunk, args.device, args.dtype)
+        print(json.dumps(run_variant(args.variant, *sizes)))
         return
-    shape = f"R={args.steps} x {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}"
-    print(f"LoopLM loss, forward + backward, {shape}; chunk {args.chunk} tokens; median of {args.repeats} runs")
+    shape = f"R={args.steps} x {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, {args.dtype}"
+    print(
+        f"LoopLM loss, forward + backward on {args.device}, {shape}; chunk {args.chunk} tokens; "
+        f"median of {args.repeats} runs"
+        + (f" (each the median of {args.iters} passes)" if args.device == "cuda" else "")
+    )
     one_step_logits_mb = args.tokens * args.vocab * 4 / 2**20
     all_steps_mb = args.steps * one_step_logits_mb
     print(f"(one step's fp32 logits would be {one_step_logits_mb:.0f} MB; all steps {all_steps_mb:.0f} MB)")
     results: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
         for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--variant", variant] + [
-                f"--{k}={getattr(args, k)}" for k in ("tokens", "vocab", "hidden", "steps", "chunk")
-            ]
+            cmd = [sys.executable, __file__, "--variant", variant] + [f"--{k}={getattr(args, k)}" for k in options]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results.setdefault(variant, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  run: {variant} {results[variant][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
-    base = median([r["peak_rss_mb"] for r in results["baseline"]])
+    cuda = args.device == "cuda"  # there each run measures its own peak above its inputs
+    base = 0.0 if cuda else median([r["peak_rss_mb"] for r in results["baseline"]])
+    peak = "peak_mb" if cuda else "peak_rss_mb"
     rows = {}
     for variant in VARIANTS[1:]:
         rows[variant] = (
-            median([r["peak_rss_mb"] for r in results[variant]]) - base,
+            median([r[peak] for r in results[variant]]) - base,
             median([r["seconds"] for r in results[variant]]),
         )
         every = ", ".join(f"{r['seconds']:.1f}" for r in results[variant])

@@ -185,6 +185,11 @@ step mfu_kernels_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096
     --precision bf16_loop --versus kernels=triton
 step mfu_attention_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --docs 4 --attention sdpa \
     --compile --precision bf16_loop --versus attention=flex
+# The fused exit-weighted objective (all R steps in one chunked pass through the head) against
+# per-step logits (the plain model's naive CE, and linear_cross_entropy once per step), at Ouro-1.4B's
+# head (4K tokens, vocab 49152, hidden 2048, bf16): time and CUDA peak above the inputs (#22 item 3).
+step loss_ab $PYTHON benchmarks/bench_loss_memory.py --device cuda --dtype bf16 --tokens 4096 --vocab 49152 \
+    --hidden 2048 --chunk 4096 --repeats 1 --iters 5
 # FP8 (#22 item 6, opt-in): the compiled step against bf16_loop on the same weights, then the loss
 # curves of the two over 300 steps of a learnable synthetic language.
 step mfu_fp8_ab $PYTHON benchmarks/bench_mfu.py --model ouro_1p4b --seq 4096 --attention sdpa --compile \

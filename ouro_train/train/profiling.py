@@ -13,8 +13,9 @@ traces the window after one warm-up step and writes, per profiled rank, into <ru
     was ahead); a long `ouro/data` or `ouro/callbacks` with an idle device is the host holding
     the device up.
 
-On a CPU run the "device" is the host itself: kinds are aten ops by self time, and what no aten
-op accounts for (Python, the profiler, compiled C++ kernels) is shown as such, not as idle.
+On a CPU run the "device" is the host itself: kinds are aten ops and c10d collectives by self
+time, and what no op accounts for (Python, the profiler, compiled C++ kernels) is shown as "not
+in ops", not as idle.
 
 The window is bracketed by two device synchronisations (before its first step, after its last),
 so that no kernel of an earlier step is counted and none of the last is lost; steps outside the
@@ -96,11 +97,11 @@ class Breakdown:
         steps, wall = self.steps, self.wall_us
         per = lambda us: f"{us / 1e3 / steps:9.1f} ms {us / wall:6.1%}"  # noqa: E731
         cuda = self.device == "cuda"
-        unit = "GPU time" if cuda else "CPU time in aten ops (self)"
+        unit = "GPU time" if cuda else "CPU time in aten and c10d ops (self)"
         out = [f"{title}: {steps} step(s), {wall / 1e3 / steps:.1f} ms wall per step; {unit} by kind, per step:"]
         for kind, (us, launches) in sorted(self.kinds.items(), key=lambda kv: -kv[1][0]):
             out.append(f"  {kind:<14} {per(us)}  ({launches / steps:.0f} launches)")
-        rest = "idle" if cuda else "not in aten ops"
+        rest = "idle" if cuda else "not in ops"
         out.append(f"  {rest:<14} {per(self.idle_us)}")
         if self.phases:
             out.append("host time per phase, per step:")
@@ -136,7 +137,7 @@ def breakdown(events, wall_us: float, device: str, steps: int = 1) -> Breakdown:
             us = event.device_time
             intervals.append((event.time_range.start, event.time_range.end))
         else:
-            if not name.startswith("aten::"):
+            if not name.startswith(("aten::", "c10d::")):  # torch's ops and its collectives
                 continue
             us = event.self_cpu_time_total
         entry = result.kinds.setdefault(kind_of(name), [0.0, 0])

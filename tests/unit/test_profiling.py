@@ -79,11 +79,16 @@ def test_the_breakdown_of_a_cuda_window():
 
 
 def test_on_a_cpu_the_kinds_are_aten_ops_by_self_time():
-    events = [_event("aten::mm", 0, 50, CPU, self_us=30), _event("aten::add", 0, 5, CPU), _event("my_graph", 0, 9, CPU)]
+    events = [
+        _event("aten::mm", 0, 50, CPU, self_us=30),
+        _event("aten::add", 0, 5, CPU),
+        _event("c10d::allreduce_", 0, 4, CPU),
+        _event("my_graph", 0, 9, CPU),
+    ]
     result = breakdown(events, wall_us=100, device="cpu", steps=2)
-    assert result.kinds == {"matmul": [30, 1], "elementwise": [5, 1]}
-    assert result.idle_us == 65
-    assert "not in aten ops" in "\n".join(result.lines("t")) and "idle" not in "\n".join(result.lines("t"))
+    assert result.kinds == {"matmul": [30, 1], "elementwise": [5, 1], "communication": [4, 1]}
+    assert result.idle_us == 61
+    assert "not in ops" in "\n".join(result.lines("t")) and "idle" not in "\n".join(result.lines("t"))
 
 
 class FakeTrainer:

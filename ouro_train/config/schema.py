@@ -732,14 +732,6 @@ class Config:
                 "holds it between steps: it does not work with zero_stage=3 (the weights are partitioned and "
                 "gathered per call); use train.precision=bf16 there",
             )
-            _require(
-                not (self.parallel.sequence_parallel and self.parallel.compile),
-                "parallel.sequence_parallel",
-                f"{precision} with sequence parallelism and compiled layers can hang (4 of 36 two-rank runs "
-                "here: one rank in a compiled backward's sequence-parallel all-gather, the other in a norm "
-                "gradient's all-reduce; cause not found); set parallel.compile=false or "
-                "parallel.sequence_parallel=false, or use train.precision=bf16",
-            )
         _require(
             self.checkpoint.init_schedule == "reset" or self.schedule.warmup_steps == 0,
             "schedule.warmup_steps",

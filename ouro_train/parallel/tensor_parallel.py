@@ -17,6 +17,7 @@ reference attribute names, so `model.layers.0.self_attn.q_proj.weight` still nam
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import (
@@ -43,26 +44,38 @@ def _no_init(weight: torch.Tensor) -> None:
 
 
 class ColumnParallel(ColumnParallelLinear):
+    """Megatron-core's column-parallel linear (its shard, its initialisation and attributes) with
+    megatron's math written so that torch.compile traces it: its copy of the input to the region
+    (identity forward, all-reduce of the input gradient in backward), then the GEMM on this rank's
+    shard. Megatron's own forward runs an autograd Function whose backward all-reduces
+    asynchronously and, like RowParallelLinear's, warns (once, and about the group on global rank 0
+    only): torch.compile cannot trace either, so each linear broke the compiled layer's graph (and
+    under `layer` checkpointing, which dynamo cannot split, left the layer uncompiled), on rank 0
+    more often than on the others (their collectives then came in other orders: a sequence-parallel
+    backward deadlocked). Its overlap of that all-reduce with the weight-gradient GEMM is lost."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)[0]
+        return F.linear(copy_to_tensor_model_parallel_region(x, group=self.tp_group), self.weight, self.bias)
 
 
 class RowParallel(RowParallelLinear):
+    """Megatron-core's row-parallel linear, its math written for torch.compile (ColumnParallel):
+    the GEMM on this rank's shard of the input features, then the all-reduce of the partial outputs."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)[0]
+        return reduce_from_tensor_model_parallel_region(F.linear(x, self.weight), group=self.tp_group)
 
 
 class LoopColumnParallel(ColumnParallel):
     """A column-parallel shared linear under train.precision=bf16_loop / fp8 (parallel/precision.py
     swaps the class in): in training, megatron's identity-forward / all-reduce-backward copy of the
     input, then the loop-precision GEMM on this rank's weight shard (its bf16 copy, its gradient
-    accumulated in fp32). Megatron's own linear would overlap the input gradient's all-reduce
-    with the weight-gradient GEMM; here the all-reduce follows it. Without grad: megatron's."""
+    accumulated in fp32). Without grad: ColumnParallel's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)
-        return loop_linear(self, copy_to_tensor_model_parallel_region(x))
+        return loop_linear(self, copy_to_tensor_model_parallel_region(x, group=self.tp_group))
 
 
 class LoopRowParallel(RowParallel):
@@ -72,7 +85,7 @@ class LoopRowParallel(RowParallel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)
-        return reduce_from_tensor_model_parallel_region(loop_linear(self, x))
+        return reduce_from_tensor_model_parallel_region(loop_linear(self, x), group=self.tp_group)
 
 
 LOOP_CLASSES[ColumnParallel] = LoopColumnParallel

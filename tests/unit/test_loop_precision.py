@@ -177,17 +177,11 @@ def test_the_config_refuses_zero_3_and_the_trainer_a_plain_model():
     with pytest.raises(ConfigError, match="train.precision.*zero_stage=3"):
         Config(train=TrainConfig(precision="bf16_loop"), parallel=ParallelConfig(zero_stage=3))
     Config(train=TrainConfig(precision="bf16_loop"), parallel=ParallelConfig(tensor_parallel=2, zero_stage=1))
-    # Sequence parallelism: eager, or compiled without it; not both (a deadlock in the backward).
-    for compile_ in (False, True):
-        Config(
-            train=TrainConfig(precision="bf16_loop", seq_len=64),
-            parallel=ParallelConfig(tensor_parallel=2, sequence_parallel=not compile_, compile=compile_),
-        )
-    with pytest.raises(ConfigError, match="parallel.sequence_parallel.*can hang"):
-        Config(
-            train=TrainConfig(precision="bf16_loop", seq_len=64),
-            parallel=ParallelConfig(tensor_parallel=2, sequence_parallel=True, compile=True),
-        )
+    # Sequence parallelism with compiled layers too (tests/distributed/test_parallel.py runs it).
+    Config(
+        train=TrainConfig(precision="bf16_loop", seq_len=64),
+        parallel=ParallelConfig(tensor_parallel=2, sequence_parallel=True, compile=True),
+    )
     with pytest.raises(ConfigError, match="train.precision"):
         TrainConfig(precision="bf16-loop")
     cfg = config()

@@ -16,16 +16,11 @@ import statistics
 import step_ab
 import torch
 
-from ouro_train.config.resolve import resolve
-from ouro_train.model import LoopLM
-from ouro_train.train.trainer import Trainer
-
 
 def main() -> None:
     args = step_ab.parser(__doc__).parse_args()
     cfg = step_ab.config(args)
-    torch.manual_seed(0)
-    trainer = Trainer(cfg, LoopLM(cfg.model), step_ab.batches(args), resolved=resolve(cfg))
+    trainer = step_ab.trainer(args, cfg)
     shipped, limit = trainer.engine.param_norm_sq_share, cfg.guard.max_update_ratio
     device = torch.device(args.device)
 

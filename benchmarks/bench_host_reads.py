@@ -28,8 +28,6 @@ import time
 import step_ab
 import torch
 
-from ouro_train.config.resolve import resolve
-from ouro_train.model import LoopLM
 from ouro_train.train.trainer import Trainer
 from ouro_train.utils.host_reads import counting_host_reads, cuda_synchronisations
 
@@ -69,8 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = step_ab.config(args)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    trainer = Trainer(cfg, LoopLM(cfg.model), step_ab.batches(args), resolved=resolve(cfg))
+    trainer = step_ab.trainer(args, cfg)
     for _ in range(2):
         trainer.train_step()
     with counting_host_reads() as reads:

@@ -1,5 +1,5 @@
-"""What the training-step A/B benchmarks share (bench_guard.py, bench_optimizer.py): the model
-size options, the LoopLM config they build from them, and random token batches. Imported as a
+"""What the training-step A/B benchmarks share (bench_guard.py, bench_optimizer.py, ...): the model
+size options, the LoopLM config they build from them, random token batches and a trainer. Imported as a
 sibling module (the scripts run as `python benchmarks/<script>.py`)."""
 
 from __future__ import annotations
@@ -49,6 +49,17 @@ def batches(args: argparse.Namespace, seed: int = 0):
     while True:
         tokens = torch.randint(0, VOCAB, (args.rows, args.seq + 1), generator=g)
         yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+
+def trainer(args: argparse.Namespace, cfg: Config | None = None):
+    """A single-process Trainer of `cfg` (default: `config(args)`) on a LoopLM seeded 0 and `batches(args)`."""
+    from ouro_train.config.resolve import resolve
+    from ouro_train.model import LoopLM
+    from ouro_train.train.trainer import Trainer
+
+    cfg = cfg or config(args)
+    torch.manual_seed(0)
+    return Trainer(cfg, LoopLM(cfg.model), batches(args), resolved=resolve(cfg))
 
 
 def synchronize(device: torch.device) -> None:

@@ -230,6 +230,21 @@ class StepProfiler(Callback):
         prof.stop()  # inside the window (still recording): calls _write
 
     def _write(self, prof, trainer: Trainer) -> None:
+        """Writes and prints the window's files; a failure to write them (a full disk) is reported
+        on stderr and training goes on: a diagnostic never takes the run down."""
+        try:
+            self._write_files(prof, trainer)
+        except OSError as error:
+            import sys
+
+            print(
+                f"warning: the profile of steps {self.first}.. could not be written to {self.out_dir} "
+                f"({type(error).__name__}: {error}); training goes on",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _write_files(self, prof, trainer: Trainer) -> None:
         wall_us = (time.perf_counter() - self.recording_since) * 1e6
         last = min(self.end - 1, trainer.state.step)  # the window, or as much of it as ran
         result = breakdown(prof.events(), wall_us, trainer.device.type, last - self.first + 1)

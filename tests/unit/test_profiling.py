@@ -218,3 +218,12 @@ def test_a_profiled_stage_trains_exactly_as_an_unprofiled_one(tmp_path):
 def test_a_profiled_rank_that_does_not_exist_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"logging\.profile_ranks.*\[1\].*world of 1"):
         _stage(tmp_path, "run", "logging.profile_start=1", "logging.profile_ranks=[1]")
+
+
+def test_a_profile_that_cannot_be_written_is_reported_and_training_goes_on(tmp_path, capsys):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")  # the profile directory would be inside a file: mkdir fails
+    trainer = FakeTrainer(0, 4)
+    trainer.fit(StepProfiler(2, 1, blocked / "profile", rank=0))
+    assert trainer.state.step == 4 and trainer.marked == [2]
+    assert "could not be written" in capsys.readouterr().err

@@ -18,9 +18,9 @@ compiled layers cast at every use, 2R times.) Memory: 2 bytes per shared weight 
 plus 4 (the accumulator) more than `bf16`. The buffers are not in the state dict, so checkpoints
 are those of `bf16`. Under tensor parallel the same holds per weight shard: megatron-core's
 column- and row-parallel linears become `LoopColumnParallel` / `LoopRowParallel`
-(parallel/tensor_parallel.py), megatron's own collectives around this GEMM. Not with ZeRO-3
-(partitioned masters, gathered per call): the config refuses it, and sequence parallelism with
-compiled layers (4 of 36 two-rank gloo runs hung in the backward; cause not found). With
+(parallel/tensor_parallel.py), megatron's own collectives around this GEMM (with sequence
+parallelism and compiled layers too). Not with ZeRO-3 (partitioned masters, gathered per call):
+the config refuses it. With
 `layer` checkpointing and compiled layers, the checkpoint goes around the compiled layer
 (parallel/checkpointing.py apply_compile says why).
 

@@ -147,7 +147,7 @@ step() {  # step NAME COMMAND...: run (time-boxed), keep the log, record the sta
     local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local status=$?
-    tail -n 25 "$OUT/$name.log" >> "$summary"
+    tail -n "${SUMMARY_LINES:-25}" "$OUT/$name.log" >> "$summary"
     echo "== $name: exit $status, $((SECONDS - start)) s" | tee -a "$summary"
 }
 
@@ -215,9 +215,10 @@ if [ -n "$trainer" ]; then
         # (the demo corpus: 15% of its documents held out, so that one 4K evaluation window fits)
         ouro_4k="model=ouro_1p4b train.device=cuda train.seq_len=4096 train.micro_batch_size=1 train.global_batch_size=1
                  data.val_fraction=0.15"
-        STEP_LIMIT=${TRAIN_LIMIT:-420} step train_zero1 $PYTHON benchmarks/train_check.py --out "$RUNS/train_zero1" -- $ouro_4k \
+        # (45 lines of each log into the summary: the resumed steps, the profile of steps 3-4, tokens/s)
+        SUMMARY_LINES=45 STEP_LIMIT=${TRAIN_LIMIT:-420} step train_zero1 $PYTHON benchmarks/train_check.py --out "$RUNS/train_zero1" -- $ouro_4k \
             parallel=zero1 train.precision=bf16_loop
-        STEP_LIMIT=${TRAIN_LIMIT:-300} step train_zero3 $PYTHON benchmarks/train_check.py --out "$RUNS/train_zero3" -- $ouro_4k \
+        SUMMARY_LINES=45 STEP_LIMIT=${TRAIN_LIMIT:-300} step train_zero3 $PYTHON benchmarks/train_check.py --out "$RUNS/train_zero3" -- $ouro_4k \
             parallel=zero3 train.precision=bf16
     else
         echo "== train: skipped, not importable: ${missing:-?} (bash benchmarks/gpu_check.sh fetch --train)" \

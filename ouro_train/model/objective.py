@@ -82,7 +82,8 @@ class LossTokens:
 
     The dense form runs the LM head on the ignored positions too (an evaluation padding batch with
     every label ignored costs a full head pass), and a non-finite state there reaches the loss
-    (0 x inf) where the selected form would drop it.
+    value (0 x inf) where the selected form would drop it; the weight gradients get it in either
+    form (the model's backward multiplies the zero gradient there by that position's activations).
 
     Selected (`index`: with a loss mask, i.e. SFT, whose prompt tokens, often half, would cost the
     LM head's work for nothing): only the loss tokens, gathered; one host sync for `nonzero`."""

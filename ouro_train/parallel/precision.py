@@ -20,9 +20,8 @@ are those of `bf16`. Under tensor parallel the same holds per weight shard: mega
 column- and row-parallel linears become `LoopColumnParallel` / `LoopRowParallel`
 (parallel/tensor_parallel.py), megatron's own collectives around this GEMM (with sequence
 parallelism and compiled layers too). Not with ZeRO-3 (partitioned masters, gathered per call):
-the config refuses it. With
-`layer` checkpointing and compiled layers, the checkpoint goes around the compiled layer
-(parallel/checkpointing.py apply_compile says why).
+the config refuses it. With `layer` checkpointing and compiled layers, the checkpoint goes around
+the compiled layer (parallel/checkpointing.py apply_compile says why).
 
 train.precision=fp8 is bf16_loop with the shared linears' forward and input-gradient GEMMs in
 float8 (kernels/shared_linear.py `shared_linear_fp8`): the same refresh also quantises each weight

@@ -169,14 +169,10 @@ class StepProfiler(Callback):
         self.prof: torch.profiler.profile | None = None
         self.first = self.start
         self.recording_since: float | None = None
-        self.written: list[Path] = []
 
     def on_train_start(self, trainer: Trainer) -> None:
         upcoming = trainer.state.step + 1
-        last = trainer.resolved.steps  # this launch's last step, as Trainer.fit stops
-        if trainer.cfg.train.max_steps_this_run is not None:
-            last = min(last, trainer.state.step + trainer.cfg.train.max_steps_this_run)
-        self.end = min(self.end, last + 1)  # a window past the end is cut there
+        self.end = min(self.end, trainer.last_step_of_launch() + 1)  # a window past the end is cut there
         if upcoming >= self.end:
             return
         self.first = max(self.start, upcoming)
@@ -256,5 +252,4 @@ class StepProfiler(Callback):
         lines = result.lines(title)
         (self.out_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n")
         (self.out_dir / f"{stem}.json").write_text(json.dumps(asdict(result) | {"idle_us": result.idle_us}, indent=1))
-        self.written = [trace, self.out_dir / f"{stem}.txt", self.out_dir / f"{stem}.json"]
         self.say("\n".join(lines) + f"\ntrace for https://ui.perfetto.dev: {trace}")

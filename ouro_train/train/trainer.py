@@ -369,15 +369,21 @@ class Trainer:
         batch["labels"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         return batch
 
+    def last_step_of_launch(self) -> int:
+        """The step `fit` trains to from where the trainer stands: `train.steps`, or
+        `train.max_steps_this_run` more if that comes first."""
+        last = self.resolved.steps
+        if self.cfg.train.max_steps_this_run is not None:
+            last = min(last, self.state.step + self.cfg.train.max_steps_this_run)
+        return last
+
     def fit(self, signals: StopOnSignal | None = None) -> dict:
         """Train to `train.steps` (or `train.max_steps_this_run` more); returns the final eval metrics.
         SIGTERM / SIGUSR1 end the run at the next step boundary, on every rank at the same step.
         `signals`: a StopOnSignal the caller holds (from before start-up to after the final save,
         so that no signal in those windows kills the process); by default fit holds its own."""
         cfg = self.cfg.train
-        stop = self.resolved.steps
-        if cfg.max_steps_this_run is not None:
-            stop = min(stop, self.state.step + cfg.max_steps_this_run)
+        stop = self.last_step_of_launch()
         for hook in _hooks(self.callbacks, "on_train_start"):
             hook(self)
         self.stopped_by_signal: int | None = None

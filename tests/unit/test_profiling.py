@@ -103,12 +103,11 @@ class FakeTrainer:
         self.marked: list[int] = []  # steps whose phases were marked
 
     phase = Trainer.phase
+    last_step_of_launch = Trainer.last_step_of_launch
 
     def fit(self, profiler: StepProfiler, stop_after: int | None = None) -> None:
+        last = self.last_step_of_launch()
         profiler.on_train_start(self)
-        last = self.resolved.steps
-        if self.cfg.train.max_steps_this_run is not None:
-            last = min(last, self.state.step + self.cfg.train.max_steps_this_run)
         x = torch.randn(32, 32)
         while self.state.step < last:
             if self.profiling:

@@ -218,6 +218,7 @@ if [ -n "$trainer" ]; then
         # (45 lines of each log into the summary: the resumed steps, the profile of steps 3-4, tokens/s)
         SUMMARY_LINES=45 STEP_LIMIT=${TRAIN_LIMIT:-420} step train_zero1 $PYTHON benchmarks/train_check.py --out "$RUNS/train_zero1" -- $ouro_4k \
             parallel=zero1 train.precision=bf16_loop
+        # (the zero3 preset: the layers gathered once per pass, compiled; bf16_loop is refused there)
         SUMMARY_LINES=45 STEP_LIMIT=${TRAIN_LIMIT:-300} step train_zero3 $PYTHON benchmarks/train_check.py --out "$RUNS/train_zero3" -- $ouro_4k \
             parallel=zero3 train.precision=bf16
     else

@@ -440,6 +440,11 @@ class ParallelConfig:
     zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
     # Keep ZeRO optimizer states (and, at stage 3, parameters) in CPU memory.
     cpu_offload: bool = False
+    # What ZeRO-3 gathers at a time. `trunk`: every weight but the LM head's, once for the forward's
+    # R recurrent steps and once for the backward's (each shared weight is used R times per pass;
+    # the gathered trunk is held for the pass). `layer`: DeepSpeed's own per-module gathering, each
+    # layer's weights at each of its R uses (R times the all-gathers, the least memory held).
+    zero3_gather: str = field(default="trunk", metadata={"help": "ZeRO-3 gathers: trunk | layer"})
     # Recompute activations in backward: `selective` (each decoder layer use keeps its matmul and
     # attention outputs, recomputes the elementwise rest), `layer` (each decoder layer use) or
     # `step` (each whole recurrent step, the cheaper in memory: R x fewer saved states per layer).
@@ -452,8 +457,8 @@ class ParallelConfig:
     # Process-group backend: `auto` is nccl on CUDA, gloo on CPU.
     backend: str = "auto"
     # torch.compile each decoder layer (it runs L x R times per forward: one compiled unit reused by
-    # every layer and recurrent step). On in the GPU pipelines; not with ZeRO-3, whose parameter
-    # hooks run inside every layer call.
+    # every layer and recurrent step). On in the GPU pipelines; under ZeRO-3 only with
+    # zero3_gather=trunk (with `layer`, DeepSpeed's parameter hooks run inside every layer call).
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer"})
 
     def __post_init__(self) -> None:
@@ -466,16 +471,17 @@ class ParallelConfig:
             self.activation_checkpointing, ("none", "selective", "layer", "step"), f"{section}.activation_checkpointing"
         )
         _one_of(self.backend, ("auto", "gloo", "nccl"), f"{section}.backend")
+        _one_of(self.zero3_gather, ("trunk", "layer"), f"{section}.zero3_gather")
         _require(
             not self.sequence_parallel or self.tensor_parallel > 1,
             f"{section}.sequence_parallel",
             "sequence parallelism splits the sequence over the tensor-parallel group: set tensor_parallel > 1",
         )
         _require(
-            not (self.compile and self.zero_stage == 3),
+            not (self.compile and self.zero_stage == 3 and self.zero3_gather == "layer"),
             f"{section}.compile",
-            "compiling the layers is not supported with zero_stage=3 (DeepSpeed gathers parameters in hooks "
-            "inside each layer call); set parallel.compile=false or use zero_stage <= 2",
+            "compiling the layers is not supported with zero_stage=3 and zero3_gather=layer (DeepSpeed gathers "
+            "parameters in hooks inside each layer call); set parallel.zero3_gather=trunk or parallel.compile=false",
         )
         _require(
             not self.cpu_offload or self.zero_stage >= 1,

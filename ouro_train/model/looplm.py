@@ -129,11 +129,20 @@ class LoopLM(nn.Module):
             raise ValueError(f"recurrent_steps must be >= 1, got {steps}")
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        trunk = self.model
-        h = trunk.embed_tokens(input_ids)  # (B, S, H)
-        cos, sin = trunk.rotary_emb(position_ids)  # (B, S, D) fp32, shared by every step
+        h = self.model.embed_tokens(input_ids)  # (B, S, H)
+        cos, sin = self.model.rotary_emb(position_ids)  # (B, S, D) fp32, shared by every step
         # The documents in the form the attention backend takes, once for all L x R attention calls.
         plan = plan_attention(self.config.attention, *input_ids.shape, doc_ids, device=input_ids.device)
+        *hidden_states, gate_logits = self.recurrence(h, cos, sin, plan, steps)
+        return LoopOutput(hidden_states=hidden_states, gate_logits=gate_logits)
+
+    def recurrence(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None, steps: int
+    ) -> tuple[torch.Tensor, ...]:
+        """The R recurrent steps from the embedded tokens h (B, S, H), where each shared weight is used
+        R times -> (state of step 1, ..., state of step R, gate logits (R, B, S)), flat, so that a hook
+        on a module that runs this sees every tensor. A method of its own so that ZeRO-3 can gather
+        the layers' weights once around all R steps (ouro_train/parallel/zero3.py)."""
         hidden_states: list[torch.Tensor] = []
         gate_logits: list[torch.Tensor] = []
         for _ in range(steps):
@@ -141,7 +150,7 @@ class LoopLM(nn.Module):
             out = self.readout(h)
             hidden_states.append(out)
             gate_logits.append(self.gate_logits(out))
-        return LoopOutput(hidden_states=hidden_states, gate_logits=torch.stack(gate_logits))
+        return (*hidden_states, torch.stack(gate_logits))
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """Where a step's state leaves the loop for the LM head and the gate: the identity here;

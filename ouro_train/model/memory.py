@@ -62,7 +62,9 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     States: parameters, gradients and the two Adam moments are fp32 (4 + 4 + 8 bytes per parameter;
     autocast runs the matmuls in bf16), divided by tensor parallel, and the parts ZeRO shards
     divided by data parallel (stage 1: moments, 2: + gradients, 3: + parameters); ZeRO-1/2 also keep
-    DeepSpeed's fp32 master copy of each rank's partition. Activations: per
+    DeepSpeed's fp32 master copy of each rank's partition. Under ZeRO-2/3 the shared layers' whole
+    gradients are held until their last use's backward, and under ZeRO-3 with zero3_gather=trunk
+    their whole weights during each pass (unmeasured on a GPU: from the code). Activations: per
     layer use and token about 37 h bytes without recomputation (ACTIVATION_BYTES_PER_H, measured;
     memory-efficient attention, so no s^2 term); a looped model uses each layer R times.
     `layer` checkpointing keeps each layer use's input (4 h bytes: the residual stream is fp32) and
@@ -92,6 +94,15 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
         # DeepSpeed's ZeRO-1/2 optimizer clones its partition of the weights as an fp32 master even
         # when the weights are fp32 already (stage_1_and_2.py; ZeRO-3 reuses them): 4 more bytes.
         moments += 4 * trained / dp
+    if zero >= 2 and not gate and dp > 1:
+        # A shared layer's gradient is complete only after its last use's backward: autograd holds
+        # every layer's whole gradient until then (its R contributions summed), whatever ZeRO-2/3
+        # shard afterwards. ZeRO-3 with zero3_gather=trunk also holds every layer's weights
+        # gathered during each pass (parallel/zero3.py), where `layer` holds about one layer's.
+        layer_params = count_model(m, cfg.train.seq_len).layer_params / tp
+        grads += 4 * layer_params * (1 - 1 / dp)
+        if zero == 3 and par.zero3_gather == "trunk":
+            weights += 4 * layer_params * (1 - 1 / dp)
     if cfg.train.precision in ("bf16_loop", "fp8"):
         # parallel/precision.py's bf16 copies (fp8: and two float8 ones) of this rank's shards;
         # layer_params also holds the norms (< 0.1% of it).

@@ -12,6 +12,8 @@
    must come before DeepSpeed, whose ZeRO-3 hooks attach to those modules;
 3. torch.compile of each decoder layer (`parallel.compile`): after checkpointing, whose wrapper it
    traces, and before DeepSpeed, which hands the compiled modules to its engine;
+3b. ZeRO-3 with `parallel.zero3_gather=trunk` (parallel/zero3.py): the layers become one DeepSpeed
+   leaf module called once around all R recurrent steps, before DeepSpeed registers its hooks;
 4. DeepSpeed `initialize`: owns the optimizer, ZeRO partitioning over the data-parallel group
    (megatron's groups handed over as `mpu`), gradient accumulation and clipping.
 """
@@ -53,6 +55,10 @@ def parallelize(
         from ouro_train.checkpoint.optimizer_state import check_deepspeed_version
 
         check_deepspeed_version()  # ZeRO's optimizer hand-off uses DeepSpeed internals of one version
+    if cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_gather == "trunk":
+        from ouro_train.parallel.zero3 import gather_layers_once
+
+        model = gather_layers_once(model)
     from ouro_train.parallel.engine import DeepSpeedEngine
 
     return DeepSpeedEngine(model.to(cfg.train.device), cfg, resolved, MegatronMPU())

@@ -54,6 +54,8 @@ def train_losses(
     precision: str = "fp32",
     accum: int = 1,
     compile_: bool = False,
+    zero3_gather: str = "trunk",
+    recurrent_steps: int | None = None,
 ) -> list:
     """Train from the same seed on this process's share of each global batch, in `accum`
     micro-batches per step -> [(loss, grad norm,
@@ -63,6 +65,9 @@ def train_losses(
     cfg = make_config(tp, zero, checkpointing, rows=GLOBAL_ROWS * tp // world, precision=precision)
     cfg.parallel.sequence_parallel = sequence_parallel
     cfg.parallel.compile = compile_
+    cfg.parallel.zero3_gather = zero3_gather
+    if recurrent_steps is not None:
+        cfg.model.recurrent_steps = recurrent_steps
     cfg.train.micro_batch_size //= accum
     cfg.train.grad_accum_steps = accum
     layout = init_parallel(cfg.parallel, cfg.model, "cpu")
@@ -94,12 +99,17 @@ def train_losses(
 
 def zero_sweep() -> dict:
     """Every ZeRO stage, with and without activation checkpointing, in one pair of processes
-    (the process groups are made once and reused by each DeepSpeed engine)."""
+    (the process groups are made once and reused by each DeepSpeed engine). ZeRO-3 gathers the
+    layers once per pass (zero3_gather=trunk), eager and with compiled layers, and per use (`layer`);
+    and what dynamo compiled here."""
     try:
-        return {
+        runs = {
             f"zero{zero}-{ckpt}": train_losses(1, zero, ckpt, teardown=False)
             for zero, ckpt in [(0, "none"), (0, "layer"), (1, "step"), (2, "layer"), (3, "none"), (3, "step")]
         }
+        runs["zero3-none-gather-layer"] = train_losses(1, 3, "none", teardown=False, zero3_gather="layer")
+        runs["zero3-layer-compiled"] = train_losses(1, 3, "layer", teardown=False, compile_=True)
+        return {"runs": runs, "dynamo": compiled_graphs()}
     finally:
         destroy_parallel()
 
@@ -122,11 +132,15 @@ def assert_same_run(got, expected, label):
 @pytest.mark.slow
 def test_zero_0_to_3_with_two_ranks_match_one_process(reference):
     results = run_distributed(zero_sweep, 2)
-    assert results[0] == results[1] or all(  # both ranks report the same (all-reduced) metrics
-        r0 == pytest.approx(r1) for r0, r1 in zip(results[0].values(), results[1].values())
+    runs = [result["runs"] for result in results]
+    assert runs[0] == runs[1] or all(  # both ranks report the same (all-reduced) metrics
+        r0 == pytest.approx(r1) for r0, r1 in zip(runs[0].values(), runs[1].values())
     )
-    for label, run in results[0].items():
+    for label, run in runs[0].items():
         assert_same_run(run, reference, label)
+    # ZeRO-3's compiled layers: captured (no hook inside a layer to break them), alike on both ranks.
+    assert_same_graphs_on_every_rank(results)
+    assert not results[0]["dynamo"]["graph_breaks"], results[0]["dynamo"]["graph_breaks"]
 
 
 @pytest.mark.slow

@@ -46,6 +46,9 @@ def test_compiled_layers_equal_eager(checkpointing):
     assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
 
 
-def test_compile_with_zero3_is_refused_naming_the_key():
-    with pytest.raises(ConfigError, match="parallel.compile"):
-        ParallelConfig(zero_stage=3, compile=True)
+def test_compile_with_zero3_per_layer_gathering_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="parallel.compile.*zero3_gather=trunk"):
+        ParallelConfig(zero_stage=3, compile=True, zero3_gather="layer")
+    ParallelConfig(zero_stage=3, compile=True)  # zero3_gather=trunk: no hook inside a layer
+    with pytest.raises(ConfigError, match="parallel.zero3_gather"):
+        ParallelConfig(zero_stage=3, zero3_gather="model")

@@ -73,3 +73,24 @@ def test_tensor_parallel_divides_the_loop_precision_copies():
         return estimate_memory(cfg, world_size=2).total_gib
 
     assert (tp2("bf16_loop") - tp2("bf16")) * 2**30 == pytest.approx(2 * layer_params / 2, rel=1e-6)
+
+
+def test_zero3_counts_the_layers_gathered_for_a_pass_and_their_whole_gradients():
+    # Unmeasured on a GPU, from the code (parallel/zero3.py): at 8 ranks a ZeRO-3 rank holds 1/8 of
+    # the states between passes, but during a pass the shared layers' whole gradients (autograd sums
+    # each layer's R contributions before ZeRO reduce-scatters it) and, under zero3_gather=trunk,
+    # their whole weights: 4 bytes per layer parameter each, less the rank's own eighth. ZeRO-2's
+    # sharded gradients wait for the same sums (its fp32 master copy counted besides).
+    model = ModelConfig(**OmegaConf.to_container(OmegaConf.load(RECIPES / "ouro_1p4b.yaml")))
+    layer_params = count_model(model, 4096).layer_params
+    params = count_model(model, 4096).total_params
+
+    def states(gather: str, stage: int = 3) -> float:
+        train = TrainConfig(seq_len=4096, micro_batch_size=1, precision="bf16", device="cuda")
+        parallel = ParallelConfig(zero_stage=stage, zero3_gather=gather, compile=gather == "trunk")
+        return estimate_memory(Config(model=model, train=train, parallel=parallel), world_size=8).states_gib * 2**30
+
+    assert states("layer") == pytest.approx(16 * params / 8 + 4 * layer_params * 7 / 8, rel=1e-6)
+    assert states("trunk") - states("layer") == pytest.approx(4 * layer_params * 7 / 8, rel=1e-6)
+    # ZeRO-2 shards gradients the same way, after the same sums.
+    assert states("layer", stage=2) == pytest.approx(4 * params + 16 * params / 8 + 4 * layer_params * 7 / 8, rel=1e-6)

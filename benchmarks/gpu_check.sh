@@ -212,9 +212,11 @@ print(' '.join(m for m in ('hydra', 'omegaconf', 'deepspeed', 'megatron', 'pydan
 if [ -n "$trainer" ]; then
     if missing=$(trainer_missing) && [ -z "$missing" ]; then
         export PYTHON  # launch/torchrun.sh runs the workers with it
-        # (the demo corpus: 15% of its documents held out, so that one 4K evaluation window fits)
+        # (the demo corpus: 15% of its documents held out, so that one 4K evaluation window fits;
+        # no document masking: each row one causal sequence, bench_mfu.py's attention work at --docs 1,
+        # where packed rows ran sdpa one document segment at a time)
         ouro_4k="model=ouro_1p4b train.device=cuda train.seq_len=4096 train.micro_batch_size=1 train.global_batch_size=1
-                 data.val_fraction=0.15"
+                 data.val_fraction=0.15 data.document_masking=false"
         # (45 lines of each log into the summary: the resumed steps, the profile of steps 3-4, tokens/s)
         SUMMARY_LINES=45 STEP_LIMIT=${TRAIN_LIMIT:-420} step train_zero1 $PYTHON benchmarks/train_check.py --out "$RUNS/train_zero1" -- $ouro_4k \
             parallel=zero1 train.precision=bf16_loop

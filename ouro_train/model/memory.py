@@ -61,10 +61,11 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
 
     States: parameters, gradients and the two Adam moments are fp32 (4 + 4 + 8 bytes per parameter;
     autocast runs the matmuls in bf16), divided by tensor parallel, and the parts ZeRO shards
-    divided by data parallel (stage 1: moments, 2: + gradients, 3: + parameters); ZeRO-1/2 also keep
-    DeepSpeed's fp32 master copy of each rank's partition. Under ZeRO-2/3 the shared layers' whole
-    gradients are held until their last use's backward, and under ZeRO-3 with zero3_gather=trunk
-    their whole weights during each pass (unmeasured on a GPU: from the code). Activations: per
+    divided by data parallel (stage 1: moments, 2: + gradients, 3: + parameters); no fp32 master
+    copy (ZeRO-1/2's is the weights' own partition: parallel/engine.py share_fp32_master). Under
+    ZeRO-2/3 the shared layers' whole gradients are held until their last use's backward, and under
+    ZeRO-3 with zero3_gather=trunk their whole weights during each pass (unmeasured on a GPU: from
+    the code). Activations: per
     layer use and token about 37 h bytes without recomputation (ACTIVATION_BYTES_PER_H, measured;
     memory-efficient attention, so no s^2 term); a looped model uses each layer R times.
     `layer` checkpointing keeps each layer use's input (4 h bytes: the residual stream is fp32) and
@@ -90,10 +91,6 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     trained = m.hidden_size + 1 if gate else params  # the exit gate is replicated over tensor parallel
     grads = 4 * trained / (dp if zero >= 2 else 1)
     moments = 8 * trained / (dp if zero >= 1 else 1)
-    if zero in (1, 2):
-        # DeepSpeed's ZeRO-1/2 optimizer clones its partition of the weights as an fp32 master even
-        # when the weights are fp32 already (stage_1_and_2.py; ZeRO-3 reuses them): 4 more bytes.
-        moments += 4 * trained / dp
     if zero >= 2 and not gate and dp > 1:
         # A shared layer's gradient is complete only after its last use's backward: autograd holds
         # every layer's whole gradient until then (its R contributions summed), whatever ZeRO-2/3

@@ -150,6 +150,39 @@ def test_tensor_parallel_2_x_data_parallel_2_on_four_processes(reference):
         assert_same_run(run, reference, f"tp2xdp2 rank {rank}")
 
 
+def fp32_masters() -> dict:
+    """ZeRO-1 and -2 engines on this rank: whether each fp32 master shares the weights' storage, the
+    bytes that saved, and the trained parameters."""
+    out = {}
+    try:
+        for zero in (1, 2):
+            cfg = make_config(zero=zero, rows=GLOBAL_ROWS // 2)
+            layout = init_parallel(cfg.parallel, cfg.model, "cpu")
+            torch.manual_seed(0)
+            model = LoopLM(cfg.model)
+            engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
+            zero_optimizer = engine.optimizer
+            shared = [
+                master.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+                for master, flat in zip(
+                    zero_optimizer.single_partition_of_fp32_groups, zero_optimizer.bit16_groups_flat
+                )
+            ]
+            out[zero] = (shared, engine.master_bytes_freed, sum(p.numel() for p in model.parameters()))
+    finally:
+        destroy_parallel()
+    return out
+
+
+@pytest.mark.slow
+def test_zero_1_and_2_keep_no_second_fp32_copy_of_the_weights():
+    # That they still train what one process trains: the ZeRO sweep above, and the resumes below.
+    for rank_result in run_distributed(fp32_masters, 2):
+        for zero, (shared, freed, params) in rank_result.items():
+            assert shared and all(shared), f"zero{zero}: a master is a copy"
+            assert 4 * params / 2 <= freed < 4 * params / 2 + 4096, f"zero{zero}: freed {freed} bytes"
+
+
 def compiled_graphs() -> dict:
     """What dynamo compiled in this process: graphs, calls captured, graph breaks by reason."""
     from torch._dynamo.utils import counters

@@ -45,12 +45,14 @@ def test_a_4k_row_costs_what_it_measured():
         assert slope == pytest.approx(MEASURED_GIB[precision, 2] - MEASURED_GIB[precision, 1], rel=0.02)
 
 
-def test_ouro_train_under_zero1_is_within_7_percent_of_the_h200_peak():
+def test_ouro_train_under_zero1_is_within_7_percent_of_the_h200_peak_less_the_master_copy():
     # ouro-train itself under torchrun, DeepSpeed ZeRO-1 on one GPU, bf16_loop, compiled layers:
-    # 58.48 GiB logged at every step, 5.8 GiB above bench_mfu's model alone (DeepSpeed's fp32
-    # master copy of the weights, 5.3 GiB, most of it).
-    assert estimate("bf16_loop", 1, zero_stage=1) == pytest.approx(58.48, rel=0.07)
-    assert estimate("bf16_loop", 1, zero_stage=1) - estimate("bf16_loop", 1) == pytest.approx(5.3, abs=0.1)
+    # 58.48 GiB logged at every step, 5.8 GiB above bench_mfu's model alone, 5.3 GiB of it
+    # DeepSpeed's fp32 master copy of the weights (4 bytes x 1.43B). The engine now makes the master
+    # the weights' own partition (parallel/engine.py share_fp32_master; unmeasured on a GPU since):
+    # the estimate is the measured peak less that copy, and the bare model's.
+    assert estimate("bf16_loop", 1, zero_stage=1) == pytest.approx(58.48 - 5.3, rel=0.07)
+    assert estimate("bf16_loop", 1, zero_stage=1) == pytest.approx(estimate("bf16_loop", 1), abs=0.01)
 
 
 def test_fp8_counts_its_two_float8_copies_of_the_shared_weights():
@@ -80,7 +82,7 @@ def test_zero3_counts_the_layers_gathered_for_a_pass_and_their_whole_gradients()
     # the states between passes, but during a pass the shared layers' whole gradients (autograd sums
     # each layer's R contributions before ZeRO reduce-scatters it) and, under zero3_gather=trunk,
     # their whole weights: 4 bytes per layer parameter each, less the rank's own eighth. ZeRO-2's
-    # sharded gradients wait for the same sums (its fp32 master copy counted besides).
+    # sharded gradients wait for the same sums.
     model = ModelConfig(**OmegaConf.to_container(OmegaConf.load(RECIPES / "ouro_1p4b.yaml")))
     layer_params = count_model(model, 4096).layer_params
     params = count_model(model, 4096).total_params
@@ -93,4 +95,4 @@ def test_zero3_counts_the_layers_gathered_for_a_pass_and_their_whole_gradients()
     assert states("layer") == pytest.approx(16 * params / 8 + 4 * layer_params * 7 / 8, rel=1e-6)
     assert states("trunk") - states("layer") == pytest.approx(4 * layer_params * 7 / 8, rel=1e-6)
     # ZeRO-2 shards gradients the same way, after the same sums.
-    assert states("layer", stage=2) == pytest.approx(4 * params + 16 * params / 8 + 4 * layer_params * 7 / 8, rel=1e-6)
+    assert states("layer", stage=2) == pytest.approx(4 * params + 12 * params / 8 + 4 * layer_params * 7 / 8, rel=1e-6)

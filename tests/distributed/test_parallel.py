@@ -143,11 +143,20 @@ def test_zero_0_to_3_with_two_ranks_match_one_process(reference):
     assert not results[0]["dynamo"]["graph_breaks"], results[0]["dynamo"]["graph_breaks"]
 
 
+def tensor_and_data_parallel_sweep() -> dict:
+    """TP=2 x DP=2 with ZeRO-1, and with ZeRO-3 gathering the (tensor-parallel) layers once per pass."""
+    try:
+        return {f"zero{zero}": train_losses(2, zero, "step", teardown=False) for zero in (1, 3)}
+    finally:
+        destroy_parallel()
+
+
 @pytest.mark.slow
 def test_tensor_parallel_2_x_data_parallel_2_on_four_processes(reference):
-    results = run_distributed(train_losses, 4, 2, 1, "step")
-    for rank, run in enumerate(results):
-        assert_same_run(run, reference, f"tp2xdp2 rank {rank}")
+    results = run_distributed(tensor_and_data_parallel_sweep, 4)
+    for rank, runs in enumerate(results):
+        for label, run in runs.items():
+            assert_same_run(run, reference, f"tp2xdp2 {label} rank {rank}")
 
 
 def fp32_masters() -> dict:

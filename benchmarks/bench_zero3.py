@@ -24,58 +24,48 @@ VARIANTS = (("trunk", False), ("layer", False), ("trunk", True))
 
 def run(args: dict) -> dict:
     import torch
+    from step_ab import batches, config
 
     import ouro_train.parallel.engine as engine_module
-    from ouro_train.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+    from ouro_train.config import ParallelConfig
     from ouro_train.config.resolve import resolve
     from ouro_train.model import LoopLM
     from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
     from ouro_train.train.trainer import Trainer
 
+    size = argparse.Namespace(**args)
     if args["release"]:
         plain = engine_module.deepspeed_config
 
         def release_after_each_call(cfg, resolved):
-            config = plain(cfg, resolved)
-            config["zero_optimization"].update(
+            settings = plain(cfg, resolved)
+            settings["zero_optimization"].update(
                 stage3_param_persistence_threshold=args["hidden"] + 1,
                 stage3_max_live_parameters=0,
                 stage3_max_reuse_distance=0,
                 stage3_prefetch_bucket_size=0,
             )
-            return config
+            return settings
 
         engine_module.deepspeed_config = release_after_each_call
 
-    hidden = args["hidden"]
+    def zero3(gather: str, compiled: bool):
+        cfg = config(size)
+        cfg.parallel = ParallelConfig(zero_stage=3, zero3_gather=gather, compile=compiled)
+        return cfg
 
-    def config(gather: str, compiled: bool) -> Config:
-        return Config(
-            model=ModelConfig(
-                name="bench", vocab_size=4096, hidden_size=hidden, num_layers=args["layers"],
-                num_heads=hidden // 64, num_kv_heads=max(2, hidden // 128), intermediate_size=int(hidden * 2.75),
-            ),
-            optim=OptimConfig(lr=3e-4),
-            train=TrainConfig(steps=10_000, micro_batch_size=args["rows"], seq_len=args["seq"], device="cpu"),
-            parallel=ParallelConfig(zero_stage=3, zero3_gather=gather, compile=compiled),
-        )  # fmt: skip
-
-    layout = init_parallel(config("trunk", False).parallel, config("trunk", False).model, "cpu")
-
-    def batches():
-        g = torch.Generator().manual_seed(layout.dp_rank)
-        while True:
-            tokens = torch.randint(0, 4096, (args["rows"], args["seq"] + 1), generator=g)
-            yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    layout = init_parallel(zero3("trunk", False).parallel, zero3("trunk", False).model, "cpu")
 
     try:
         trainers = {}
         for gather, compiled in VARIANTS:
-            cfg = config(gather, compiled)
+            cfg = zero3(gather, compiled)
             torch.manual_seed(0)
             model = LoopLM(cfg.model)
             engine = parallelize(model, cfg, layout, resolve(cfg, layout.dp))
-            trainers[gather, compiled] = Trainer(cfg, model, batches(), engine=engine, resolved=resolve(cfg, layout.dp))
+            trainers[gather, compiled] = Trainer(
+                cfg, model, batches(size, seed=layout.dp_rank), engine=engine, resolved=resolve(cfg, layout.dp)
+            )
         times: dict = {v: [] for v in VARIANTS}
         losses: dict = {v: [] for v in VARIANTS}
         gathers: dict = {}
@@ -98,12 +88,10 @@ def run(args: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rows", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 3 untimed each)")
+    from step_ab import parser as size_parser
+
+    parser = size_parser(__doc__)
+    parser.set_defaults(steps=8, device="cpu")
     parser.add_argument("--release", action="store_true", help="nothing kept gathered between module calls")
     args = parser.parse_args()
     from ouro_train.parallel.testing import run_distributed

@@ -17,31 +17,19 @@ VARIANTS = ("shared", "clone")
 
 def run(args: dict) -> dict:
     import torch
+    from step_ab import batches, config
 
     import ouro_train.parallel.engine as engine_module
-    from ouro_train.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+    from ouro_train.config import ParallelConfig
     from ouro_train.config.resolve import resolve
     from ouro_train.model import LoopLM
     from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
     from ouro_train.train.trainer import Trainer
 
-    hidden = args["hidden"]
-    cfg = Config(
-        model=ModelConfig(
-            name="bench", vocab_size=4096, hidden_size=hidden, num_layers=args["layers"], num_heads=hidden // 64,
-            num_kv_heads=max(2, hidden // 128), intermediate_size=int(hidden * 2.75),
-        ),
-        optim=OptimConfig(lr=3e-4),
-        train=TrainConfig(steps=10_000, micro_batch_size=args["rows"], seq_len=args["seq"], device="cpu"),
-        parallel=ParallelConfig(zero_stage=args["zero"]),
-    )  # fmt: skip
+    size = argparse.Namespace(**args)
+    cfg = config(size)
+    cfg.parallel = ParallelConfig(zero_stage=args["zero"])
     layout = init_parallel(cfg.parallel, cfg.model, "cpu")
-
-    def batches():
-        g = torch.Generator().manual_seed(layout.dp_rank)
-        while True:
-            tokens = torch.randint(0, 4096, (args["rows"], args["seq"] + 1), generator=g)
-            yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
     share = engine_module.share_fp32_master
     try:
@@ -57,7 +45,9 @@ def run(args: dict) -> dict:
                 for m, f in zip(engine.optimizer.single_partition_of_fp32_groups, flats)
                 if m.untyped_storage().data_ptr() != f.untyped_storage().data_ptr()
             )
-            trainers[variant] = Trainer(cfg, model, batches(), engine=engine, resolved=resolve(cfg, layout.dp))
+            trainers[variant] = Trainer(
+                cfg, model, batches(size, seed=layout.dp_rank), engine=engine, resolved=resolve(cfg, layout.dp)
+            )
         times: dict = {v: [] for v in VARIANTS}
         losses: dict = {v: [] for v in VARIANTS}
         for index in range(len(VARIANTS) * (args["steps"] + 2)):
@@ -74,13 +64,11 @@ def run(args: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from step_ab import parser as size_parser
+
+    parser = size_parser(__doc__)
+    parser.set_defaults(steps=8, device="cpu")
     parser.add_argument("--zero", type=int, default=1, choices=(1, 2))
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rows", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 2 untimed each)")
     args = parser.parse_args()
     from ouro_train.parallel.testing import run_distributed
 

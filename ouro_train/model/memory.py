@@ -91,20 +91,21 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     trained = m.hidden_size + 1 if gate else params  # the exit gate is replicated over tensor parallel
     grads = 4 * trained / (dp if zero >= 2 else 1)
     moments = 8 * trained / (dp if zero >= 1 else 1)
+    layer_params = count_model(m, cfg.train.seq_len).layer_params / tp
     if zero >= 2 and not gate and dp > 1:
         # A shared layer's gradient is complete only after its last use's backward: autograd holds
         # every layer's whole gradient until then (its R contributions summed), whatever ZeRO-2/3
-        # shard afterwards. ZeRO-3 with zero3_gather=trunk also holds every layer's weights
-        # gathered during each pass (parallel/zero3.py), where `layer` holds about one layer's.
-        layer_params = count_model(m, cfg.train.seq_len).layer_params / tp
+        # shard afterwards.
         grads += 4 * layer_params * (1 - 1 / dp)
-        if zero == 3 and par.zero3_gather == "trunk":
-            weights += 4 * layer_params * (1 - 1 / dp)
+    if zero == 3 and par.zero3_gather == "trunk" and dp > 1:
+        # ZeRO-3 with zero3_gather=trunk holds every layer's weights gathered during each pass
+        # (parallel/zero3.py; frozen ones too, in stage II), where `layer` holds about one layer's.
+        weights += 4 * layer_params * (1 - 1 / dp)
     if cfg.train.precision in ("bf16_loop", "fp8"):
         # parallel/precision.py's bf16 copies (fp8: and two float8 ones) of this rank's shards;
         # layer_params also holds the norms (< 0.1% of it).
         copies = 4 if cfg.train.precision == "fp8" else 2
-        grads += copies * count_model(m, cfg.train.seq_len).layer_params / tp
+        grads += copies * layer_params
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len / (tp if par.sequence_parallel else 1)
     h, uses = m.hidden_size, m.num_layers * m.recurrent_steps
     per_use = ACTIVATION_BYTES_PER_H * h * tokens

@@ -77,8 +77,9 @@ def share_fp32_master(zero_optimizer) -> int:
     step. Make each master the weights' own partition instead (the same storage: the optimizer
     updates the weights in place and DeepSpeed's copy-back copies a tensor onto itself, which torch
     skips), then relink DeepSpeed's per-parameter views of the master to it (what its universal
-    checkpoints load into). Returns the bytes freed; 0, with a warning, where a DeepSpeed lacks
-    these internals or a partition does not match its master (then nothing is changed)."""
+    checkpoints load into), and save copies of the masters (`_save_compact_masters`). Returns the
+    bytes freed; 0, with a warning, where a DeepSpeed lacks these internals or a partition does not
+    match its master (then nothing is changed)."""
     import warnings
 
     names = ("single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "real_dp_process_group")
@@ -95,14 +96,36 @@ def share_fp32_master(zero_optimizer) -> int:
     masters, partitions, groups = internals
     own = [partitions[i][dist.get_rank(group=groups[i])] for i in range(len(masters))]
     if any((o.dtype, o.shape, o.device) != (m.dtype, m.shape, m.device) for o, m in zip(own, masters, strict=True)):
-        return 0  # weights of another dtype (never in training here): the master stays a copy
+        warnings.warn(
+            "a ZeRO-1/2 weight partition differs from its fp32 master in dtype, shape or device: DeepSpeed keeps "
+            "its own copy of the master",
+            stacklevel=2,
+        )
+        return 0
     freed = 0
     for master, weights in zip(masters, own, strict=True):
         if master.data_ptr() != weights.data_ptr():
             freed += master.numel() * master.element_size()
             master.data = weights.data
     relink()
+    _save_compact_masters(zero_optimizer)
     return freed
+
+
+def _save_compact_masters(zero_optimizer) -> None:
+    """The masters are views into the flat weights of every rank now, and torch.save writes a view's
+    whole storage: each rank's optimizer file would hold all the weights (dp times its share). Its
+    state dict gets copies of the masters instead (made at save time: this rank's partition, once)."""
+    from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS
+
+    plain = zero_optimizer.state_dict
+
+    def state_dict(*args, **kwargs):
+        state = plain(*args, **kwargs)
+        state[SINGLE_PARTITION_OF_FP32_GROUPS] = [t.clone() for t in state[SINGLE_PARTITION_OF_FP32_GROUPS]]
+        return state
+
+    zero_optimizer.state_dict = state_dict
 
 
 class DeepSpeedEngine:

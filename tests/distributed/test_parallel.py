@@ -159,9 +159,11 @@ def test_tensor_parallel_2_x_data_parallel_2_on_four_processes(reference):
             assert_same_run(run, reference, f"tp2xdp2 {label} rank {rank}")
 
 
-def fp32_masters() -> dict:
+def fp32_masters(tmp: str) -> dict:
     """ZeRO-1 and -2 engines on this rank: whether each fp32 master shares the weights' storage, the
-    bytes that saved, and the trained parameters."""
+    bytes that saved, the trained parameters, and the bytes of masters its checkpoint stores."""
+    from pathlib import Path
+
     out = {}
     try:
         for zero in (1, 2):
@@ -177,19 +179,25 @@ def fp32_masters() -> dict:
                     zero_optimizer.single_partition_of_fp32_groups, zero_optimizer.bit16_groups_flat
                 )
             ]
-            out[zero] = (shared, engine.master_bytes_freed, sum(p.numel() for p in model.parameters()))
+            engine.save_checkpoint(Path(tmp) / f"zero{zero}")
+            (file,) = (Path(tmp) / f"zero{zero}" / "state").glob(f"*rank_{layout.dp_rank}_*optim_states.pt")
+            saved = torch.load(file, weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+            stored = sum(t.untyped_storage().nbytes() for t in saved)
+            out[zero] = (shared, engine.master_bytes_freed, sum(p.numel() for p in model.parameters()), stored)
     finally:
         destroy_parallel()
     return out
 
 
 @pytest.mark.slow
-def test_zero_1_and_2_keep_no_second_fp32_copy_of_the_weights():
+def test_zero_1_and_2_keep_no_second_fp32_copy_of_the_weights(tmp_path):
     # That they still train what one process trains: the ZeRO sweep above, and the resumes below.
-    for rank_result in run_distributed(fp32_masters, 2):
-        for zero, (shared, freed, params) in rank_result.items():
+    for rank_result in run_distributed(fp32_masters, 2, str(tmp_path)):
+        for zero, (shared, freed, params, stored) in rank_result.items():
             assert shared and all(shared), f"zero{zero}: a master is a copy"
             assert 4 * params / 2 <= freed < 4 * params / 2 + 4096, f"zero{zero}: freed {freed} bytes"
+            # The checkpoint stores this rank's half, not the whole flat weights the masters view.
+            assert stored <= freed, f"zero{zero}: the optimizer file stores {stored} bytes of masters"
 
 
 def compiled_graphs() -> dict:

@@ -36,33 +36,22 @@ def megatron_classes():
 
 def run(args: dict) -> dict:
     import torch
+    from step_ab import batches, config
     from torch._dynamo.utils import counters
 
-    from ouro_train.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+    from ouro_train.config import ParallelConfig
     from ouro_train.config.resolve import resolve
     from ouro_train.model import LoopLM
     from ouro_train.parallel import destroy_parallel, init_parallel, parallelize
     from ouro_train.train.trainer import Trainer
 
-    hidden = args["hidden"]
-    cfg = Config(
-        model=ModelConfig(
-            name="bench", vocab_size=4096, hidden_size=hidden, num_layers=args["layers"], num_heads=hidden // 64,
-            num_kv_heads=max(2, hidden // 128), intermediate_size=int(hidden * 2.75),
-        ),
-        optim=OptimConfig(lr=3e-4),
-        train=TrainConfig(steps=10_000, micro_batch_size=args["rows"], seq_len=args["seq"], device="cpu"),
-        parallel=ParallelConfig(
-            tensor_parallel=2, zero_stage=1, compile=args["compile"], activation_checkpointing=args["checkpointing"]
-        ),
-    )  # fmt: skip
+    size = argparse.Namespace(**args)
+    cfg = config(size)
+    cfg.model.num_kv_heads = max(2, cfg.model.num_kv_heads)  # tensor parallel 2 splits the KV heads
+    cfg.parallel = ParallelConfig(
+        tensor_parallel=2, zero_stage=1, compile=args["compile"], activation_checkpointing=args["checkpointing"]
+    )
     layout = init_parallel(cfg.parallel, cfg.model, "cpu")
-
-    def batches():
-        g = torch.Generator().manual_seed(0)
-        while True:
-            tokens = torch.randint(0, 4096, (args["rows"], args["seq"] + 1), generator=g)
-            yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
     try:
         trainers = {}
@@ -74,7 +63,7 @@ def run(args: dict) -> dict:
                 swap = megatron_classes()
                 for module in model.modules():
                     module.__class__ = swap.get(type(module), type(module))
-            trainers[variant] = Trainer(cfg, model, batches(), engine=engine, resolved=resolve(cfg, engine.dp_size))
+            trainers[variant] = Trainer(cfg, model, batches(size), engine=engine, resolved=resolve(cfg, engine.dp_size))
         times: dict[str, list[float]] = {"ours": [], "megatron": []}
         graphs: dict[str, tuple[int, int]] = {}
         for index in range(2 * (args["steps"] + 2)):
@@ -96,12 +85,10 @@ def run(args: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rows", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 2 warm-up steps each)")
+    from step_ab import parser as size_parser
+
+    parser = size_parser(__doc__)
+    parser.set_defaults(steps=8, device="cpu")
     args = parser.parse_args()
     from ouro_train.parallel.testing import run_distributed
 

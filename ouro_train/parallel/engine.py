@@ -82,16 +82,17 @@ def share_fp32_master(zero_optimizer) -> int:
     match its master (then nothing is changed)."""
     import warnings
 
+    if getattr(zero_optimizer, "cpu_offload", False):
+        return 0  # the master lives in host memory: no second copy on the device
     names = ("single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "real_dp_process_group")
     internals = [getattr(zero_optimizer, name, None) for name in names]
     relink = getattr(zero_optimizer, "_link_all_hp_params", None)
-    if None in internals or relink is None or getattr(zero_optimizer, "cpu_offload", True):
-        if not getattr(zero_optimizer, "cpu_offload", False):
-            warnings.warn(
-                "this DeepSpeed's ZeRO-1/2 optimizer lacks the internals ouro_train uses to share the fp32 master "
-                "with the fp32 weights: it keeps its own copy (4 bytes per parameter over data parallel)",
-                stacklevel=2,
-            )
+    if None in internals or relink is None:
+        warnings.warn(
+            "this DeepSpeed's ZeRO-1/2 optimizer lacks the internals ouro_train uses to share the fp32 master "
+            "with the fp32 weights: it keeps its own copy (4 bytes per parameter over data parallel)",
+            stacklevel=2,
+        )
         return 0
     masters, partitions, groups = internals
     own = [partitions[i][dist.get_rank(group=groups[i])] for i in range(len(masters))]
